@@ -1,0 +1,173 @@
+"""The messages between the dispatcher and a provider actor. All frozen; replies travel back on a
+channel that the request carries.
+
+    dispatcher ── Attempt ──▶ actor            (reply: Refused | Response | StreamStart …)
+    dispatcher ── SnapshotRequest ──▶ actor    (reply: Snapshot)
+    dispatcher ── Reconfigure ──▶ actor        (no reply)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from actors.outcome import Failure
+from actors.sse import SSEEvent
+from router.config import ProviderConfig
+
+
+@attrs.frozen
+class UpstreamRequest:
+    """What to send: the path under the provider's base URL and the exact body bytes."""
+
+    path: str
+    body: bytes
+    model: str  # the upstream model name (already written into `body`)
+    stream: bool
+    estimated_tokens: int = 0
+    request_id: str = ""
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Refused:
+    """Admission said no; no upstream call was made. `until`: when the block ends, if known."""
+
+    reason: str  # rate_limited | latency | circuit_open | circuit_probe | busy | rpm | tpm | retry_budget
+    until: float | None = None
+
+
+@attrs.frozen
+class Response:
+    """A complete answer: any non-streamed answer, or a streamed request's non-2xx answer."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    ttfb: float
+
+
+@attrs.frozen
+class StreamStart:
+    """A 2xx stream produced its first events (the first byte)."""
+
+    status: int
+    headers: Mapping[str, str]
+    events: tuple[SSEEvent, ...]
+    ttfb: float
+
+
+@attrs.frozen
+class StreamEvents:
+    events: tuple[SSEEvent, ...]
+
+
+@attrs.frozen
+class StreamEnd:
+    """The upstream finished the body cleanly (whether or not it sent a [DONE] sentinel)."""
+
+
+@attrs.frozen
+class Failed:
+    """The attempt failed (before or during the stream); the actor has already updated its state.
+
+    `response` is the upstream's answer when it was an HTTP error (its body may go to the client).
+    """
+
+    failure: Failure
+    response: Response | None = None
+
+
+Reply = Refused | Response | StreamStart | StreamEvents | StreamEnd | Failed
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class Attempt:
+    """Run one upstream call inside `cancel_scope` (made and owned by the dispatcher).
+
+    The dispatcher cancels the scope when the client leaves, a hedge loses or the deadline hits;
+    the actor's attempt task is inside it, so the upstream call ends at once, wherever it is.
+    """
+
+    request: UpstreamRequest
+    reply: trio.MemorySendChannel[Reply]
+    cancel_scope: trio.CancelScope
+    is_retry: bool = False
+
+
+@attrs.frozen
+class Block:
+    key: str
+    reason: str  # rate_limited | latency
+    until: float
+
+
+@attrs.frozen
+class CircuitView:
+    key: str
+    state: str
+    until: float | None
+
+
+@attrs.frozen
+class Snapshot:
+    """An immutable picture of one actor's state at `now` (trio time)."""
+
+    name: str
+    now: float
+    in_flight: int
+    max_in_flight: int
+    blocks: tuple[Block, ...]
+    circuits: tuple[CircuitView, ...]
+    requests_last_minute: int
+    tokens_last_minute: int
+    ttfb_p50: float | None
+    ttfb_p95: float | None
+    attempts: int
+    failures: int
+
+    def to_json(self) -> dict[str, object]:
+        def rel(t: float | None) -> float | None:
+            return None if t is None else round(max(0.0, t - self.now), 3)
+
+        return {
+            "name": self.name,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "blocks": [
+                {"key": b.key, "reason": b.reason, "seconds_left": rel(b.until)}
+                for b in self.blocks
+            ],
+            "circuits": [
+                {"key": c.key, "state": c.state, "seconds_left": rel(c.until)}
+                for c in self.circuits
+            ],
+            "requests_last_minute": self.requests_last_minute,
+            "tokens_last_minute": self.tokens_last_minute,
+            "ttfb_p50_ms": None if self.ttfb_p50 is None else round(self.ttfb_p50 * 1000, 1),
+            "ttfb_p95_ms": None if self.ttfb_p95 is None else round(self.ttfb_p95 * 1000, 1),
+            "attempts": self.attempts,
+            "failures": self.failures,
+        }
+
+
+@attrs.frozen(eq=False)
+class SnapshotRequest:
+    reply: trio.MemorySendChannel[Snapshot]
+
+
+@attrs.frozen
+class Reconfigure:
+    """Adopt a new config in place, keeping blocks, windows and counters."""
+
+    config: ProviderConfig
+
+
+Message = Attempt | SnapshotRequest | Reconfigure

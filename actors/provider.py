@@ -1,0 +1,426 @@
+"""The provider actor: one task per provider that alone owns its admission state and connections.
+
+The actor loop only decides (admission, snapshots, reconfiguration) and never blocks. Each admitted
+attempt runs as a child task of the actor, inside the cancel scope the dispatcher made for it; its
+end is settled back into the actor's state by synchronous code, so state is never touched
+concurrently and never by anyone outside the actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+
+import attrs
+import httpx
+import trio
+
+from actors.messages import (
+    Attempt,
+    Block,
+    CircuitView,
+    Failed,
+    Message,
+    Reconfigure,
+    Refused,
+    Reply,
+    Response,
+    Snapshot,
+    SnapshotRequest,
+    StreamEnd,
+    StreamEvents,
+    StreamStart,
+    UpstreamRequest,
+)
+from actors.outcome import Failure, Kind
+from actors.retry_after import parse_retry_after
+from actors.sse import SSEDecoder, SSEEvent
+from actors.state import (
+    Circuits,
+    LatencySamples,
+    LatencyTriggers,
+    RateLimits,
+    RetryBudgetState,
+    SlidingWindow,
+)
+from actors.transport import ConnectFailed, ConnectionLost, ConnectTimeout, Transport
+from router.config import ProviderConfig
+from router.metrics import Metrics
+
+log = logging.getLogger("cascade.provider")
+
+MAX_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a protocol failure
+MAX_ERROR_BODY = 64 * 1024  # an error answer is cut to this
+INBOX_SIZE = 64
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+_WARN_RETRY_AFTER = 24 * 3600.0
+
+
+@attrs.define
+class _Outcome:
+    """What one finished attempt taught the actor."""
+
+    failure: Failure | None
+    ttfb: float
+    total: float
+    tokens: int | None = None
+
+
+class ProviderActor:
+    """Start with `await nursery.start(actor.run)`; talk to it through `actor.inbox`."""
+
+    def __init__(
+        self,
+        config: ProviderConfig,
+        metrics: Metrics,
+        *,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = config.name
+        self._metrics = metrics
+        self._wall_clock = wall_clock
+        self.inbox, self._inbox_receive = trio.open_memory_channel[Message](INBOX_SIZE)
+        self._http_transport = http_transport
+        self.in_flight = 0
+        self._attempts = 0
+        self._failures = 0
+        self._ttfbs = LatencySamples()
+        self._rpm = SlidingWindow(60.0)
+        self._tpm = SlidingWindow(60.0)
+        self._nursery: trio.Nursery | None = None
+        self.config: ProviderConfig = config
+        self._apply(config, first=True)
+
+    # --- configuration ---------------------------------------------------------------------
+
+    def _apply(self, config: ProviderConfig, *, first: bool = False) -> None:
+        """Adopt `config`. State that the new config still describes is kept."""
+        old: ProviderConfig | None = None if first else self.config
+        self.config = config
+        if old is None or old.rate_limit != config.rate_limit:
+            self._rate_limits = RateLimits(config.rate_limit)
+        if old is None or old.latency != config.latency:
+            self._latency = (
+                LatencyTriggers(config.latency, config.rate_limit.max_tracked)
+                if config.latency
+                else None
+            )
+        if old is None or old.circuit != config.circuit:
+            self._circuits = Circuits(config.circuit, config.rate_limit.max_tracked)
+        if old is None or old.retry_budget != config.retry_budget:
+            self._budget = RetryBudgetState(config.retry_budget)
+        if old is None or (old.base_url, old.timeouts.connect, old.max_connections) != (
+            config.base_url,
+            config.timeouts.connect,
+            config.max_connections,
+        ):
+            previous = getattr(self, "_transport", None)
+            self._transport = Transport(
+                config.base_url,
+                connect_timeout=config.timeouts.connect,
+                max_connections=config.max_connections,
+                http_transport=self._http_transport,
+            )
+            if previous is not None and self._nursery is not None:
+                self._nursery.start_soon(previous.aclose)
+        self._headers = {"content-type": "application/json", **config.headers}
+        api_key = config.api_key()
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        elif config.api_key_env:
+            log.warning(
+                "provider %s: environment variable %s is not set; calls go out without a key",
+                self.name,
+                config.api_key_env,
+            )
+        m = self._metrics
+        self._m_in_flight = m.in_flight.labels(self.name)
+        self._m_ttfb = m.ttfb.labels(self.name)
+        self._m_ok = m.attempts.labels(self.name, "ok")
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the inbox until it is closed, then wait for the attempts still running."""
+        try:
+            async with self._inbox_receive, trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                async for message in self._inbox_receive:
+                    self._handle(message)
+        finally:
+            await self._transport.aclose()
+
+    def close(self) -> None:
+        """Stop taking messages; `run` returns once the running attempts have finished."""
+        self.inbox.close()
+
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, Attempt):
+            self._start_attempt(message)
+        elif isinstance(message, SnapshotRequest):
+            try:
+                message.reply.send_nowait(self.snapshot(trio.current_time()))
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        elif isinstance(message, Reconfigure):
+            self._apply(message.config)
+
+    # --- admission ---------------------------------------------------------------------------
+
+    def _admit(self, attempt: Attempt, now: float) -> Refused | None:
+        model = attempt.request.model
+        if (until := self._rate_limits.blocked_until(model, now)) is not None:
+            return Refused("rate_limited", until)
+        if self._latency and (until := self._latency.blocked_until(model, now)) is not None:
+            return Refused("latency", until)
+        if self.in_flight >= self.config.max_in_flight:
+            return Refused("busy")
+        if attempt.is_retry and not self._budget.allows_retry(now):
+            return Refused("retry_budget")
+        limits = self.config.limits
+        if limits.rpm is not None and (until := self._rpm.room(now, 1, limits.rpm)) is not None:
+            return Refused("rpm", until)
+        tokens = attempt.request.estimated_tokens
+        if (
+            limits.tpm is not None
+            and (until := self._tpm.room(now, tokens, limits.tpm)) is not None
+        ):
+            return Refused("tpm", until)
+        admitted, until = self._circuits.admit(model, now)
+        if not admitted:
+            return Refused("circuit_open" if until is not None else "circuit_probe", until)
+        return None
+
+    def _start_attempt(self, attempt: Attempt) -> None:
+        now = trio.current_time()
+        refusal = self._admit(attempt, now)
+        if refusal is not None:
+            self._metrics.refusals.labels(self.name, refusal.reason).inc()
+            try:
+                attempt.reply.send_nowait(refusal)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the dispatcher has gone; nothing was started
+            return
+        self.in_flight += 1
+        self._m_in_flight.inc()
+        self._budget.record(now, attempt.is_retry)
+        self._rpm.add(now, 1)
+        tpm_entry = self._tpm.add(now, attempt.request.estimated_tokens)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._attempt, attempt, tpm_entry)
+
+    # --- one attempt -------------------------------------------------------------------------
+
+    async def _attempt(self, attempt: Attempt, tpm_entry: list[float]) -> None:
+        phase = ["connect"]
+        outcome: _Outcome | None = None
+        terminal: Reply | None = None
+        try:
+            with attempt.cancel_scope:
+                outcome, terminal = await self._call(attempt, phase)
+                # State first, then the reply: the dispatcher's next step sees the new block.
+                until = self._settle(attempt.request, outcome, tpm_entry)
+                if until is not None and isinstance(terminal, Failed):
+                    terminal = attrs.evolve(
+                        terminal, failure=attrs.evolve(terminal.failure, until=until)
+                    )
+                await attempt.reply.send(terminal)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the dispatcher stopped listening: same as a cancellation
+        finally:
+            self.in_flight -= 1
+            self._m_in_flight.dec()
+            if terminal is None:  # cancelled before the attempt ended
+                self._metrics.cancelled.labels(self.name, phase[0]).inc()
+                self._circuits.probe_abandoned(attempt.request.model)
+
+    def _upstream_headers(self, request: UpstreamRequest) -> dict[str, str]:
+        headers = dict(self._headers)
+        headers["accept"] = "text/event-stream" if request.stream else "application/json"
+        if request.request_id:
+            headers["x-request-id"] = request.request_id
+        return headers
+
+    async def _call(self, attempt: Attempt, phase: list[str]) -> tuple[_Outcome, Reply]:
+        """Run the upstream call. Returns what was learned and the last reply to send.
+
+        One cancel scope is the timer: its deadline is the first-byte limit until the first byte,
+        then the idle limit from each chunk, never past the total limit.
+        """
+        request = attempt.request
+        timeouts = self.config.timeouts
+        start = trio.current_time()
+        total_deadline = start + timeouts.total
+        ttfb = math.inf
+
+        def set_phase(name: str) -> None:
+            phase[0] = name
+
+        def elapsed() -> float:
+            return trio.current_time() - start
+
+        with trio.CancelScope(deadline=min(start + timeouts.first_byte, total_deadline)) as timer:
+            try:
+                async with self._transport.post(
+                    request.path, request.body, self._upstream_headers(request), set_phase
+                ) as response:
+                    set_phase("first_byte")
+                    headers = response.headers
+                    if not 200 <= response.status < 300:
+                        body = await response.read_all(MAX_ERROR_BODY)
+                        ttfb = elapsed()
+                        answer = Response(response.status, dict(headers), body, ttfb)
+                        failure = Failure.from_status(
+                            response.status, body, parse_retry_after(headers, self._wall_clock())
+                        )
+                        return _Outcome(failure, ttfb, ttfb), Failed(failure, answer)
+                    if not request.stream:
+                        parts = [await response.read_chunk()]
+                        ttfb = elapsed()
+                        set_phase("streaming")
+                        size = len(parts[0])
+                        while parts[-1]:
+                            timer.deadline = min(
+                                trio.current_time() + timeouts.idle, total_deadline
+                            )
+                            parts.append(await response.read_chunk())
+                            size += len(parts[-1])
+                            if size > MAX_BODY:
+                                failure = Failure(
+                                    Kind.PROTOCOL, "body_too_large", "upstream answer too large"
+                                )
+                                return _Outcome(failure, ttfb, elapsed()), Failed(failure)
+                        body = b"".join(parts)
+                        tokens = _tokens(body)
+                        answer = Response(response.status, dict(headers), body, ttfb)
+                        return _Outcome(None, ttfb, elapsed(), tokens), answer
+                    # A stream: the first byte is the first complete event.
+                    decoder = SSEDecoder()
+                    events: list[SSEEvent] = []
+                    while not events:
+                        chunk = await response.read_chunk()
+                        events = decoder.feed(chunk) if chunk else decoder.finish()
+                        if not chunk:
+                            break
+                    if not events:
+                        failure = Failure(
+                            Kind.PROTOCOL, "empty_stream", "upstream stream had no events"
+                        )
+                        return _Outcome(failure, elapsed(), elapsed()), Failed(failure)
+                    ttfb = elapsed()
+                    set_phase("streaming")
+                    timer.deadline = math.inf  # waiting on the client is not upstream idleness
+                    await attempt.reply.send(
+                        StreamStart(response.status, dict(headers), tuple(events), ttfb)
+                    )
+                    tokens = None
+                    while True:
+                        timer.deadline = min(trio.current_time() + timeouts.idle, total_deadline)
+                        chunk = await response.read_chunk()
+                        events = decoder.feed(chunk) if chunk else decoder.finish()
+                        timer.deadline = math.inf
+                        if events:
+                            tokens = _tokens(events[-1].data) or tokens
+                            await attempt.reply.send(StreamEvents(tuple(events)))
+                        if not chunk:
+                            return _Outcome(None, ttfb, elapsed(), tokens), StreamEnd()
+            except ConnectTimeout as exc:
+                failure = Failure(Kind.TRANSIENT, "connect_timeout", str(exc), timeout=True)
+            except ConnectFailed as exc:
+                failure = Failure(Kind.TRANSIENT, "connect_error", str(exc))
+            except ConnectionLost as exc:
+                cut = phase[0] == "streaming"
+                failure = Failure(
+                    Kind.TRANSIENT, "stream_cut" if cut else "connection_lost", str(exc)
+                )
+            return _Outcome(failure, ttfb, elapsed()), Failed(failure)
+        # The timer fired.
+        if trio.current_time() >= total_deadline:
+            failure = Failure(
+                Kind.SLOW, "total_timeout", "upstream exceeded the total timeout", timeout=True
+            )
+        elif phase[0] == "streaming":
+            failure = Failure(Kind.SLOW, "idle_timeout", "upstream stream went idle", timeout=True)
+        else:
+            failure = Failure(
+                Kind.SLOW, "first_byte_timeout", "no first byte in time", timeout=True
+            )
+        return _Outcome(failure, min(ttfb, elapsed()), elapsed()), Failed(failure)
+
+    # --- learning from an attempt ---------------------------------------------------------------
+
+    def _settle(
+        self, request: UpstreamRequest, outcome: _Outcome, tpm_entry: list[float]
+    ) -> float | None:
+        """Update state from a finished attempt; returns the end of the block it caused, if any."""
+        now = trio.current_time()
+        model = request.model
+        self._attempts += 1
+        failure = outcome.failure
+        if outcome.tokens is not None:
+            self._tpm.correct(tpm_entry, outcome.tokens)
+        if failure is None or failure.kind in (Kind.CLIENT_ERROR, Kind.CONTEXT_OVERFLOW):
+            # The upstream is answering: that closes circuits and ends rate-limit sequences.
+            if failure is None:
+                self._m_ok.inc()
+                self._ttfbs.add(outcome.ttfb)
+                self._m_ttfb.observe(outcome.ttfb)
+                self._rate_limits.success(model)
+            self._circuits.success(model)
+        else:
+            self._failures += 1
+            self._metrics.attempts.labels(self.name, failure.kind.value).inc()
+        until = None
+        if failure is not None and failure.kind is Kind.RATE_LIMITED:
+            retry_after = failure.retry_after
+            if retry_after is not None and retry_after > _WARN_RETRY_AFTER:
+                log.warning(
+                    "provider %s: Retry-After of %.0f s (capped at %.0f s)",
+                    self.name,
+                    retry_after,
+                    self.config.rate_limit.max_retry_after,
+                )
+            until = self._rate_limits.block(model, now, retry_after)
+            self._metrics.blocks.labels(self.name, "rate_limited").inc()
+        elif failure is not None and failure.kind in (Kind.TRANSIENT, Kind.SLOW, Kind.PROTOCOL):
+            if self._circuits.failure(model, now):
+                self._metrics.blocks.labels(self.name, "circuit_open").inc()
+                log.warning("provider %s: circuit for %s opened", self.name, model)
+        if self._latency is not None and (failure is None or failure.kind is Kind.SLOW):
+            if self._latency.observe(model, now, outcome.ttfb, outcome.total) is not None:
+                self._metrics.blocks.labels(self.name, "latency").inc()
+                log.warning("provider %s: latency trigger blocked %s", self.name, model)
+        return until
+
+    # --- snapshot ------------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> Snapshot:
+        blocks = [Block(k, "rate_limited", u) for k, u in self._rate_limits.active(now)]
+        if self._latency is not None:
+            blocks += [Block(k, "latency", u) for k, u in self._latency.active(now)]
+        self._rpm.expire(now)
+        self._tpm.expire(now)
+        return Snapshot(
+            name=self.name,
+            now=now,
+            in_flight=self.in_flight,
+            max_in_flight=self.config.max_in_flight,
+            blocks=tuple(blocks),
+            circuits=tuple(CircuitView(*c) for c in self._circuits.states(now)),
+            requests_last_minute=int(self._rpm.total),
+            tokens_last_minute=int(self._tpm.total),
+            ttfb_p50=self._ttfbs.quantile(0.5),
+            ttfb_p95=self._ttfbs.quantile(0.95),
+            attempts=self._attempts,
+            failures=self._failures,
+        )
+
+
+def _tokens(body: bytes) -> int | None:
+    m = _TOTAL_TOKENS.search(body)
+    return int(m.group(1)) if m else None

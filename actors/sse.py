@@ -1,0 +1,70 @@
+"""An incremental, I/O-free decoder of server-sent events (the WHATWG event-stream format)."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class SSEEvent:
+    data: bytes
+    event: bytes | None = None
+
+
+class SSEDecoder:
+    """Feed it bytes as they arrive; it returns the events completed so far.
+
+    Handles LF, CRLF and CR line ends split anywhere across chunks, multi-line `data:`, comments
+    and unknown fields. Events with no `data` (keep-alive comments) are not returned.
+    """
+
+    __slots__ = ("_buffer", "_data", "_event")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self._event: bytes | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:
+            # A trailing CR may be half of a CRLF split across chunks: keep it for the next feed.
+            keep_cr = buffer.endswith(b"\r")
+            if keep_cr:
+                buffer = buffer[:-1]
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if keep_cr:
+                buffer += b"\r"
+        events: list[SSEEvent] = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = buffer[start:end]
+            start = end + 1
+            if not line:
+                if self._data:
+                    events.append(SSEEvent(b"\n".join(self._data), self._event))
+                self._data = []
+                self._event = None
+                continue
+            name, colon, value = line.partition(b":")
+            if not colon or not name:
+                if not colon and name == b"data":
+                    self._data.append(b"")
+                continue  # a comment (":...") or a field with no value
+            if value.startswith(b" "):
+                value = value[1:]
+            if name == b"data":
+                self._data.append(value)
+            elif name == b"event":
+                self._event = value
+        self._buffer = buffer[start:]
+        return events
+
+    def finish(self) -> list[SSEEvent]:
+        """Events left when the stream ends without a final blank line."""
+        events = self.feed(b"\n\n") if self._buffer or self._data else []
+        self._buffer = b""
+        return events

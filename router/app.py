@@ -1,0 +1,417 @@
+"""The ASGI application: endpoints, request ids, body limits, and the client side of a cascade.
+
+A raw ASGI app rather than a framework: Cascade has a handful of endpoints, streams through its
+own SSE framing, and its per-request overhead is a product feature (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+import attrs
+import trio
+
+from actors.messages import (
+    Failed,
+    Response,
+    Snapshot,
+    SnapshotRequest,
+    StreamEnd,
+    StreamEvents,
+    StreamStart,
+)
+from actors.outcome import Failure, Kind
+from actors.provider import ProviderActor
+from router import openai
+from router.config import Config
+from router.dispatcher import CascadeError, ChatJob, Dispatcher, Winner
+from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from router.metrics import Metrics
+from router.units import parse_duration
+
+log = logging.getLogger("cascade.request")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_JSON = b"application/json"
+
+
+@attrs.define
+class Gateway:
+    """Everything a request needs, swapped as a whole on reload (requests keep their snapshot)."""
+
+    config: Config
+    actors: Mapping[str, ProviderActor]
+    dispatcher: Dispatcher
+    metrics: Metrics
+    ready: bool = True
+
+
+class App:
+    """The ASGI callable. `gateway` is read once per request."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.shutting_down = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request_id = _request_id(scope)
+        gateway = self.gateway
+        path = scope["path"]
+        method = scope["method"]
+        try:
+            if path == "/v1/chat/completions":
+                if method != "POST":
+                    raise openai.BadRequest("use POST", status=405, type="invalid_request_error")
+                await self._chat(gateway, scope, receive, send, request_id)
+            elif method != "GET" or path not in _GET_ROUTES:
+                raise openai.BadRequest(
+                    f"no such endpoint: {method} {path}", status=404, code="not_found"
+                )
+            else:
+                await _GET_ROUTES[path](self, gateway, send, request_id)
+        except _ClientGone:
+            return  # nobody is left to answer
+        except openai.BadRequest as exc:
+            body = openai.error_body(exc.message, exc.type, exc.code, exc.param)
+            await _respond(send, exc.status, body, request_id)
+
+    # --- chat completions ---------------------------------------------------------------------
+
+    async def _chat(
+        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        started = trio.current_time()
+        body = await _read_body(scope, receive, gateway.config.server.max_body)
+        chat = openai.parse_chat_request(body)
+        resolved = gateway.config.resolve(chat.model)
+        if resolved is None:
+            raise openai.BadRequest(
+                f"the model {chat.model!r} does not exist on this gateway",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+        route_name, route = resolved
+        deadline = route.deadline or gateway.config.server.deadline
+        header = _header(scope, b"x-cascade-deadline")
+        if header is not None:
+            try:
+                deadline = min(deadline, parse_duration(header.decode()))
+            except (ValueError, UnicodeDecodeError):
+                raise openai.BadRequest(
+                    'x-cascade-deadline must be a duration like "30s"', param="x-cascade-deadline"
+                ) from None
+        job = ChatJob(
+            route_name=route_name,
+            route=route,
+            body_for=chat.body_for,
+            path="/chat/completions",
+            stream=chat.stream,
+            estimated_tokens=chat.estimated_tokens,
+            request_id=request_id,
+            deadline=started + deadline,
+            inspect_start=_inspect_start,
+        )
+        tracked = _TrackedSend(send)
+        served_by = "-"
+        attempts = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tracked.watch_disconnect, receive, nursery.cancel_scope)
+                try:
+                    async with gateway.dispatcher.dispatch(job) as winner:
+                        served_by = str(winner.target)
+                        attempts = winner.attempt_count
+                        if chat.stream:
+                            await _stream(tracked, winner, request_id)
+                        else:
+                            await _answer(tracked, winner, request_id)
+                except CascadeError as exc:
+                    attempts = len(exc.attempts)
+                    await _cascade_error(tracked, exc, request_id)
+                nursery.cancel_scope.cancel()
+        finally:
+            elapsed = trio.current_time() - started
+            status = tracked.status if tracked.finished else 499  # 499: the client left first
+            gateway.metrics.requests.labels(route_name, str(status)).inc()
+            gateway.metrics.request_seconds.labels(route_name).observe(elapsed)
+            log.info(
+                "request %s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
+                request_id,
+                chat.model,
+                route_name,
+                status,
+                served_by,
+                attempts,
+                elapsed * 1000,
+            )
+
+    # --- operations endpoints -------------------------------------------------------------------
+
+    async def _healthz(self, gateway: Gateway, send: Send, request_id: str) -> None:
+        await _respond(send, 200, b'{"status":"ok"}', request_id)
+
+    async def _readyz(self, gateway: Gateway, send: Send, request_id: str) -> None:
+        ready = gateway.ready and not self.shutting_down
+        body = b'{"status":"ready"}' if ready else b'{"status":"not ready"}'
+        await _respond(send, 200 if ready else 503, body, request_id)
+
+    async def _models(self, gateway: Gateway, send: Send, request_id: str) -> None:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "cascade"}
+            for name in gateway.config.model_names()
+        ]
+        await _respond(send, 200, json.dumps({"object": "list", "data": data}).encode(), request_id)
+
+    async def _metrics(self, gateway: Gateway, send: Send, request_id: str) -> None:
+        await _respond(
+            send, 200, gateway.metrics.render(), request_id, METRICS_CONTENT_TYPE.encode()
+        )
+
+    async def _providers(self, gateway: Gateway, send: Send, request_id: str) -> None:
+        snapshots = [await snapshot(actor) for actor in gateway.actors.values()]
+        body = json.dumps({"providers": [s.to_json() for s in snapshots]}).encode()
+        await _respond(send, 200, body, request_id)
+
+
+_GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
+    "/healthz": App._healthz,
+    "/readyz": App._readyz,
+    "/v1/models": App._models,
+    "/metrics": App._metrics,
+    "/admin/providers": App._providers,
+}
+
+
+async def snapshot(actor: ProviderActor) -> Snapshot:
+    """Ask an actor for its state (the actor answers from its own task)."""
+    send, receive = trio.open_memory_channel[Snapshot](1)
+    async with receive:
+        await actor.inbox.send(SnapshotRequest(send))
+        return await receive.receive()
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _request_id(scope: Scope) -> str:
+    given = _header(scope, b"x-request-id")
+    if given is not None:
+        text = given.decode("latin-1")
+        if _REQUEST_ID.match(text):
+            return text
+    return uuid.uuid4().hex
+
+
+async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    length = _header(scope, b"content-length")
+    too_big = openai.BadRequest(
+        f"the request body is larger than the {limit}-byte limit",
+        status=413,
+        code="request_too_large",
+    )
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        parts.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+class _ClientGone(openai.BadRequest):
+    """The client left while sending its body; the answer will not be read by anyone."""
+
+    def __init__(self) -> None:
+        super().__init__("client disconnected", status=499)
+
+
+class _TrackedSend:
+    """Wraps ASGI `send` to know the status sent and whether the response is complete."""
+
+    __slots__ = ("finished", "send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 0
+        self.finished = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif not message.get("more_body"):
+            self.finished = True
+        await self.send(message)
+
+    async def watch_disconnect(self, receive: Receive, scope: trio.CancelScope) -> None:
+        """Cancel the request when the client goes away, even while nothing is being written.
+
+        The server also reports a disconnect once a response is complete; that one is ignored.
+        """
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.finished:
+                    scope.cancel()
+                return
+
+
+def _base_headers(request_id: str, content_type: bytes = _JSON) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", content_type), (b"x-request-id", request_id.encode())]
+
+
+def _served_headers(winner: Winner) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-cascade-provider", winner.target.provider.encode()),
+        (b"x-cascade-model", winner.target.model.encode()),
+        (b"x-cascade-attempts", str(winner.attempt_count).encode()),
+    ]
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str,
+    content_type: bytes = _JSON,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    headers = _base_headers(request_id, content_type)
+    headers.append((b"content-length", str(len(body)).encode()))
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _answer(send: Send, winner: Winner, request_id: str) -> None:
+    reply = winner.reply
+    assert isinstance(reply, Response)
+    content_type = reply.headers.get("content-type", "application/json").encode()
+    await _respond(
+        send, reply.status, reply.body, request_id, content_type, _served_headers(winner)
+    )
+
+
+def _inspect_start(start: StreamStart) -> Failure | None:
+    """Before commit: a stream that opens with an error or with garbage is failed over."""
+    good, error = openai.StreamFilter().check(start.events)
+    if error is not None:
+        return Failure(Kind.PROTOCOL, "stream_error", str(error.get("message", "in-band error")))
+    if not good:
+        return Failure(Kind.PROTOCOL, "malformed_stream", "the stream opened with no valid event")
+    return None
+
+
+async def _stream(send: Send, winner: Winner, request_id: str) -> None:
+    """Relay a committed stream. Bursts already queued go out in one write (coalescing)."""
+    start = winner.reply
+    assert isinstance(start, StreamStart)
+    headers = _base_headers(request_id, b"text/event-stream")
+    headers += [(b"cache-control", b"no-cache"), *_served_headers(winner)]
+    await send({"type": "http.response.start", "status": start.status, "headers": headers})
+    sse = openai.StreamFilter()
+    good, _ = sse.check(start.events)
+    if sse.done:
+        body = openai.frame(good) + openai.DONE_FRAME
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
+    await send({"type": "http.response.body", "body": openai.frame(good), "more_body": True})
+    replies = winner.replies
+    while True:
+        batch = [await replies.receive()]
+        while True:
+            try:
+                batch.append(replies.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        out: list[bytes] = []
+        ending: bytes | None = None
+        for reply in batch:
+            if isinstance(reply, StreamEvents):
+                if sse.done:
+                    continue
+                good, error = sse.check(reply.events)
+                out.append(openai.frame(good))
+                if error is not None:
+                    message = str(error.get("message", "upstream error"))
+                    ending = openai.stream_error_frame(message, "upstream_stream_error")
+                    break
+                if sse.done:
+                    ending = openai.DONE_FRAME
+                    break
+            elif isinstance(reply, StreamEnd):
+                ending = openai.DONE_FRAME  # finalise even when upstream sent no [DONE]
+                break
+            elif isinstance(reply, Failed):
+                failure = reply.failure
+                ending = openai.stream_error_frame(
+                    f"the upstream stream failed after it began: {failure.message}",
+                    failure.error_type,
+                )
+                break
+        if ending is not None:
+            out.append(ending)
+            await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
+            return
+        if out:
+            await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+
+
+async def _cascade_error(send: Send, exc: CascadeError, request_id: str) -> None:
+    extra = [(b"x-cascade-attempts", str(len(exc.attempts)).encode())]
+    if exc.upstream is not None:
+        upstream = exc.upstream
+        content_type = upstream.headers.get("content-type", "application/json").encode()
+        await _respond(send, upstream.status, upstream.body, request_id, content_type, extra)
+        return
+    if exc.retry_after is not None:
+        extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    body = openai.error_body(
+        exc.message,
+        exc.error_type,
+        exc.error_type,
+        attempts=[a.to_json() for a in exc.attempts],
+    )
+    await _respond(send, exc.status, body, request_id, extra=extra)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,142 @@
+"""The `cascade` command: serve, check, mock."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import attrs
+import trio
+
+from router.config import Config, ConfigError, MockSettings, demo_config_text
+from router.units import parse_duration
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
+
+
+def _load(path: str | None) -> Config:
+    if path is None:
+        return Config.from_yaml(demo_config_text(), source="configs/demo.yaml (built in)")
+    return Config.from_file(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from router.server import serve, wait_for_signal
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    server = config.server
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        config = attrs.evolve(config, server=attrs.evolve(server, **overrides))
+    _setup_logging(config.server.log_level)
+    if args.config is None:
+        logging.getLogger("cascade").info(
+            "no --config given: serving the built-in demo (local mock providers, no API keys)"
+        )
+    trio.run(partial(serve, config, shutdown_trigger=wait_for_signal))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        Config.from_file(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 1
+    print("ok")
+    return 0
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from router.mock import MockUpstream
+    from router.server import serve_asgi, wait_for_signal
+
+    settings = MockSettings(
+        latency=args.latency,
+        chunks=args.chunks,
+        chunk_interval=args.chunk_interval,
+        error_rate=args.error_rate,
+        rate_429=args.rate_429,
+        retry_after=None if args.no_retry_after else args.retry_after,
+        stall_rate=args.stall_rate,
+        cut_rate=args.cut_rate,
+        seed=args.seed,
+    )
+    _setup_logging("info")
+    app = MockUpstream(settings, args.name)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(
+                partial(serve_asgi, app, args.host, args.port, shutdown_trigger=wait_for_signal)
+            )
+            logging.getLogger("cascade.mock").info("mock upstream on %s/v1 (%s)", url, settings)
+
+    trio.run(main)
+    return 0
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a duration like "30s", got {text!r}') from None
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a rate from 0 to 1, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cascade", description="Cascade, an LLM API gateway.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gateway (the built-in demo config without --config)")
+    s.add_argument("--config", "-c", help="YAML config file (default: the built-in demo)")
+    s.add_argument("--host", help="override server.host")
+    s.add_argument("--port", type=int, help="override server.port")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check", help="validate a config file: prints every problem, or ok")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_check)
+
+    m = sub.add_parser("mock", help="run a mock OpenAI-compatible upstream with injected faults")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=9000)
+    m.add_argument("--name", default="mock", help="shown in the answers")
+    m.add_argument("--latency", type=_duration, default=0.0, help="delay before answering")
+    m.add_argument("--chunks", type=int, default=8, help="content events per streamed answer")
+    m.add_argument("--chunk-interval", type=_duration, default=0.0)
+    m.add_argument("--error-rate", type=_rate, default=0.0, help="share of 500 answers")
+    m.add_argument("--rate-429", type=_rate, default=0.0, help="share of 429 answers")
+    m.add_argument("--retry-after", type=_duration, default=1.0, help="Retry-After on 429s")
+    m.add_argument("--no-retry-after", action="store_true", help="send 429s without Retry-After")
+    m.add_argument("--stall-rate", type=_rate, default=0.0, help="share of requests never answered")
+    m.add_argument("--cut-rate", type=_rate, default=0.0, help="share of answers cut mid-body")
+    m.add_argument("--seed", type=int, help="seed for reproducible fault sequences")
+    m.set_defaults(func=cmd_mock)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,721 @@
+"""Cascade's configuration: YAML in, frozen attrs classes out, every problem reported with its field path.
+
+`Config.from_yaml` / `Config.from_mapping` validate the whole document before anything uses it and
+raise one `ConfigError` listing every problem found, each as `path.to.field: what is wrong`.
+API keys are never read from the file: a provider names the environment variable that holds it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import attrs
+import yaml
+
+from router.units import parse_duration, parse_size
+
+T = TypeVar("T")
+
+Jitter = Literal["full", "equal", "decorrelated", "none"]
+Strategy = Literal["same_model", "same_provider", "different_provider"]
+STRATEGIES: tuple[Strategy, ...] = ("same_model", "same_provider", "different_provider")
+
+
+class ConfigError(ValueError):
+    """The config is invalid; `problems` lists every `field.path: message`."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid config:\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+_MISSING: Any = object()
+
+
+class _Fields:
+    """Reads one mapping of the raw document, recording problems instead of raising.
+
+    Every accessor returns a usable value (the default when the field is wrong) so that one pass
+    over the document finds every problem, not just the first.
+    """
+
+    def __init__(self, raw: object, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        self._seen: set[str] = set()
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            problems.append(f"{path or '<root>'}: expected a mapping, got {_kind(raw)}")
+            raw = {}
+        self.raw: Mapping[str, Any] = raw
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.at(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.raw
+
+    def get(self, key: str) -> Any:
+        self._seen.add(key)
+        value = self.raw.get(key, _MISSING)
+        return _MISSING if value is None else value
+
+    def _typed(self, key: str, default: T, convert: Callable[[Any], T], expected: str) -> T:
+        value = self.get(key)
+        if value is _MISSING:
+            if default is _MISSING:
+                self.error(key, "is required")
+            return default
+        try:
+            return convert(value)
+        except (ValueError, TypeError):
+            self.error(key, f"expected {expected}, got {value!r}")
+            return default
+
+    def duration(self, key: str, default: float, *, positive: bool = False) -> float:
+        def convert(v: Any) -> float:
+            d = parse_duration(v)
+            if positive and d <= 0:
+                raise ValueError(v)
+            return d
+
+        kind = "a positive duration" if positive else "a duration"
+        return self._typed(key, default, convert, f'{kind} like "30s"')
+
+    def optional_duration(self, key: str) -> float | None:
+        if self.get(key) is _MISSING:
+            return None
+        return self.duration(key, _MISSING, positive=True)
+
+    def size(self, key: str, default: int) -> int:
+        return self._typed(key, default, parse_size, 'a size like "10MiB"')
+
+    def integer(
+        self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
+        def convert(v: Any) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(v)
+            if maximum is not None and v > maximum:
+                raise ValueError(v)
+            return v
+
+        bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        return self._typed(key, default, convert, bound)
+
+    def optional_integer(self, key: str, *, minimum: int = 1) -> int | None:
+        if self.get(key) is _MISSING:
+            return None
+        return self.integer(key, _MISSING, minimum=minimum)
+
+    def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
+        def convert(v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not minimum <= v <= maximum:
+                raise ValueError(v)
+            return float(v)
+
+        return self._typed(key, default, convert, f"a number from {minimum:g} to {maximum:g}")
+
+    def string(self, key: str, default: str) -> str:
+        def convert(v: Any) -> str:
+            if not isinstance(v, str) or not v:
+                raise ValueError(v)
+            return v
+
+        return self._typed(key, default, convert, "a non-empty string")
+
+    def optional_string(self, key: str) -> str | None:
+        if self.get(key) is _MISSING:
+            return None
+        return self.string(key, _MISSING)
+
+    def choice(self, key: str, default: T, choices: tuple[T, ...]) -> T:
+        def convert(v: Any) -> T:
+            if v not in choices:
+                raise ValueError(v)
+            return v
+
+        return self._typed(key, default, convert, "one of " + ", ".join(map(str, choices)))
+
+    def boolean(self, key: str, default: bool) -> bool:
+        def convert(v: Any) -> bool:
+            if not isinstance(v, bool):
+                raise ValueError(v)
+            return v
+
+        return self._typed(key, default, convert, "true or false")
+
+    def sub(self, key: str) -> _Fields:
+        value = self.get(key)
+        return _Fields(None if value is _MISSING else value, self.at(key), self.problems)
+
+    def items(self, key: str) -> list[tuple[str, Any]]:
+        """The entries of a list field as (path, value) pairs."""
+        value = self.get(key)
+        if value is _MISSING:
+            return []
+        if not isinstance(value, list):
+            self.error(key, f"expected a list, got {_kind(value)}")
+            return []
+        return [(f"{self.at(key)}[{i}]", v) for i, v in enumerate(value)]
+
+    def done(self) -> None:
+        for key in self.raw:
+            if key not in self._seen:
+                self.problems.append(f"{self.at(str(key))}: unknown field")
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Provider
+
+
+@attrs.frozen
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 30.0
+    idle: float = 30.0
+    total: float = 300.0
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> Timeouts:
+        d = cls()
+        t = cls(
+            connect=f.duration("connect", d.connect, positive=True),
+            first_byte=f.duration("first_byte", d.first_byte, positive=True),
+            idle=f.duration("idle", d.idle, positive=True),
+            total=f.duration("total", d.total, positive=True),
+        )
+        f.done()
+        return t
+
+
+@attrs.frozen
+class Limits:
+    """Proactive admission limits; None means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> Limits:
+        limits = cls(rpm=f.optional_integer("rpm"), tpm=f.optional_integer("tpm"))
+        f.done()
+        return limits
+
+
+@attrs.frozen
+class RateLimitPolicy:
+    """How a provider's rate-limit signals block targets."""
+
+    scope: Literal["provider", "model"] = "model"
+    max_retry_after: float = 48 * 3600.0
+    block_base: float = 60.0
+    block_max: float = 3600.0
+    max_tracked: int = 1024
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> RateLimitPolicy:
+        d = cls()
+        policy = cls(
+            scope=f.choice("scope", d.scope, ("provider", "model")),
+            max_retry_after=f.duration("max_retry_after", d.max_retry_after, positive=True),
+            block_base=f.duration("block_base", d.block_base, positive=True),
+            block_max=f.duration("block_max", d.block_max, positive=True),
+            max_tracked=f.integer("max_tracked", d.max_tracked, minimum=1),
+        )
+        if policy.block_max < policy.block_base:
+            f.error("block_max", "must be at least block_base")
+        f.done()
+        return policy
+
+
+@attrs.frozen
+class LatencyTrigger:
+    """Block a target for `block` after `min_triggers` slow answers within `window`."""
+
+    threshold: float
+    measure: Literal["ttfb", "total"] = "ttfb"
+    min_triggers: int = 3
+    window: float = 60.0
+    block: float = 60.0
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> LatencyTrigger:
+        trigger = cls(
+            threshold=f.duration("threshold", _MISSING, positive=True),
+            measure=f.choice("measure", "ttfb", ("ttfb", "total")),
+            min_triggers=f.integer("min_triggers", 3, minimum=1),
+            window=f.duration("window", 60.0, positive=True),
+            block=f.duration("block", 60.0, positive=True),
+        )
+        f.done()
+        return trigger
+
+
+@attrs.frozen
+class CircuitPolicy:
+    """Open after `failures` transient failures within `window`; probe again after `open_for`."""
+
+    failures: int = 5
+    window: float = 30.0
+    open_for: float = 30.0
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> CircuitPolicy:
+        d = cls()
+        policy = cls(
+            failures=f.integer("failures", d.failures, minimum=1),
+            window=f.duration("window", d.window, positive=True),
+            open_for=f.duration("open_for", d.open_for, positive=True),
+        )
+        f.done()
+        return policy
+
+
+@attrs.frozen
+class RetryBudget:
+    """Retries may be at most `ratio` of first attempts over `window` (plus `min_retries`)."""
+
+    ratio: float = 0.2
+    window: float = 10.0
+    min_retries: int = 3
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> RetryBudget:
+        d = cls()
+        budget = cls(
+            ratio=f.number("ratio", d.ratio, minimum=0.0, maximum=10.0),
+            window=f.duration("window", d.window, positive=True),
+            min_retries=f.integer("min_retries", d.min_retries),
+        )
+        f.done()
+        return budget
+
+
+@attrs.frozen
+class MockSettings:
+    """Behaviour of Cascade's mock upstream (`cascade mock`, and `mock:` providers in a config)."""
+
+    latency: float = 0.0
+    chunks: int = 8
+    chunk_interval: float = 0.0
+    error_rate: float = 0.0
+    rate_429: float = 0.0
+    retry_after: float | None = 1.0
+    stall_rate: float = 0.0
+    cut_rate: float = 0.0
+    seed: int | None = None
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> MockSettings:
+        d = cls()
+        rate = {"minimum": 0.0, "maximum": 1.0}
+        retry_after: float | None = d.retry_after
+        if f.has("retry_after") and f.raw["retry_after"] in (None, False, "none"):
+            f.get("retry_after")
+            retry_after = None
+        else:
+            retry_after = f.duration("retry_after", 1.0)
+        settings = cls(
+            latency=f.duration("latency", d.latency),
+            chunks=f.integer("chunks", d.chunks, minimum=1),
+            chunk_interval=f.duration("chunk_interval", d.chunk_interval),
+            error_rate=f.number("error_rate", d.error_rate, **rate),
+            rate_429=f.number("rate_429", d.rate_429, **rate),
+            retry_after=retry_after,
+            stall_rate=f.number("stall_rate", d.stall_rate, **rate),
+            cut_rate=f.number("cut_rate", d.cut_rate, **rate),
+            seed=f.optional_integer("seed", minimum=0),
+        )
+        f.done()
+        return settings
+
+
+@attrs.frozen
+class ProviderConfig:
+    name: str
+    base_url: str
+    dialect: Literal["openai"] = "openai"
+    api_key_env: str | None = None
+    timeouts: Timeouts = Timeouts()
+    max_retries: int = 2
+    max_in_flight: int = 256
+    max_connections: int = 100
+    limits: Limits = Limits()
+    rate_limit: RateLimitPolicy = RateLimitPolicy()
+    latency: LatencyTrigger | None = None
+    circuit: CircuitPolicy = CircuitPolicy()
+    retry_budget: RetryBudget = RetryBudget()
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    mock: MockSettings | None = None
+
+    def api_key(self) -> str | None:
+        """The key from the environment; read at use so it never sits in a config object or log."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @classmethod
+    def from_fields(cls, name: str, f: _Fields) -> ProviderConfig:
+        d = cls(name=name, base_url="")
+        mock = MockSettings.from_fields(f.sub("mock")) if f.has("mock") else None
+        base_url = "mock://" + name if mock is not None else f.string("base_url", "")
+        if mock is not None and f.get("base_url") is not _MISSING:
+            f.error("base_url", "a provider has either base_url or mock, not both")
+        elif mock is None and base_url and not base_url.startswith(("http://", "https://")):
+            f.error("base_url", f"expected an http:// or https:// URL, got {base_url!r}")
+        headers = f.get("headers")
+        if headers is _MISSING:
+            headers = {}
+        elif not isinstance(headers, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            f.error("headers", "expected a mapping of header names to strings")
+            headers = {}
+        latency = LatencyTrigger.from_fields(f.sub("latency")) if f.has("latency") else None
+        api_key_env = f.optional_string("api_key_env")
+        for forbidden in ("api_key", "key"):
+            if f.has(forbidden):
+                f.get(forbidden)
+                f.error(forbidden, "API keys are never written in the config; use api_key_env")
+        provider = cls(
+            name=name,
+            base_url=base_url.rstrip("/"),
+            dialect=f.choice("dialect", d.dialect, ("openai",)),
+            api_key_env=api_key_env,
+            timeouts=Timeouts.from_fields(f.sub("timeouts")),
+            max_retries=f.integer("max_retries", d.max_retries, maximum=100),
+            max_in_flight=f.integer("max_in_flight", d.max_in_flight, minimum=1),
+            max_connections=f.integer("max_connections", d.max_connections, minimum=1),
+            limits=Limits.from_fields(f.sub("limits")),
+            rate_limit=RateLimitPolicy.from_fields(f.sub("rate_limit")),
+            latency=latency,
+            circuit=CircuitPolicy.from_fields(f.sub("circuit")),
+            retry_budget=RetryBudget.from_fields(f.sub("retry_budget")),
+            headers=dict(headers),
+            mock=mock,
+        )
+        f.done()
+        return provider
+
+
+# --------------------------------------------------------------------------------------------
+# Routes and retry policy
+
+
+@attrs.frozen
+class Target:
+    """One place a request can go: a provider and the model name to ask it for."""
+
+    provider: str
+    model: str
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+    @classmethod
+    def parse(
+        cls, path: str, raw: object, providers: Mapping[str, object], problems: list[str]
+    ) -> Target | None:
+        if not isinstance(raw, str) or "/" not in raw:
+            problems.append(f'{path}: expected "provider/model", got {raw!r}')
+            return None
+        provider, _, model = raw.partition("/")
+        if not model:
+            problems.append(f'{path}: expected "provider/model", got {raw!r}')
+            return None
+        if provider not in providers:
+            problems.append(f"{path}: unknown provider {provider!r}")
+            return None
+        return cls(provider, model)
+
+
+@attrs.frozen
+class Hedge:
+    """Start a second attempt when the first has no first byte after `after` seconds.
+
+    `after` is a fixed delay, or None for `p95`: the target's own observed first-byte p95, clamped
+    to [`min_delay`, `max_delay`].
+    """
+
+    after: float | None = 1.5
+    max: int = 1
+    min_delay: float = 0.1
+    max_delay: float = 10.0
+    budget: float = 0.1
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> Hedge:
+        d = cls()
+        after: float | None
+        if f.has("after") and f.raw["after"] == "p95":
+            f.get("after")
+            after = None
+        else:
+            after = f.duration("after", 1.5, positive=True)
+        hedge = cls(
+            after=after,
+            max=f.integer("max", d.max, minimum=1, maximum=4),
+            min_delay=f.duration("min_delay", d.min_delay),
+            max_delay=f.duration("max_delay", d.max_delay, positive=True),
+            budget=f.number("budget", d.budget, minimum=0.0, maximum=1.0),
+        )
+        f.done()
+        return hedge
+
+
+@attrs.frozen
+class Route:
+    match: str
+    targets: tuple[Target, ...]
+    alternatives: tuple[Target, ...] = ()
+    on_context_overflow: tuple[Target, ...] = ()
+    deadline: float | None = None
+    hedge: Hedge | None = None
+
+    @property
+    def is_glob(self) -> bool:
+        return any(c in self.match for c in "*?[")
+
+    def matches(self, model: str) -> bool:
+        return fnmatch.fnmatchcase(model, self.match) if self.is_glob else model == self.match
+
+    @classmethod
+    def from_fields(cls, f: _Fields, providers: Mapping[str, object]) -> Route:
+        def targets(key: str) -> tuple[Target, ...]:
+            parsed = [Target.parse(p, v, providers, f.problems) for p, v in f.items(key)]
+            return tuple(t for t in parsed if t is not None)
+
+        route = cls(
+            match=f.string("match", ""),
+            targets=targets("targets"),
+            alternatives=targets("alternatives"),
+            on_context_overflow=targets("on_context_overflow"),
+            deadline=f.optional_duration("deadline"),
+            hedge=Hedge.from_fields(f.sub("hedge")) if f.has("hedge") else None,
+        )
+        if not f.raw.get("targets"):
+            f.error("targets", "needs at least one target")
+        f.done()
+        return route
+
+
+@attrs.frozen
+class Backoff:
+    base: float = 0.1
+    max: float = 5.0
+    jitter: Jitter = "full"
+    scope: Literal["model", "provider", "global"] = "model"
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> Backoff:
+        d = cls()
+        backoff = cls(
+            base=f.duration("base", d.base),
+            max=f.duration("max", d.max),
+            jitter=f.choice("jitter", d.jitter, ("full", "equal", "decorrelated", "none")),
+            scope=f.choice("scope", d.scope, ("model", "provider", "global")),
+        )
+        if backoff.max < backoff.base:
+            f.error("max", "must be at least base")
+        f.done()
+        return backoff
+
+
+def _parse_codes(path: str, raw: object, problems: list[str]) -> frozenset[int]:
+    """Status codes from `[429, "500-504", "400,404"]`."""
+    items = raw if isinstance(raw, list) else [raw]
+    codes: set[int] = set()
+    for i, item in enumerate(items):
+        for part in str(item).split(","):
+            part = part.strip()
+            lo, sep, hi = part.partition("-")
+            try:
+                a = int(lo)
+                b = int(hi) if sep else a
+                if not (100 <= a <= b <= 599):
+                    raise ValueError(part)
+            except ValueError:
+                problems.append(
+                    f'{path}[{i}]: expected a status code or range like "500-504", got {item!r}'
+                )
+                continue
+            codes.update(range(a, b + 1))
+    return frozenset(codes)
+
+
+@attrs.frozen
+class StatusRule:
+    """Overrides the retry strategy (and optionally the attempt cap) for some upstream statuses."""
+
+    codes: frozenset[int]
+    strategy: Strategy | Literal["failover", "return"]
+    max_attempts: int | None = None
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> StatusRule:
+        codes = _parse_codes(f.at("codes"), f.get("codes"), f.problems) if f.has("codes") else None
+        if codes is None:
+            f.error("codes", "is required")
+        rule = cls(
+            codes=codes or frozenset(),
+            strategy=f.choice(
+                "strategy", "different_provider", (*STRATEGIES, "failover", "return")
+            ),
+            max_attempts=f.optional_integer("max_attempts"),
+        )
+        f.done()
+        return rule
+
+
+@attrs.frozen
+class RetryConfig:
+    max_attempts: int = 4
+    strategy: Strategy = "different_provider"
+    backoff: Backoff = Backoff()
+    on_status: tuple[StatusRule, ...] = ()
+    on_timeout: Strategy | Literal["failover"] = "failover"
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> RetryConfig:
+        d = cls()
+        rules = tuple(
+            StatusRule.from_fields(_Fields(v, p, f.problems)) for p, v in f.items("on_status")
+        )
+        retry = cls(
+            max_attempts=f.integer("max_attempts", d.max_attempts, minimum=1, maximum=100),
+            strategy=f.choice("strategy", d.strategy, STRATEGIES),
+            backoff=Backoff.from_fields(f.sub("backoff")),
+            on_status=rules,
+            on_timeout=f.choice("on_timeout", d.on_timeout, (*STRATEGIES, "failover")),
+        )
+        f.done()
+        return retry
+
+
+# --------------------------------------------------------------------------------------------
+# Server and the whole document
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    deadline: float = 120.0
+    max_body: int = 10 * 1024 * 1024
+    grace: float = 30.0
+    workers: int = 1
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> ServerConfig:
+        d = cls()
+        server = cls(
+            host=f.string("host", d.host),
+            port=f.integer("port", d.port, maximum=65535),
+            deadline=f.duration("deadline", d.deadline, positive=True),
+            max_body=f.size("max_body", d.max_body),
+            grace=f.duration("grace", d.grace),
+            workers=f.integer("workers", d.workers, minimum=1, maximum=64),
+            log_level=f.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
+        )
+        f.done()
+        return server
+
+
+@attrs.frozen
+class Config:
+    server: ServerConfig
+    providers: Mapping[str, ProviderConfig]
+    routes: tuple[Route, ...]
+    retry: RetryConfig = RetryConfig()
+
+    @classmethod
+    def from_mapping(cls, raw: object) -> Config:
+        problems: list[str] = []
+        root = _Fields(raw, "", problems)
+        server = ServerConfig.from_fields(root.sub("server"))
+
+        providers: dict[str, ProviderConfig] = {}
+        raw_providers = root.sub("providers")
+        if not raw_providers.raw:
+            problems.append("providers: at least one provider is required")
+        for name in raw_providers.raw:
+            if not isinstance(name, str) or not name or "/" in name:
+                problems.append(
+                    f"providers.{name}: a provider name is a non-empty string without '/'"
+                )
+                continue
+            providers[name] = ProviderConfig.from_fields(name, raw_providers.sub(name))
+        raw_providers.done()
+
+        routes = tuple(
+            Route.from_fields(_Fields(v, p, problems), raw_providers.raw)
+            for p, v in root.items("routes")
+        )
+        retry = RetryConfig.from_fields(root.sub("retry"))
+        root.done()
+        if problems:
+            raise ConfigError(problems)
+        return cls(server=server, providers=providers, routes=routes, retry=retry)
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "<config>") -> Config:
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+            raise ConfigError(
+                [f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]
+            ) from None
+        return cls.from_mapping(raw)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
+        return cls.from_yaml(text, source=str(path))
+
+    def resolve(self, model: str) -> tuple[str, Route] | None:
+        """The route serving `model`: the first matching route, else a direct `provider/model`."""
+        for route in self.routes:
+            if route.matches(model):
+                return route.match, route
+        provider, sep, upstream_model = model.partition("/")
+        if sep and upstream_model and provider in self.providers:
+            return model, Route(match=model, targets=(Target(provider, upstream_model),))
+        return None
+
+    def model_names(self) -> list[str]:
+        return [r.match for r in self.routes if not r.is_glob]
+
+
+def demo_config_text() -> str:
+    """The packaged demo config (configs/demo.yaml), served by `cascade serve` with no --config.
+
+    A wheel carries it as the package data `router.configs`; an editable install (a source
+    checkout) reads it from the tree, where setuptools' editable finder does not map it.
+    """
+    from importlib.resources import files
+
+    try:
+        return files("router.configs").joinpath("demo.yaml").read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        return (Path(__file__).parent.parent / "configs" / "demo.yaml").read_text(encoding="utf-8")

@@ -1,0 +1,452 @@
+"""The cascade: one request's walk over its route's targets, within one deadline.
+
+`Dispatcher.dispatch` is an async context manager. Inside it the request has a winner: a complete
+answer, or a stream whose first events are in hand (the commit point). Leaving it cancels every
+attempt the request started, wherever it is, so a client that goes away takes its upstream calls
+with it. The loop below is modelled on trio's happy eyeballs: attempts start one at a time; a hedge
+starts another when the first is slow; the first success wins and the rest are cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from actors.messages import (
+    Attempt,
+    Failed,
+    Refused,
+    Reply,
+    Response,
+    Snapshot,
+    SnapshotRequest,
+    StreamStart,
+    UpstreamRequest,
+)
+from actors.outcome import Failure, Kind
+from actors.provider import ProviderActor
+from actors.state import SlidingWindow
+from router.config import Config, Route, Target
+from router.metrics import Metrics
+from router.policy import Action, Plan, backoff_delay, decide
+
+log = logging.getLogger("cascade.dispatch")
+
+REPLY_BUFFER = 16
+_RATE_LIMIT_REFUSALS = ("rate_limited", "rpm", "tpm")
+
+
+@attrs.frozen
+class AttemptRecord:
+    """One line of the `attempts` list a client sees when the cascade fails."""
+
+    provider: str
+    model: str
+    status: int | None
+    error_type: str
+    elapsed_ms: float
+
+    def to_json(self) -> dict[str, object]:
+        return attrs.asdict(self)
+
+
+class CascadeError(Exception):
+    """The cascade ended without a success. `status` and `attempts` go to the client."""
+
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        attempts: list[AttemptRecord],
+        *,
+        retry_after: float | None = None,
+        upstream: Response | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.attempts = attempts
+        self.retry_after = retry_after
+        self.upstream = upstream  # the provider's own answer, returned as it is (4xx)
+
+
+@attrs.frozen
+class ChatJob:
+    """What the dispatcher needs from a client request, dialect-free."""
+
+    route_name: str
+    route: Route
+    body_for: Callable[[str], bytes]
+    path: str
+    stream: bool
+    estimated_tokens: int
+    request_id: str
+    deadline: float  # trio time
+    inspect_start: Callable[[StreamStart], Failure | None] = lambda start: None
+
+
+@attrs.define
+class _Live:
+    """An attempt this request started: cancelling `scope` ends its upstream call."""
+
+    target: Target
+    scope: trio.CancelScope
+    replies: trio.MemoryReceiveChannel[Reply]
+    started: float
+    hedge: bool
+
+
+@attrs.define
+class Winner:
+    """The attempt that answered. For a stream, `replies` carries the rest of it."""
+
+    target: Target
+    reply: Response | StreamStart
+    replies: trio.MemoryReceiveChannel[Reply]
+    attempts: list[AttemptRecord]
+    attempt_count: int
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: Config,
+        actors: Mapping[str, ProviderActor],
+        metrics: Metrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.actors = actors
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self._hedge_windows: dict[str, tuple[SlidingWindow, SlidingWindow]] = {}
+
+    @asynccontextmanager
+    async def dispatch(self, job: ChatJob) -> AsyncIterator[Winner]:
+        run = _Run(self, job)
+        try:
+            yield await run.first_byte()
+        finally:
+            run.cancel_all()
+
+    def hedge_allowed(self, route_name: str, budget: float, now: float, hedging: bool) -> bool:
+        """Record one request (or one hedge) of a route; True if a hedge fits the budget."""
+        requests, hedges = self._hedge_windows.setdefault(
+            route_name, (SlidingWindow(60.0), SlidingWindow(60.0))
+        )
+        if not hedging:
+            requests.add(now, 1)
+            return False
+        requests.expire(now)
+        hedges.expire(now)
+        if hedges.total + 1 > budget * requests.total:
+            return False
+        hedges.add(now, 1)
+        return True
+
+
+class _Run:
+    """The state of one request's cascade."""
+
+    def __init__(self, dispatcher: Dispatcher, job: ChatJob) -> None:
+        self.d = dispatcher
+        self.job = job
+        route = job.route
+        self.plan = Plan(route.targets + route.alternatives)
+        self.retry = dispatcher.config.retry
+        self.max_attempts = self.retry.max_attempts
+        self.attempts: list[AttemptRecord] = []
+        self.failures: list[Failure | Refused] = []
+        self.attempt_count = 0
+        self.live: list[_Live] = []
+        self.last_failure_at: dict[Target, float] = {}
+        self.retry_after: dict[Target, float] = {}
+        self.backoff_counts: dict[object, int] = {}
+        self.last_delay = 0.0
+        self.hedges = 0
+        self.deadline_hit = False
+        self.winner: _Live | None = None
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def first_byte(self) -> Winner:
+        job = self.job
+        hedge = job.route.hedge
+        if hedge is not None:
+            self.d.hedge_allowed(job.route_name, hedge.budget, trio.current_time(), False)
+        results, outcomes = trio.open_memory_channel[tuple[_Live, Reply]](REPLY_BUFFER)
+        winner: Winner | None = None
+        with trio.CancelScope(deadline=job.deadline) as deadline_scope:
+            async with trio.open_nursery() as nursery:
+                winner = await self._loop(nursery, results, outcomes)
+                nursery.cancel_scope.cancel()
+        if deadline_scope.cancelled_caught:
+            self.deadline_hit = True
+            for live in self.live:
+                self._record(live.target, None, "deadline", live.started)
+            raise self._exhausted()
+        assert winner is not None
+        return winner
+
+    async def _loop(
+        self,
+        nursery: trio.Nursery,
+        results: trio.MemorySendChannel[tuple[_Live, Reply]],
+        outcomes: trio.MemoryReceiveChannel[tuple[_Live, Reply]],
+    ) -> Winner:
+        hedge = self.job.route.hedge
+        hedge_at = math.inf
+        while True:
+            pending = len(self.live)
+            if pending == 0:
+                target = await self._next_target()
+                if target is None:
+                    raise self._exhausted()
+                hedge_at = await self._launch(nursery, results, target, hedge=False)
+            elif trio.current_time() >= hedge_at:
+                hedge_at = math.inf
+                assert hedge is not None
+                if self.hedges < hedge.max and self.attempt_count < self.max_attempts:
+                    target = self.plan.pop_fresh()
+                    now = trio.current_time()
+                    if target is None or not self.d.hedge_allowed(
+                        self.job.route_name, hedge.budget, now, True
+                    ):
+                        self.d.metrics.hedges.labels(self.job.route_name, "skipped").inc()
+                    else:
+                        self.hedges += 1
+                        hedge_at = await self._launch(nursery, results, target, hedge=True)
+            with trio.move_on_at(hedge_at):
+                live, reply = await outcomes.receive()
+                self.live.remove(live)
+                winner = self._judge(live, reply)
+                if winner is not None:
+                    return winner
+                if isinstance(reply, Refused) and live.hedge and self.live:
+                    self.hedges -= 1
+                    hedge_at = trio.current_time()  # a blocked target is not hedged to: next one
+
+    async def _next_target(self) -> Target | None:
+        """The next target to try (sequentially), after its backoff; None when none is left."""
+        while self.plan:
+            if self.attempt_count >= self.max_attempts:
+                return None
+            target = self.plan.pop()
+            retries = self.plan.retries.get(target, 0)
+            failed_at = self.last_failure_at.get(target)
+            if retries and failed_at is not None:
+                wake = failed_at + self._backoff(target, retries)
+                wake = max(wake, failed_at + self.retry_after.get(target, 0.0))
+                if wake > self.job.deadline:
+                    self.deadline_hit = True
+                    return None
+                if wake > trio.current_time():
+                    await trio.sleep_until(wake)
+            return target
+        return None
+
+    def _backoff(self, target: Target, retry_number: int) -> float:
+        scope = self.retry.backoff.scope
+        key: object = (
+            target if scope == "model" else target.provider if scope == "provider" else None
+        )
+        n = self.backoff_counts[key] = self.backoff_counts.get(key, 0) + 1
+        self.last_delay = backoff_delay(self.retry.backoff, n, self.last_delay, self.d.rng)
+        return self.last_delay
+
+    async def _launch(
+        self,
+        nursery: trio.Nursery,
+        results: trio.MemorySendChannel[tuple[_Live, Reply]],
+        target: Target,
+        *,
+        hedge: bool,
+    ) -> float:
+        """Send one Attempt to the target's actor; returns when a hedge may start (or inf)."""
+        job = self.job
+        is_retry = target in self.plan.retries
+        self.plan.mark_tried(target)
+        send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
+        now = trio.current_time()
+        live = _Live(target, trio.CancelScope(), receive, now, hedge)
+        request = UpstreamRequest(
+            path=job.path,
+            body=job.body_for(target.model),
+            model=target.model,
+            stream=job.stream,
+            estimated_tokens=job.estimated_tokens,
+            request_id=job.request_id,
+        )
+        self.live.append(live)
+        actor = self.d.actors[target.provider]
+        try:
+            await actor.inbox.send(Attempt(request, send, live.scope, is_retry))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            send.send_nowait(Refused("stopped"))
+        nursery.start_soon(_first_reply, live, results)
+        route_hedge = job.route.hedge
+        if route_hedge is None or self.hedges >= route_hedge.max:
+            return math.inf
+        delay = route_hedge.after
+        if delay is None:
+            delay = await self._p95(actor)
+        return now + delay
+
+    async def _p95(self, actor: ProviderActor) -> float:
+        hedge = self.job.route.hedge
+        assert hedge is not None
+        send, receive = trio.open_memory_channel[Snapshot](1)
+        await actor.inbox.send(SnapshotRequest(send))
+        p95 = (await receive.receive()).ttfb_p95
+        return min(
+            hedge.max_delay, max(hedge.min_delay, p95 if p95 is not None else hedge.max_delay)
+        )
+
+    # --- judging replies ----------------------------------------------------------------------
+
+    def _judge(self, live: _Live, reply: Reply) -> Winner | None:
+        target = live.target
+        if isinstance(reply, Refused):
+            live.scope.cancel()
+            self._record(target, None, f"refused:{reply.reason}", live.started)
+            self.failures.append(reply)
+            log.debug(
+                "request %s: %s refused (%s), failing over",
+                self.job.request_id,
+                target,
+                reply.reason,
+            )
+            return None
+        self.attempt_count += 1
+        failure: Failure | None = None
+        if isinstance(reply, Failed):
+            failure = reply.failure
+        elif isinstance(reply, StreamStart):
+            failure = self.job.inspect_start(reply)
+        if failure is None and isinstance(reply, Response | StreamStart):
+            self._record(target, reply.status, "ok", live.started)
+            return self._win(live, reply)
+        assert failure is not None
+        live.scope.cancel()
+        status = failure.status
+        self._record(target, status, failure.error_type, live.started)
+        self.failures.append(failure)
+        now = trio.current_time()
+        self.last_failure_at[target] = now
+        if failure.retry_after is not None:
+            self.retry_after[target] = failure.retry_after
+        decision = decide(failure, self.retry)
+        if decision.max_attempts is not None:
+            self.max_attempts = min(self.max_attempts, decision.max_attempts)
+        action = decision.action
+        log.info(
+            "request %s: %s failed (%s), %s",
+            self.job.request_id,
+            target,
+            failure.error_type,
+            action.value,
+        )
+        if action is Action.RETURN:
+            raise self._returned(failure, reply)
+        if action is Action.CONTEXT_OVERFLOW:
+            overflow = self.job.route.on_context_overflow
+            if not overflow:
+                raise self._returned(failure, reply)
+            self.plan.replace(overflow)
+        elif action is Action.RETRY:
+            max_retries = self.d.config.providers[target.provider].max_retries
+            self.plan.retry(target, decision.strategy, max_retries)
+        return None
+
+    def _win(self, live: _Live, reply: Response | StreamStart) -> Winner:
+        job = self.job
+        route_name = job.route_name
+        if self.hedges:
+            outcome = "won" if live.hedge else "lost"
+            self.d.metrics.hedges.labels(route_name, outcome).inc()
+        for other in self.live:
+            other.scope.cancel()
+        if live.target != (job.route.targets[0] if job.route.targets else None):
+            self.d.metrics.failovers.labels(route_name).inc()
+        # The winner leaves the live list: its scope is cancelled when the request is done.
+        self.winner = live
+        return Winner(live.target, reply, live.replies, self.attempts, self.attempt_count)
+
+    def _record(self, target: Target, status: int | None, error_type: str, started: float) -> None:
+        elapsed = (trio.current_time() - started) * 1000
+        self.attempts.append(
+            AttemptRecord(target.provider, target.model, status, error_type, round(elapsed, 1))
+        )
+
+    def _returned(self, failure: Failure, reply: Reply) -> CascadeError:
+        upstream = reply.response if isinstance(reply, Failed) else None
+        if failure.kind is Kind.AUTH:
+            # Never hand the provider's auth error to the client: it may echo part of our key.
+            return CascadeError(
+                502,
+                "upstream_auth_error",
+                "a provider rejected Cascade's credentials; the operator must fix its API key",
+                self.attempts,
+            )
+        status = failure.status or 502
+        return CascadeError(
+            status, failure.error_type, failure.message, self.attempts, upstream=upstream
+        )
+
+    def _exhausted(self) -> CascadeError:
+        now = trio.current_time()
+        limited = [f for f in self.failures if _is_rate_limit(f)]
+        if self.failures and len(limited) == len(self.failures) and not self.deadline_hit:
+            untils = [u for u in (_until(f) for f in limited) if u is not None]
+            retry_after = max(0.0, min(untils) - now) if untils else None
+            return CascadeError(
+                429,
+                "retry_exhausted",
+                "every target is rate limited",
+                self.attempts,
+                retry_after=retry_after,
+            )
+        last = self.failures[-1] if self.failures else None
+        timed_out = self.deadline_hit or (isinstance(last, Failure) and last.timeout)
+        status = 504 if timed_out else 502
+        message = (
+            "the deadline passed before any target answered"
+            if self.deadline_hit
+            else ("every target failed" if self.failures else "no target could be tried")
+        )
+        return CascadeError(status, "retry_exhausted", message, self.attempts)
+
+    def cancel_all(self) -> None:
+        for live in self.live:
+            live.scope.cancel()
+            live.replies.close()
+        if self.winner is not None:
+            self.winner.scope.cancel()
+            self.winner.replies.close()
+
+
+async def _first_reply(live: _Live, results: trio.MemorySendChannel[tuple[_Live, Reply]]) -> None:
+    """Wait for an attempt's first reply and hand it to the loop."""
+    try:
+        reply = await live.replies.receive()
+    except (trio.EndOfChannel, trio.ClosedResourceError):
+        return
+    await results.send((live, reply))
+
+
+def _is_rate_limit(f: Failure | Refused) -> bool:
+    if isinstance(f, Refused):
+        return f.reason in _RATE_LIMIT_REFUSALS
+    return f.kind is Kind.RATE_LIMITED
+
+
+def _until(f: Failure | Refused) -> float | None:
+    return f.until

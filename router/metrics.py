@@ -1,0 +1,75 @@
+"""Prometheus metrics. One `Metrics` per server (its own registry, so tests and reloads never clash).
+
+Hot paths bind their label children once (`labels(...)` is a dict lookup plus a lock) and keep
+them; see the provider actor.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "cascade_requests_total", "Client requests answered", ["route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "cascade_request_duration_seconds",
+            "Client request latency (to the last byte)",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "cascade_upstream_attempts_total",
+            "Upstream attempts by outcome (ok or the failure kind)",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "cascade_admission_refusals_total",
+            "Attempts refused by a provider actor without an upstream call",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "cascade_upstream_ttfb_seconds",
+            "Upstream time to first byte (first event for streams)",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "cascade_upstream_in_flight", "Upstream calls in flight", ["provider"], registry=r
+        )
+        self.cancelled = Counter(
+            "cascade_upstream_cancelled_total",
+            "Upstream attempts cancelled, by the phase they were in",
+            ["provider", "phase"],
+            registry=r,
+        )
+        self.blocks = Counter(
+            "cascade_target_blocks_total",
+            "Targets blocked (rate limit, latency trigger, circuit opened)",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.hedges = Counter(
+            "cascade_hedges_total", "Hedged attempts by outcome", ["route", "outcome"], registry=r
+        )
+        self.failovers = Counter(
+            "cascade_failovers_total",
+            "Requests answered by a target other than their first",
+            ["route"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,215 @@
+"""The OpenAI dialect: request validation, the byte-exact model swap, error shapes and SSE framing.
+
+The upstream body is the client's bytes with only the top-level `model` value replaced, so key
+order, whitespace and unknown fields survive (upstream prompt caches key on the exact prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import attrs
+
+from actors.sse import SSEEvent
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    """The first offset at or after `i` that is not JSON whitespace."""
+    m = _WS.match(text, i)
+    assert m is not None  # the pattern matches the empty string
+    return m.end()
+_DECODER = json.JSONDecoder()
+_scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
+
+DONE = b"[DONE]"
+
+
+class BadRequest(Exception):
+    """The client's request is wrong; answered in the dialect's error shape, never sent upstream."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type
+
+
+def error_body(
+    message: str, type: str, code: str | None = None, param: str | None = None, **extra: Any
+) -> bytes:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code", ...}}."""
+    error: dict[str, Any] = {"message": message, "type": type, "param": param, "code": code}
+    error.update(extra)
+    return json.dumps({"error": error}).encode()
+
+
+def _top_level(text: str) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    """Parse a JSON object, also returning each top-level value's (start, end) offsets."""
+    ws = _skip_ws
+    i = ws(text, 0)
+    if text[i : i + 1] != "{":
+        raise ValueError("the body must be a JSON object")
+    i = ws(text, i + 1)
+    obj: dict[str, Any] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    if text[i : i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            if text[i : i + 1] != '"':
+                raise ValueError(f"expected a key at offset {i}")
+            key, i = _scanstring(text, i + 1)
+            i = ws(text, i)
+            if text[i : i + 1] != ":":
+                raise ValueError(f"expected ':' at offset {i}")
+            start = ws(text, i + 1)
+            value, end = _DECODER.raw_decode(text, start)
+            obj[key] = value
+            spans[key] = (start, end)  # a repeated key: the last one wins, as in json.loads
+            i = ws(text, end)
+            sep = text[i : i + 1]
+            i = ws(text, i + 1)
+            if sep == "}":
+                break
+            if sep != ",":
+                raise ValueError(f"expected ',' or '}}' at offset {i}")
+    if ws(text, i) != len(text):
+        raise ValueError("extra data after the JSON object")
+    return obj, spans
+
+
+@attrs.frozen
+class ChatRequest:
+    """A validated chat completion request and what the cascade needs from it."""
+
+    text: str
+    model_span: tuple[int, int]
+    model: str
+    stream: bool
+    include_usage: bool
+    estimated_tokens: int
+
+    def body_for(self, model: str) -> bytes:
+        """The client's body with only the model value replaced."""
+        start, end = self.model_span
+        return (self.text[:start] + json.dumps(model) + self.text[end:]).encode()
+
+
+def _optional(obj: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> None:
+    value = obj.get(key)
+    if value is not None and (
+        isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds)
+    ):
+        raise BadRequest(f"'{key}' must be {what}", param=key)
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    try:
+        text = body.decode("utf-8")
+        obj, spans = _top_level(text)
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8 text") from None
+    except ValueError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    model = obj.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a non-empty string", param="model")
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' is required and must be a non-empty list", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(
+                f"'messages[{i}]' must be an object with a string 'role'", param=f"messages[{i}]"
+            )
+    _optional(obj, "stream", (bool,), "a boolean")
+    _optional(obj, "stream_options", (dict,), "an object")
+    for key in ("max_tokens", "max_completion_tokens", "n"):
+        _optional(obj, key, (int,), "an integer")
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        _optional(obj, key, (int, float), "a number")
+    stream = bool(obj.get("stream"))
+    options = obj.get("stream_options") or {}
+    if options and not stream:
+        raise BadRequest(
+            "'stream_options' is only allowed with 'stream': true", param="stream_options"
+        )
+    return ChatRequest(
+        text=text,
+        model_span=spans["model"],
+        model=model,
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        estimated_tokens=len(body) // 4 + int(obj.get("max_tokens") or 0),
+    )
+
+
+# --- streams ------------------------------------------------------------------------------------
+
+
+def frame(events: tuple[SSEEvent, ...] | list[SSEEvent]) -> bytes:
+    """SSE bytes for the client: one `data:` line per data line, a blank line after each event."""
+    out = []
+    for event in events:
+        if b"\n" in event.data:
+            out.append(
+                b"".join(b"data: " + line + b"\n" for line in event.data.split(b"\n")) + b"\n"
+            )
+        else:
+            out.append(b"data: " + event.data + b"\n\n")
+    return b"".join(out)
+
+
+DONE_FRAME = b"data: [DONE]\n\n"
+
+
+def stream_error_frame(message: str, code: str) -> bytes:
+    """The in-band error that ends a committed stream that failed (no [DONE] follows it)."""
+    return b"data: " + error_body(message, "upstream_error", code) + b"\n\n"
+
+
+@attrs.define
+class StreamFilter:
+    """Checks upstream events before they reach the client.
+
+    Drops malformed events (not JSON), notices the [DONE] sentinel and in-band error events.
+    """
+
+    done: bool = False
+    dropped: int = 0
+
+    def check(self, events: tuple[SSEEvent, ...]) -> tuple[list[SSEEvent], dict[str, Any] | None]:
+        """(events to forward, the first in-band error if one arrived)."""
+        good: list[SSEEvent] = []
+        for event in events:
+            data = event.data
+            if data == DONE:
+                self.done = True
+                break
+            try:
+                parsed = json.loads(data)
+            except ValueError:
+                self.dropped += 1
+                continue
+            if not isinstance(parsed, dict):
+                self.dropped += 1
+                continue
+            if "error" in parsed:
+                error = parsed["error"]
+                return good, error if isinstance(error, dict) else {"message": str(error)}
+            good.append(event)
+        return good, None

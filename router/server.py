@@ -1,0 +1,134 @@
+"""Serving: mocks (if the config has any), then one actor per provider, then hypercorn — one nursery.
+
+Shutdown runs the other way: hypercorn stops accepting and lets requests finish within the grace
+period, then the actors are closed (they finish their attempts), then the mocks stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+
+import attrs
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from actors.provider import ProviderActor
+from router.app import App, Gateway
+from router.config import Config
+from router.dispatcher import Dispatcher
+from router.metrics import Metrics
+from router.mock import MockUpstream
+
+log = logging.getLogger("cascade.server")
+
+
+@attrs.frozen
+class Running:
+    """What `serve` hands to whoever started it."""
+
+    url: str
+    app: App
+    actors: Mapping[str, ProviderActor]
+
+
+def hypercorn_config(host: str, port: int, grace: float) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hc.graceful_timeout = grace
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("cascade.hypercorn")
+    hc.keep_alive_timeout = 75  # longer than common client pools' idle timeouts
+    return hc
+
+
+async def serve_asgi(
+    app: object,
+    host: str,
+    port: int,
+    *,
+    grace: float = 5.0,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve an ASGI app with hypercorn's trio worker; reports the bound URL (port 0 is fine)."""
+
+    serve = partial(hypercorn.trio.serve, app, hypercorn_config(host, port, grace))  # type: ignore[arg-type]
+    if shutdown_trigger is not None:
+        serve = partial(serve, shutdown_trigger=shutdown_trigger)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve)
+        task_status.started(binds[0])
+
+
+async def start_mocks(nursery: trio.Nursery, config: Config) -> Config:
+    """Serve every `mock:` provider on a loopback port of its own; point the provider at it."""
+    providers = dict(config.providers)
+    for name, provider in config.providers.items():
+        if provider.mock is None:
+            continue
+        url = await nursery.start(
+            partial(serve_asgi, MockUpstream(provider.mock, name), "127.0.0.1", 0)
+        )
+        providers[name] = attrs.evolve(provider, base_url=url + "/v1")
+        log.info("mock provider %s listening on %s", name, url)
+    return attrs.evolve(config, providers=providers)
+
+
+async def serve(
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the whole gateway until `shutdown_trigger` returns (or the caller cancels)."""
+    metrics = Metrics()
+    async with trio.open_nursery() as mocks:
+        config = await start_mocks(mocks, config)
+        actors: dict[str, ProviderActor] = {}
+        async with trio.open_nursery() as actor_nursery:
+            for name, provider in config.providers.items():
+                transport = (http_transports or {}).get(name)
+                actors[name] = ProviderActor(provider, metrics, http_transport=transport)
+                await actor_nursery.start(actors[name].run)
+            app = App(Gateway(config, actors, Dispatcher(config, actors, metrics), metrics))
+
+            async def trigger() -> None:
+                if shutdown_trigger is None:
+                    await trio.sleep_forever()
+                else:
+                    await shutdown_trigger()
+                app.shutting_down = True
+                log.info("shutting down: no new connections; %gs grace", config.server.grace)
+
+            server = config.server
+            async with trio.open_nursery() as http:
+                url = await http.start(
+                    partial(
+                        serve_asgi,
+                        app,
+                        server.host,
+                        server.port,
+                        grace=server.grace,
+                        shutdown_trigger=trigger,
+                    )
+                )
+                log.info("cascade listening on %s", url)
+                task_status.started(Running(url, app, actors))
+            # hypercorn has finished its graceful shutdown: no request uses the actors any more.
+            for actor in actors.values():
+                actor.close()
+        mocks.cancel_scope.cancel()
+
+
+async def wait_for_signal() -> None:
+    """Returns at the first SIGTERM or SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            return

@@ -1,0 +1,63 @@
+"""Parsing of the human units used in config files: durations (`250ms`, `30s`) and sizes (`10MiB`)."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
+_SIZE_FACTORS = {
+    None: 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `250ms`, `30s`, `5m`, `48h`, `1d` or a bare non-negative number of seconds.
+
+    Raises ValueError on anything else (including booleans and negative numbers).
+    """
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(value)
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_FACTORS[m.group(2)]
+    raise ValueError(value)
+
+
+def parse_size(value: object) -> int:
+    """Bytes from `10MiB`, `512KB`, `100B` or a bare non-negative integer."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(value)
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(float(m.group(1)) * _SIZE_FACTORS[m.group(2)])
+    raise ValueError(value)
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact-looking form of a duration, for messages and docs."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 60 or seconds % 60:
+        return f"{seconds:g}s"
+    if seconds % 3600:
+        return f"{seconds / 60:g}m"
+    return f"{seconds / 3600:g}h"
