@@ -222,7 +222,12 @@ class ProviderActor:
         terminal: Reply | None = None
         try:
             with attempt.cancel_scope:
-                outcome, terminal = await self._call(attempt, phase)
+                try:
+                    outcome, terminal = await self._call(attempt, phase)
+                except Exception as exc:  # a bug or an unmapped library error: one attempt fails
+                    log.exception("provider %s: attempt failed unexpectedly", self.name)
+                    failure = Failure(Kind.PROTOCOL, "internal_error", type(exc).__name__)
+                    outcome, terminal = _Outcome(failure, math.inf, math.inf), Failed(failure)
                 # State first, then the reply: the dispatcher's next step sees the new block.
                 until = self._settle(attempt.request, outcome, tpm_entry)
                 if until is not None and isinstance(terminal, Failed):

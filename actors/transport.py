@@ -58,7 +58,8 @@ class UpstreamResponse:
     def __init__(self, response: httpx.Response) -> None:
         self.status = response.status_code
         self.headers: Mapping[str, str] = response.headers  # case-insensitive
-        self._chunks: AsyncIterator[bytes] = response.aiter_raw()
+        # Decoded: we never forward content-encoding, so the bytes must be plain.
+        self._chunks: AsyncIterator[bytes] = response.aiter_bytes()
 
     async def read_chunk(self) -> bytes:
         """The next piece of the body, b"" at its clean end."""

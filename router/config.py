@@ -501,7 +501,7 @@ class Route:
             return tuple(t for t in parsed if t is not None)
 
         route = cls(
-            match=f.string("match", ""),
+            match=f.string("match", _MISSING),
             targets=targets("targets"),
             alternatives=targets("alternatives"),
             on_context_overflow=targets("on_context_overflow"),
@@ -647,6 +647,8 @@ class Config:
     @classmethod
     def from_mapping(cls, raw: object) -> Config:
         problems: list[str] = []
+        if raw is None:
+            raise ConfigError(["<root>: expected a mapping, got nothing"])
         root = _Fields(raw, "", problems)
         server = ServerConfig.from_fields(root.sub("server"))
 

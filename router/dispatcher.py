@@ -184,10 +184,16 @@ class _Run:
             self.d.hedge_allowed(job.route_name, hedge.budget, trio.current_time(), False)
         results, outcomes = trio.open_memory_channel[tuple[_Live, Reply]](REPLY_BUFFER)
         winner: Winner | None = None
+        verdict: CascadeError | None = None
         with trio.CancelScope(deadline=job.deadline) as deadline_scope:
             async with trio.open_nursery() as nursery:
-                winner = await self._loop(nursery, results, outcomes)
+                try:
+                    winner = await self._loop(nursery, results, outcomes)
+                except CascadeError as exc:  # raised outside the nursery, not in a group
+                    verdict = exc
                 nursery.cancel_scope.cancel()
+        if verdict is not None:
+            raise verdict
         if deadline_scope.cancelled_caught:
             self.deadline_hit = True
             for live in self.live:

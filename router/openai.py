@@ -22,6 +22,8 @@ def _skip_ws(text: str, i: int) -> int:
     m = _WS.match(text, i)
     assert m is not None  # the pattern matches the empty string
     return m.end()
+
+
 _DECODER = json.JSONDecoder()
 _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 

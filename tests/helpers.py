@@ -1,0 +1,217 @@
+"""Test doubles of the *outside* world only: scripted upstream providers and a gateway around them.
+
+Cascade's own code (actors, dispatcher, app) always runs for real; only the upstream HTTP server
+is faked, through httpx's own `MockTransport` (virtual time) or a real socket (end-to-end).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from actors.provider import ProviderActor
+from router.app import App, Gateway
+from router.config import Config
+from router.dispatcher import Dispatcher
+from router.metrics import Metrics
+
+Step = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def completion(model: str = "m", content: str = "hello", tokens: int = 7) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": tokens - 3, "total_tokens": tokens},
+    }
+
+
+def chunk(content: str, model: str = "m", finish: str | None = None) -> bytes:
+    event = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def ok(content: str = "hello", delay: float = 0.0) -> Step:
+    async def step(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(delay)
+        model = json.loads(request.content)["model"]
+        return httpx.Response(200, json=completion(model, content))
+
+    return step
+
+
+def status(
+    code: int, body: Any = None, headers: dict[str, str] | None = None, delay: float = 0.0
+) -> Step:
+    async def step(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(delay)
+        payload = (
+            body if body is not None else {"error": {"message": f"status {code}", "type": "x"}}
+        )
+        return httpx.Response(code, json=payload, headers=headers)
+
+    return step
+
+
+def stall() -> Step:
+    """Accepts the request and never answers."""
+
+    async def step(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    return step
+
+
+def connect_error() -> Step:
+    async def step(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    return step
+
+
+def stream(
+    pieces: list[bytes],
+    *,
+    first_delay: float = 0.0,
+    interval: float = 0.0,
+    cut_after: int | None = None,
+    stall_after: int | None = None,
+    done: bool = True,
+) -> Step:
+    """A streamed answer: `pieces` are raw body chunks (use `chunk()` for events)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        await trio.sleep(first_delay)
+        for i, piece in enumerate(pieces):
+            if i and interval:
+                await trio.sleep(interval)
+            if cut_after is not None and i == cut_after:
+                raise httpx.ReadError("connection reset by peer")
+            if stall_after is not None and i == stall_after:
+                await trio.sleep_forever()
+            yield piece
+        if done:
+            yield b"data: [DONE]\n\n"
+
+    async def step(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+
+    return step
+
+
+@attrs.define
+class Call:
+    time: float
+    body: bytes
+    headers: httpx.Headers
+    model: str
+
+
+class Upstream:
+    """A scripted provider. Each call takes the next step; the last step repeats."""
+
+    def __init__(self, *steps: Step) -> None:
+        self.steps = list(steps) or [ok()]
+        self.calls: list[Call] = []
+        self.active = 0
+        self.cancelled = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = request.content
+        model = json.loads(body).get("model", "") if body else ""
+        self.calls.append(Call(trio.current_time(), body, request.headers, model))
+        step = self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+        self.active += 1
+        try:
+            return await step(request)
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+    @property
+    def times(self) -> list[float]:
+        return [c.time for c in self.calls]
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self)
+
+
+def config(
+    providers: dict[str, dict[str, Any]] | list[str], routes: list[dict[str, Any]], **extra: Any
+) -> Config:
+    if isinstance(providers, list):
+        providers = {name: {} for name in providers}
+    raw = {
+        "providers": {
+            name: {"base_url": f"http://{name}.test/v1", **settings}
+            for name, settings in providers.items()
+        },
+        "routes": routes,
+        **extra,
+    }
+    return Config.from_mapping(raw)
+
+
+@asynccontextmanager
+async def gateway(
+    cfg: Config, upstreams: dict[str, Upstream], seed: int = 0
+) -> AsyncIterator[Gateway]:
+    """Real actors and dispatcher, with each provider's HTTP served by its scripted Upstream."""
+    metrics = Metrics()
+    async with trio.open_nursery() as nursery:
+        actors = {}
+        for name, provider in cfg.providers.items():
+            actor = ProviderActor(
+                provider,
+                metrics,
+                http_transport=upstreams[name].transport(),
+                wall_clock=lambda: 1_000_000.0,
+            )
+            await nursery.start(actor.run)
+            actors[name] = actor
+        yield Gateway(cfg, actors, Dispatcher(cfg, actors, metrics, random.Random(seed)), metrics)
+        for actor in actors.values():
+            actor.close()
+
+
+def asgi_client(gw: Gateway) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(App(gw)), base_url="http://cascade")
+
+
+def chat(model: str = "gpt", stream: bool = False, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+        **extra,
+    }
+
+
+def sse_data(text: str) -> list[str]:
+    """The `data:` payloads of an SSE body, in order."""
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]

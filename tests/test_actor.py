@@ -1,0 +1,242 @@
+"""The provider actor's protocol: admission, attempts, timeouts and cancellation, in virtual time."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from actors.messages import (
+    Attempt,
+    Failed,
+    Refused,
+    Reply,
+    Response,
+    StreamEnd,
+    StreamEvents,
+    StreamStart,
+    UpstreamRequest,
+)
+from actors.provider import ProviderActor
+from router.config import Config
+from router.metrics import Metrics
+from tests.helpers import Upstream, chunk, ok, stall, status, stream
+
+TERMINAL = (Refused, Response, Failed, StreamEnd)
+
+
+def provider(**settings: object) -> Config:
+    return Config.from_mapping(
+        {
+            "providers": {"p": {"base_url": "http://p.test/v1", **settings}},
+            "routes": [{"match": "m", "targets": ["p/m"]}],
+        }
+    )
+
+
+def request(stream: bool = False, model: str = "m") -> UpstreamRequest:
+    body = b'{"model":"%s","messages":[{"role":"user","content":"hi"}],"stream":%s}' % (
+        model.encode(),
+        b"true" if stream else b"false",
+    )
+    return UpstreamRequest("/chat/completions", body, model, stream, estimated_tokens=10)
+
+
+async def attempt(
+    actor: ProviderActor, req: UpstreamRequest, scope: trio.CancelScope | None = None
+) -> list[Reply]:
+    send, receive = trio.open_memory_channel[Reply](16)
+    await actor.inbox.send(Attempt(req, send, scope or trio.CancelScope()))
+    replies: list[Reply] = []
+    async with receive:
+        while not replies or not isinstance(replies[-1], TERMINAL):
+            replies.append(await receive.receive())
+    return replies
+
+
+async def start(nursery: trio.Nursery, upstream: Upstream, **settings: object) -> ProviderActor:
+    actor = ProviderActor(
+        provider(**settings).providers["p"],
+        Metrics(),
+        http_transport=upstream.transport(),
+        wall_clock=lambda: 0.0,
+    )
+    await nursery.start(actor.run)
+    return actor
+
+
+async def test_attempt_returns_the_upstream_answer_with_provider_key(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    monkeypatch.setenv("CASCADE_TEST_KEY", "sk-abc")
+    upstream = Upstream(ok("hi", delay=0.25))
+    actor = await start(nursery, upstream, api_key_env="CASCADE_TEST_KEY")
+    [reply] = await attempt(actor, request())
+    assert isinstance(reply, Response) and reply.status == 200
+    assert reply.ttfb == 0.25
+    assert upstream.calls[0].headers["authorization"] == "Bearer sk-abc"
+    assert actor.in_flight == 0
+
+
+async def test_rate_limit_blocks_and_refusal_costs_no_call(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    upstream = Upstream(status(429, headers={"retry-after": "30"}), ok())
+    actor = await start(nursery, upstream)
+    [failed] = await attempt(actor, request())
+    assert isinstance(failed, Failed) and failed.failure.until == 30.0
+    [refused] = await attempt(actor, request())
+    assert refused == Refused("rate_limited", 30.0)
+    assert len(upstream.calls) == 1
+    [other_model] = await attempt(actor, request(model="other"))  # scope: model
+    assert isinstance(other_model, Response)
+    await trio.sleep_until(30.0)
+    [recovered] = await attempt(actor, request())
+    assert isinstance(recovered, Response)
+    assert upstream.times == [0.0, 0.0, 30.0]
+
+
+async def test_cancelled_attempt_releases_its_slot(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    upstream = Upstream(stall())
+    actor = await start(nursery, upstream, max_in_flight=1)
+    scope = trio.CancelScope()
+    send, receive = trio.open_memory_channel[Reply](4)
+    await actor.inbox.send(Attempt(request(), send, scope))
+    await trio.sleep(1)
+    assert actor.in_flight == 1 and upstream.active == 1
+    [busy] = await attempt(actor, request())
+    assert busy == Refused("busy")
+    scope.cancel()
+    await trio.sleep(0.001)
+    assert actor.in_flight == 0 and upstream.active == 0 and upstream.cancelled == 1
+    receive.close()
+
+
+async def test_first_byte_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    actor = await start(nursery, Upstream(stall()), timeouts={"first_byte": "2s"})
+    [failed] = await attempt(actor, request())
+    assert isinstance(failed, Failed) and failed.failure.error_type == "first_byte_timeout"
+    assert trio.current_time() == 2.0
+    assert actor.in_flight == 0
+
+
+async def test_total_timeout_bounds_a_slow_stream(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    upstream = Upstream(stream([chunk("a")] * 100, interval=1.0))
+    actor = await start(nursery, upstream, timeouts={"idle": "5s", "total": "10s"})
+    replies = await attempt(actor, request(stream=True))
+    assert isinstance(replies[0], StreamStart)
+    assert isinstance(replies[-1], Failed) and replies[-1].failure.error_type == "total_timeout"
+    assert trio.current_time() == 10.0
+
+
+async def test_stream_relays_events_then_end(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    actor = await start(
+        nursery, Upstream(stream([chunk("a"), chunk("b")], first_delay=0.5, interval=0.1))
+    )
+    replies = await attempt(actor, request(stream=True))
+    start_reply = replies[0]
+    assert isinstance(start_reply, StreamStart) and start_reply.ttfb == 0.5
+    events = [e for r in replies if isinstance(r, StreamEvents | StreamStart) for e in r.events]
+    assert len(events) == 3  # a, b, [DONE]
+    assert isinstance(replies[-1], StreamEnd)
+
+
+async def test_idle_stream_fails_after_start(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    actor = await start(
+        nursery, Upstream(stream([chunk("a"), chunk("b")], stall_after=1)), timeouts={"idle": "3s"}
+    )
+    replies = await attempt(actor, request(stream=True))
+    assert isinstance(replies[0], StreamStart)
+    assert isinstance(replies[-1], Failed) and replies[-1].failure.error_type == "idle_timeout"
+    assert trio.current_time() == 3.0
+
+
+async def test_cut_stream_fails(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    actor = await start(nursery, Upstream(stream([chunk("a"), chunk("b")], cut_after=1)))
+    replies = await attempt(actor, request(stream=True))
+    assert isinstance(replies[-1], Failed) and replies[-1].failure.error_type == "stream_cut"
+
+
+async def test_actor_survives_a_broken_attempt(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def explode(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("bug in a transport")
+
+    upstream = Upstream(explode, ok())
+    actor = await start(nursery, upstream)
+    [failed] = await attempt(actor, request())
+    assert isinstance(failed, Failed) and failed.failure.error_type == "internal_error"
+    [answer] = await attempt(actor, request())
+    assert isinstance(answer, Response)
+
+
+async def test_rpm_limit_refuses_until_the_window_frees(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    upstream = Upstream(ok())
+    actor = await start(nursery, upstream, limits={"rpm": 2})
+    await attempt(actor, request())
+    await trio.sleep(10)
+    await attempt(actor, request())
+    [refused] = await attempt(actor, request())
+    assert refused == Refused("rpm", 60.0)
+    await trio.sleep_until(60.0)
+    [answer] = await attempt(actor, request())
+    assert isinstance(answer, Response) and len(upstream.calls) == 3
+
+
+async def test_tpm_estimate_is_corrected_by_usage(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    actor = await start(nursery, Upstream(ok()), limits={"tpm": 100})
+    await attempt(actor, request())  # estimated 10 tokens, usage says 7
+    assert actor.snapshot(trio.current_time()).tokens_last_minute == 7
+
+
+async def test_circuit_opens_then_probe_closes_it(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    upstream = Upstream(status(503), status(503), ok())
+    actor = await start(
+        nursery, upstream, circuit={"failures": 2, "window": "10s", "open_for": "30s"}
+    )
+    await attempt(actor, request())
+    await attempt(actor, request())
+    [refused] = await attempt(actor, request())
+    assert refused == Refused("circuit_open", 30.0)
+    assert [c.state for c in actor.snapshot(1.0).circuits] == ["open"]
+    await trio.sleep_until(30.0)
+    [probe] = await attempt(actor, request())
+    assert isinstance(probe, Response)
+    assert actor.snapshot(30.0).circuits == ()
+    assert upstream.times == [0.0, 0.0, 30.0]
+
+
+async def test_latency_trigger_blocks_but_delivers_the_slow_answer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    upstream = Upstream(ok(delay=2.0))
+    actor = await start(
+        nursery,
+        upstream,
+        latency={"threshold": "1s", "min_triggers": 2, "window": "60s", "block": "30s"},
+    )
+    [first] = await attempt(actor, request())
+    [second] = await attempt(actor, request())
+    assert isinstance(first, Response) and isinstance(second, Response)
+    [refused] = await attempt(actor, request())
+    assert refused == Refused("latency", 34.0)

@@ -1,0 +1,110 @@
+"""The SSE decoder and the OpenAI dialect: validation, byte-exact model swap, stream filtering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from actors.sse import SSEDecoder, SSEEvent
+from router.openai import BadRequest, StreamFilter, frame, parse_chat_request
+
+
+def feed_all(pieces: list[bytes]) -> list[SSEEvent]:
+    decoder = SSEDecoder()
+    events = []
+    for piece in pieces:
+        events += decoder.feed(piece)
+    return events + decoder.finish()
+
+
+def test_sse_events_split_anywhere() -> None:
+    body = b'data: {"a":1}\n\ndata: {"b":2}\n\n: keep-alive\n\nevent: ping\ndata: x\ndata: y\n\n'
+    expected = [SSEEvent(b'{"a":1}'), SSEEvent(b'{"b":2}'), SSEEvent(b"x\ny", b"ping")]
+    for size in (1, 2, 3, 7, len(body)):
+        pieces = [body[i : i + size] for i in range(0, len(body), size)]
+        assert feed_all(pieces) == expected
+
+
+def test_sse_crlf_split_across_chunks_and_missing_final_blank_line() -> None:
+    assert feed_all([b"data: a\r", b"\n\r\n", b"data: b\r\ndata:c"]) == [
+        SSEEvent(b"a"),
+        SSEEvent(b"b\nc"),
+    ]
+
+
+def test_frame_round_trips_multiline_data() -> None:
+    events = [SSEEvent(b"one"), SSEEvent(b"two\nlines")]
+    assert feed_all([frame(events)]) == events
+
+
+def test_model_swap_preserves_every_other_byte() -> None:
+    body = b'{ "zeta": 1,\n  "model" :  "gpt-4o",  "messages":[{"role":"user","content":"h\\u00e9 \xe2\x82\xac"}],"x-unknown":{"k":[1,2]} }'
+    request = parse_chat_request(body)
+    swapped = request.body_for("other-model")
+    assert swapped == body.replace(b'"gpt-4o"', b'"other-model"')
+    assert json.loads(swapped)["model"] == "other-model"
+
+
+def test_model_swap_uses_the_last_duplicate_key_like_json() -> None:
+    request = parse_chat_request(b'{"model":"a","messages":[{"role":"user"}],"model":"b"}')
+    assert request.model == "b"
+    assert request.body_for("c") == b'{"model":"a","messages":[{"role":"user"}],"model":"c"}'
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"not json", None),
+        (b"[1, 2]", None),
+        (b'{"model": "m", "messages": []', None),
+        (b'{"model": "m", "messages": [{"role":"user"}]} trailing', None),
+        (b"\xff\xfe", None),
+        (b'{"messages": [{"role": "user"}]}', "model"),
+        (b'{"model": 5, "messages": [{"role": "user"}]}', "model"),
+        (b'{"model": "m"}', "messages"),
+        (b'{"model": "m", "messages": "hi"}', "messages"),
+        (b'{"model": "m", "messages": [{"content": "no role"}]}', "messages[0]"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "stream": "yes"}', "stream"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": "10"}', "max_tokens"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": true}', "max_tokens"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "temperature": "hot"}', "temperature"),
+        (
+            b'{"model": "m", "messages": [{"role": "user"}], "stream_options": {"include_usage": true}}',
+            "stream_options",
+        ),
+    ],
+)
+def test_bad_requests(body: bytes, param: str | None) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_chat_request(body)
+    assert info.value.status == 400
+    assert info.value.param == param
+
+
+def test_stream_options_are_read() -> None:
+    request = parse_chat_request(
+        b'{"model":"m","messages":[{"role":"user"}],"stream":true,"stream_options":{"include_usage":true},"temperature":0.5}'
+    )
+    assert (request.stream, request.include_usage) == (True, True)
+
+
+def test_stream_filter_drops_garbage_and_stops_at_done_or_error() -> None:
+    f = StreamFilter()
+    good, error = f.check(
+        (SSEEvent(b'{"a":1}'), SSEEvent(b"garbage{"), SSEEvent(b"[1]"), SSEEvent(b'{"b":2}'))
+    )
+    assert [e.data for e in good] == [b'{"a":1}', b'{"b":2}'] and error is None
+    assert f.dropped == 2
+    good, error = f.check(
+        (
+            SSEEvent(b'{"c":3}'),
+            SSEEvent(b'{"error":{"message":"overloaded"}}'),
+            SSEEvent(b'{"d":4}'),
+        )
+    )
+    assert [e.data for e in good] == [b'{"c":3}'] and error == {"message": "overloaded"}
+    good, error = StreamFilter().check(
+        (SSEEvent(b'{"e":5}'), SSEEvent(b"[DONE]"), SSEEvent(b'{"f":6}'))
+    )
+    assert [e.data for e in good] == [b'{"e":5}']
