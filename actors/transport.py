@@ -69,6 +69,10 @@ class UpstreamResponse:
             except StopAsyncIteration:
                 return b""
 
+    async def close_body(self) -> None:
+        """Finish the body iterator now rather than leave it to the garbage collector."""
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
     async def read_all(self, limit: int) -> bytes:
         """The rest of the body, up to `limit` bytes (the rest is dropped)."""
         parts: list[bytes] = []
@@ -123,10 +127,12 @@ class Transport:
         )
         with _mapped():
             response = await self._client.send(request, stream=True)
+        upstream = UpstreamResponse(response)
         try:
-            yield UpstreamResponse(response)
+            yield upstream
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5), suppress(httpx.HTTPError):
+                await upstream.close_body()
                 await response.aclose()
 
     async def aclose(self) -> None:

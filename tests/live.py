@@ -1,0 +1,160 @@
+"""Real-socket fixtures: fake upstream servers and the whole gateway, on 127.0.0.1 port 0.
+
+The real clock runs here (trio's autojump clock must not be mixed with real sockets); every wait
+in these tests is bounded by `fail_after`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from router.config import Config
+from router.server import Running, serve, serve_asgi
+
+Handler = Callable[["Exchange"], Awaitable[None]]
+
+
+class Cut(Exception):
+    """Raised by a handler mid-response: hypercorn drops the connection, the body unfinished."""
+
+
+@attrs.define
+class Exchange:
+    """One request to a fake upstream, and the means to answer it."""
+
+    body: bytes
+    headers: dict[str, str]
+    send: Callable[[dict[str, Any]], Awaitable[None]]
+    receive: Callable[[], Awaitable[dict[str, Any]]]
+    started: float
+    disconnected_at: float | None = None
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    async def start(
+        self, status: int = 200, content_type: str = "application/json", **headers: str
+    ) -> None:
+        pairs = [(b"content-type", content_type.encode())]
+        pairs += [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+        await self.send({"type": "http.response.start", "status": status, "headers": pairs})
+
+    async def body_part(self, data: bytes, more: bool = True) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def json_answer(self, status: int, obj: Any, **headers: str) -> None:
+        await self.start(status, **headers)
+        await self.body_part(json.dumps(obj).encode(), more=False)
+
+    async def wait_disconnect(self) -> None:
+        """Returns when the gateway closes this upstream connection."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected_at = trio.current_time()
+
+
+class FakeUpstream:
+    """An ASGI upstream that hands each request to the next handler (the last one repeats)."""
+
+    def __init__(self, *handlers: Handler) -> None:
+        self.handlers = list(handlers)
+        self.exchanges: list[Exchange] = []
+        self.url = ""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                kind = (await receive())["type"].rsplit(".", 1)[-1]
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        exchange = Exchange(body, headers, send, receive, trio.current_time())
+        self.exchanges.append(exchange)
+        handler = self.handlers.pop(0) if len(self.handlers) > 1 else self.handlers[0]
+        await handler(exchange)
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def chunk_event(content: str, finish: str | None = None) -> bytes:
+    return sse(
+        {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+        }
+    )
+
+
+def answer(content: str = "hello", model: str = "m") -> dict[str, Any]:
+    return {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
+async def answers(exchange: Exchange) -> None:
+    await exchange.json_answer(
+        200, answer(f"answer from {exchange.json['model']}", exchange.json["model"])
+    )
+
+
+async def streams(exchange: Exchange) -> None:
+    await exchange.start(200, "text/event-stream")
+    for word in ("one ", "two ", "three"):
+        await exchange.body_part(chunk_event(word))
+    await exchange.body_part(chunk_event("", "stop") + b"data: [DONE]\n\n", more=False)
+
+
+@asynccontextmanager
+async def live_gateway(
+    upstreams: dict[str, FakeUpstream],
+    routes: list[dict[str, Any]] | None = None,
+    providers: dict[str, dict[str, Any]] | None = None,
+    **extra: Any,
+) -> AsyncIterator[Running]:
+    """The whole gateway (hypercorn + actors) in front of fake upstreams, all on loopback."""
+    async with trio.open_nursery() as nursery:
+        for upstream in upstreams.values():
+            upstream.url = await nursery.start(partial(serve_asgi, upstream, "127.0.0.1", 0))
+        raw_providers = {
+            name: {"base_url": upstream.url + "/v1", **(providers or {}).get(name, {})}
+            for name, upstream in upstreams.items()
+        }
+        server = {"port": 0, "grace": "1s", **extra.pop("server", {})}
+        routes = routes or [{"match": "gpt", "targets": [f"{name}/m" for name in upstreams]}]
+        cfg = Config.from_mapping(
+            {"server": server, "providers": raw_providers, "routes": routes, **extra}
+        )
+        running = await nursery.start(partial(serve, cfg))
+        yield running
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,230 @@
+"""End to end over real sockets: hypercorn serving Cascade, fake upstreams on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+
+from router.cli import main
+from router.config import Config, demo_config_text
+from router.server import serve
+from tests.helpers import chat, sse_data
+from tests.live import Cut, Exchange, FakeUpstream, answers, chunk_event, live_gateway, streams
+
+
+async def test_non_stream_answer() -> None:
+    up = FakeUpstream(answers)
+    with trio.fail_after(10):
+        async with live_gateway({"a": up}) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            r = await client.post(
+                "/v1/chat/completions", json=chat(), headers={"x-request-id": "req-42"}
+            )
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "answer from m"
+    assert r.headers["x-request-id"] == "req-42"
+    assert up.exchanges[0].headers["x-request-id"] == "req-42"
+
+
+async def test_stream_answer() -> None:
+    with trio.fail_after(10):
+        async with (
+            live_gateway({"a": FakeUpstream(streams)}) as gw,
+            httpx.AsyncClient(base_url=gw.url) as client,
+        ):
+            r = await client.post("/v1/chat/completions", json=chat(stream=True))
+    assert r.headers["content-type"] == "text/event-stream"
+    data = sse_data(r.text)
+    assert [json.loads(d)["choices"][0]["delta"]["content"] for d in data[:-1]] == [
+        "one ",
+        "two ",
+        "three",
+        "",
+    ]
+    assert data[-1] == "[DONE]"
+    assert r.headers["x-request-id"]  # generated when the client sent none
+
+
+async def test_failover_before_the_first_byte() -> None:
+    async def broken(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        raise Cut()
+
+    a, b = FakeUpstream(broken), FakeUpstream(streams)
+    with trio.fail_after(10):
+        async with live_gateway({"a": a, "b": b}, providers={"a": {"max_retries": 0}}) as gw:
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                r = await client.post("/v1/chat/completions", json=chat(stream=True))
+    assert r.headers["x-cascade-provider"] == "b"
+    assert sse_data(r.text)[-1] == "[DONE]"
+    assert len(a.exchanges) == 1
+
+
+async def test_failover_on_5xx_non_stream() -> None:
+    async def fails(exchange: Exchange) -> None:
+        await exchange.json_answer(503, {"error": {"message": "down"}})
+
+    a, b = FakeUpstream(fails), FakeUpstream(answers)
+    with trio.fail_after(10):
+        async with live_gateway(
+            {"a": a, "b": b},
+            providers={"a": {"max_retries": 1}},
+            retry={"backoff": {"base": "10ms", "max": "10ms"}},
+        ) as gw:
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                r = await client.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 200 and r.headers["x-cascade-provider"] == "b"
+
+
+async def test_in_band_error_after_the_first_byte() -> None:
+    async def cut_mid_stream(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        await exchange.body_part(chunk_event("partial"))
+        await trio.sleep(0.05)
+        raise Cut()
+
+    a, b = FakeUpstream(cut_mid_stream), FakeUpstream(streams)
+    with trio.fail_after(10):
+        async with (
+            live_gateway({"a": a, "b": b}) as gw,
+            httpx.AsyncClient(base_url=gw.url) as client,
+        ):
+            r = await client.post("/v1/chat/completions", json=chat(stream=True))
+    data = sse_data(r.text)
+    assert json.loads(data[0])["choices"][0]["delta"]["content"] == "partial"
+    assert json.loads(data[-1])["error"]["code"] == "stream_cut"
+    assert "[DONE]" not in data
+    assert len(b.exchanges) == 0
+
+
+async def test_upstream_body_is_the_clients_bytes_with_only_the_model_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CASCADE_E2E_KEY", "sk-provider")
+    body = b'{"zeta":1,  "model" : "gpt",\n "messages":[{"role":"user","content":"h\xc3\xa9"}], "unknown_field": {"b":[2, 1]}}'
+    up = FakeUpstream(answers)
+    with trio.fail_after(10):
+        async with live_gateway(
+            {"a": up}, providers={"a": {"api_key_env": "CASCADE_E2E_KEY"}}
+        ) as gw:
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                r = await client.post(
+                    "/v1/chat/completions",
+                    content=body,
+                    headers={
+                        "content-type": "application/json",
+                        "authorization": "Bearer sk-client",
+                    },
+                )
+    assert r.status_code == 200
+    seen = up.exchanges[0]
+    assert seen.body == body.replace(b'"gpt"', b'"m"')
+    assert seen.headers["authorization"] == "Bearer sk-provider"
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"model": "gpt"}', 400, "'messages' is required"),
+        (b'{"model": ["gpt"], "messages": [{"role": "user"}]}', 400, "'model' is required"),
+        (
+            b'{"model": "gpt", "messages": [{"role": "user"}], "stream": 1}',
+            400,
+            "'stream' must be a boolean",
+        ),
+        (b'{"model": "unknown-model", "messages": [{"role": "user"}]}', 404, "does not exist"),
+        (
+            b'{"model": "gpt", "messages": [{"role": "user", "content": "' + b"x" * 3000 + b'"}]}',
+            413,
+            "larger than",
+        ),
+    ],
+)
+async def test_bad_input_never_reaches_a_provider(
+    content: bytes, status: int, fragment: str
+) -> None:
+    up = FakeUpstream(answers)
+    with trio.fail_after(10):
+        async with (
+            live_gateway({"a": up}, server={"max_body": "2KiB"}) as gw,
+            httpx.AsyncClient(base_url=gw.url) as client,
+        ):
+            r = await client.post(
+                "/v1/chat/completions",
+                content=content,
+                headers={"content-type": "application/json"},
+            )
+            error = r.json()["error"]
+            assert r.status_code == status and fragment in error["message"]
+            assert set(error) >= {"message", "type", "code"}
+            again = await client.post("/v1/chat/completions", json=chat())  # still serving
+    assert again.status_code == 200
+    assert len(up.exchanges) == 1
+
+
+async def test_operational_endpoints() -> None:
+    with trio.fail_after(10):
+        async with (
+            live_gateway({"a": FakeUpstream(answers)}) as gw,
+            httpx.AsyncClient(base_url=gw.url) as client,
+        ):
+            await client.post("/v1/chat/completions", json=chat())
+            health, ready = await client.get("/healthz"), await client.get("/readyz")
+            models = await client.get("/v1/models")
+            metrics = await client.get("/metrics")
+            providers = await client.get("/admin/providers")
+            missing = await client.get("/nope")
+            wrong_method = await client.get("/v1/chat/completions")
+    assert (health.status_code, ready.status_code) == (200, 200)
+    assert [m["id"] for m in models.json()["data"]] == ["gpt"]
+    assert 'cascade_requests_total{route="gpt",status="200"} 1.0' in metrics.text
+    assert 'cascade_upstream_attempts_total{outcome="ok",provider="a"} 1.0' in metrics.text
+    assert providers.json()["providers"][0]["name"] == "a"
+    assert providers.json()["providers"][0]["in_flight"] == 0
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert wrong_method.status_code == 405
+
+
+async def test_demo_config_serves_offline() -> None:
+    cfg = Config.from_yaml(demo_config_text())
+    cfg = Config.from_mapping(
+        {
+            "server": {"port": 0},
+            "providers": {n: {"mock": {"latency": "1ms"}} for n in cfg.providers},
+            "routes": [
+                {
+                    "match": "*",
+                    "targets": ["demo-flaky/gpt-4o-mini"],
+                    "alternatives": ["demo-fast/gpt-4o-mini"],
+                }
+            ],
+        }
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(serve, cfg)
+            async with httpx.AsyncClient(base_url=running.url) as client:
+                r = await client.post("/v1/chat/completions", json=chat("anything", stream=True))
+            nursery.cancel_scope.cancel()
+    assert "[demo-flaky]" in r.text and sse_data(r.text)[-1] == "[DONE]"
+
+
+def test_check_command(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    import pathlib
+
+    good = pathlib.Path(str(tmp_path)) / "good.yaml"
+    good.write_text(demo_config_text())
+    assert main(["check", str(good)]) == 0
+    assert capsys.readouterr().out == "ok\n"
+    bad = pathlib.Path(str(tmp_path)) / "bad.yaml"
+    bad.write_text(
+        "providers:\n  p: {base_url: 'http://x', timeouts: {first_byte: fast}}\nroutes: []\n"
+    )
+    assert main(["check", str(bad)]) == 1
+    assert (
+        capsys.readouterr().out
+        == "providers.p.timeouts.first_byte: expected a positive duration like \"30s\", got 'fast'\n"
+    )
