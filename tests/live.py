@@ -140,6 +140,7 @@ async def live_gateway(
     upstreams: dict[str, FakeUpstream],
     routes: list[dict[str, Any]] | None = None,
     providers: dict[str, dict[str, Any]] | None = None,
+    extra_providers: dict[str, dict[str, Any]] | None = None,
     **extra: Any,
 ) -> AsyncIterator[Running]:
     """The whole gateway (hypercorn + actors) in front of fake upstreams, all on loopback."""
@@ -150,6 +151,7 @@ async def live_gateway(
             name: {"base_url": upstream.url + "/v1", **(providers or {}).get(name, {})}
             for name, upstream in upstreams.items()
         }
+        raw_providers.update(extra_providers or {})
         server = {"port": 0, "grace": "1s", **extra.pop("server", {})}
         routes = routes or [{"match": "gpt", "targets": [f"{name}/m" for name in upstreams]}]
         cfg = Config.from_mapping(

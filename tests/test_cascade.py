@@ -363,3 +363,52 @@ async def test_malformed_upstream_events_never_reach_the_client(
     data = sse_data(r.text)
     assert len(data) == 3 and data[-1] == "[DONE]"
     assert all(json.loads(d)["object"] == "chat.completion.chunk" for d in data[:-1])
+
+
+async def test_retry_after_as_http_date_is_honoured(autojump_clock: trio.testing.MockClock) -> None:
+    from email.utils import formatdate
+
+    # The gateway helper's actors read wall-clock time 1_000_000.0.
+    a = Upstream(status(429, headers={"retry-after": formatdate(1_000_045, usegmt=True)}), ok("a"))
+    b = Upstream(ok("b"))
+    async with gateway(config(["a", "b"], route("a/m", "b/m")), {"a": a, "b": b}) as gw:
+        await post(gw, chat())
+        await trio.sleep(44.9)
+        assert (await post(gw, chat())).headers["x-cascade-provider"] == "b"
+        await trio.sleep_until(45.0)
+        assert (await post(gw, chat())).headers["x-cascade-provider"] == "a"
+    assert a.times == [0.0, 45.0]
+
+
+async def test_retry_budget_stops_a_retry_storm(autojump_clock: trio.testing.MockClock) -> None:
+    a, b = Upstream(status(503)), Upstream(ok())
+    cfg = config(
+        {"a": {"max_retries": 5, "retry_budget": {"ratio": 0, "min_retries": 1}}, "b": {}},
+        route("a/m", "b/m"),
+        retry={"strategy": "same_model", "max_attempts": 10, **NO_JITTER},
+    )
+    async with gateway(cfg, {"a": a, "b": b}) as gw:
+        r = await post(gw, chat())
+    assert a.times == [0.0, 1.0]  # the second retry (due at 3 s) is refused by the budget
+    assert b.times == [3.0]
+    assert r.headers["x-cascade-provider"] == "b"
+
+
+async def test_connect_timeout_is_transient_and_answers_504_when_last(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import httpx
+
+    async def times_out(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(5)
+        raise httpx.ConnectTimeout("connect timed out", request=request)
+
+    a = Upstream(times_out)
+    cfg = config(
+        {"a": {"max_retries": 1}}, route("a/m"), retry={"strategy": "same_model", **NO_JITTER}
+    )
+    async with gateway(cfg, {"a": a}) as gw:
+        r = await post(gw, chat())
+    assert a.times == [0.0, 6.0]  # retried after the 1 s backoff
+    assert r.status_code == 504
+    assert [x["error_type"] for x in r.json()["error"]["attempts"]] == ["connect_timeout"] * 2
