@@ -11,7 +11,8 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import attrs
@@ -19,6 +20,7 @@ import trio
 
 from actors.messages import (
     Failed,
+    Reply,
     Response,
     Snapshot,
     SnapshotRequest,
@@ -63,6 +65,27 @@ class App:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.shutting_down = False
+        self._stream_cutoff = math.inf
+        self._streams: set[trio.CancelScope] = set()
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Streams still running `grace` seconds from now end with an in-band error.
+
+        The server gives connections a little longer than `grace`, so that error gets written.
+        """
+        self.shutting_down = True
+        self._stream_cutoff = trio.current_time() + grace
+        for scope in self._streams:
+            scope.deadline = self._stream_cutoff
+
+    @contextmanager
+    def _tracked_stream(self) -> Iterator[trio.CancelScope]:
+        with trio.CancelScope(deadline=self._stream_cutoff) as scope:
+            self._streams.add(scope)
+            try:
+                yield scope
+            finally:
+                self._streams.discard(scope)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -139,7 +162,7 @@ class App:
                         served_by = str(winner.target)
                         attempts = winner.attempt_count
                         if chat.stream:
-                            await _stream(tracked, winner, request_id)
+                            await _stream(tracked, winner, request_id, self._tracked_stream)
                         else:
                             await _answer(tracked, winner, request_id)
                 except CascadeError as exc:
@@ -334,8 +357,13 @@ def _inspect_start(start: StreamStart) -> Failure | None:
     return None
 
 
-async def _stream(send: Send, winner: Winner, request_id: str) -> None:
-    """Relay a committed stream. Bursts already queued go out in one write (coalescing)."""
+async def _stream(
+    send: Send,
+    winner: Winner,
+    request_id: str,
+    tracked: Callable[[], AbstractContextManager[trio.CancelScope]],
+) -> None:
+    """Relay a committed stream; it ends with [DONE] or, on any failure, an in-band error."""
     start = winner.reply
     assert isinstance(start, StreamStart)
     headers = _base_headers(request_id, b"text/event-stream")
@@ -343,12 +371,31 @@ async def _stream(send: Send, winner: Winner, request_id: str) -> None:
     await send({"type": "http.response.start", "status": start.status, "headers": headers})
     sse = openai.StreamFilter()
     good, _ = sse.check(start.events)
+    tail = [openai.frame(good)]
     if sse.done:
-        body = openai.frame(good) + openai.DONE_FRAME
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-        return
-    await send({"type": "http.response.body", "body": openai.frame(good), "more_body": True})
-    replies = winner.replies
+        ending = openai.DONE_FRAME
+    else:
+        await send({"type": "http.response.body", "body": tail.pop(), "more_body": True})
+        with tracked() as cutoff:
+            ending = await _relay(send, sse, winner.replies, tail)
+        if cutoff.cancelled_caught:
+            ending = openai.stream_error_frame("the gateway is shutting down", "shutting_down")
+    await send(
+        {"type": "http.response.body", "body": b"".join([*tail, ending]), "more_body": False}
+    )
+
+
+async def _relay(
+    send: Send,
+    sse: openai.StreamFilter,
+    replies: trio.MemoryReceiveChannel[Reply],
+    tail: list[bytes],
+) -> bytes:
+    """Forward events until the stream ends; returns the closing frame ([DONE] or an error).
+
+    Events already queued when one arrives go out in the same write (coalescing). Events that
+    belong with the ending are left in `tail`, so they are written together with it.
+    """
     while True:
         batch = [await replies.receive()]
         while True:
@@ -357,36 +404,28 @@ async def _stream(send: Send, winner: Winner, request_id: str) -> None:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
         out: list[bytes] = []
-        ending: bytes | None = None
         for reply in batch:
             if isinstance(reply, StreamEvents):
-                if sse.done:
-                    continue
                 good, error = sse.check(reply.events)
                 out.append(openai.frame(good))
                 if error is not None:
+                    tail.extend(out)
                     message = str(error.get("message", "upstream error"))
-                    ending = openai.stream_error_frame(message, "upstream_stream_error")
-                    break
+                    return openai.stream_error_frame(message, "upstream_stream_error")
                 if sse.done:
-                    ending = openai.DONE_FRAME
-                    break
+                    tail.extend(out)
+                    return openai.DONE_FRAME  # finalise even when upstream sent no [DONE]
             elif isinstance(reply, StreamEnd):
-                ending = openai.DONE_FRAME  # finalise even when upstream sent no [DONE]
-                break
+                tail.extend(out)
+                return openai.DONE_FRAME
             elif isinstance(reply, Failed):
+                tail.extend(out)
                 failure = reply.failure
-                ending = openai.stream_error_frame(
+                return openai.stream_error_frame(
                     f"the upstream stream failed after it began: {failure.message}",
                     failure.error_type,
                 )
-                break
-        if ending is not None:
-            out.append(ending)
-            await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
-            return
-        if out:
-            await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
 
 
 async def _cascade_error(send: Send, exc: CascadeError, request_id: str) -> None:

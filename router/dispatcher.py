@@ -255,7 +255,11 @@ class _Run:
                     self.deadline_hit = True
                     return None
                 if wake > trio.current_time():
-                    await trio.sleep_until(wake)
+                    try:
+                        await trio.sleep_until(wake)
+                    except trio.Cancelled:
+                        self.d.metrics.cancelled.labels(target.provider, "backoff").inc()
+                        raise
             return target
         return None
 

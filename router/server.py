@@ -26,6 +26,8 @@ from router.mock import MockUpstream
 
 log = logging.getLogger("cascade.server")
 
+_WRITE_MARGIN = 1.0  # seconds after the grace period to write streams' closing errors
+
 
 @attrs.frozen
 class Running:
@@ -39,10 +41,11 @@ class Running:
 def hypercorn_config(host: str, port: int, grace: float) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    hc.graceful_timeout = grace
+    hc.graceful_timeout = grace + _WRITE_MARGIN  # the app ends streams at `grace`
     hc.accesslog = None
     hc.errorlog = logging.getLogger("cascade.hypercorn")
     hc.keep_alive_timeout = 75  # longer than common client pools' idle timeouts
+    hc.backlog = 4096  # bursts of new connections must queue, not be reset (capped by somaxconn)
     return hc
 
 
@@ -103,7 +106,7 @@ async def serve(
                     await trio.sleep_forever()
                 else:
                     await shutdown_trigger()
-                app.shutting_down = True
+                app.begin_shutdown(config.server.grace)
                 log.info("shutting down: no new connections; %gs grace", config.server.grace)
 
             server = config.server

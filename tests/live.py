@@ -34,7 +34,7 @@ class Exchange:
     send: Callable[[dict[str, Any]], Awaitable[None]]
     receive: Callable[[], Awaitable[dict[str, Any]]]
     started: float
-    disconnected_at: float | None = None
+    closed: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def json(self) -> Any:
@@ -55,10 +55,10 @@ class Exchange:
         await self.body_part(json.dumps(obj).encode(), more=False)
 
     async def wait_disconnect(self) -> None:
-        """Returns when the gateway closes this upstream connection."""
+        """Returns when the gateway closes this upstream connection (and sets `closed`)."""
         while (await self.receive())["type"] != "http.disconnect":
             pass
-        self.disconnected_at = trio.current_time()
+        self.closed.set()
 
 
 class FakeUpstream:

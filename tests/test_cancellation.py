@@ -1,0 +1,203 @@
+"""Structured cancellation end to end: a client that leaves takes its upstream call with it.
+
+For each phase an upstream call can be in, a fake upstream on loopback records when the gateway
+closes its connection; the test drops the client and checks that the upstream saw the close, that
+the actor's in-flight count is back to zero, and which phase the metric recorded.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from router.server import Running
+from tests.helpers import chat
+from tests.live import Exchange, FakeUpstream, chunk_event, live_gateway
+
+
+async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Wait (bounded) until `predicate()` holds."""
+    with trio.fail_after(seconds):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+def cancelled(gw: Running, provider: str, phase: str) -> float:
+    value = gw.app.gateway.metrics.registry.get_sample_value(
+        "cascade_upstream_cancelled_total", {"provider": provider, "phase": phase}
+    )
+    return value or 0.0
+
+
+async def client_leaves(
+    gw: Running, body: dict[str, Any], ready: Callable[[], Awaitable[None]]
+) -> None:
+    """Send `body`, wait until `ready()` returns, then drop the client connection."""
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=gw.url) as client:
+
+        async def request() -> None:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                async for _ in response.aiter_raw():
+                    pass
+
+        nursery.start_soon(request)
+        await ready()
+        nursery.cancel_scope.cancel()
+
+
+async def no_headers(exchange: Exchange) -> None:
+    await exchange.wait_disconnect()
+
+
+async def headers_only(exchange: Exchange) -> None:
+    stream = exchange.json.get("stream")
+    await exchange.start(200, "text/event-stream" if stream else "application/json")
+    await exchange.wait_disconnect()
+
+
+async def mid_body(exchange: Exchange) -> None:
+    if exchange.json.get("stream"):
+        await exchange.start(200, "text/event-stream")
+        await exchange.body_part(chunk_event("first"))
+    else:
+        await exchange.start(200)
+        await exchange.body_part(b'{"id": "partial')
+    await exchange.wait_disconnect()
+
+
+@pytest.mark.parametrize(
+    ("handler", "stream", "phase"),
+    [
+        (no_headers, False, "headers"),
+        (no_headers, True, "headers"),
+        (headers_only, False, "first_byte"),
+        (headers_only, True, "first_byte"),
+        (mid_body, False, "streaming"),
+        (mid_body, True, "streaming"),
+    ],
+)
+async def test_client_disconnect_closes_the_upstream_call(
+    handler: Any, stream: bool, phase: str
+) -> None:
+    up = FakeUpstream(handler)
+    with trio.fail_after(15):
+        async with live_gateway({"a": up}) as gw:
+            actor = gw.actors["a"]
+
+            async def upstream_in_phase() -> None:
+                await eventually(lambda: len(up.exchanges) == 1)
+                await trio.sleep(0.2)  # let the upstream's headers / first bytes reach the gateway
+                assert actor.in_flight == 1
+
+            await client_leaves(gw, chat(stream=stream), upstream_in_phase)
+            with trio.fail_after(2):
+                await up.exchanges[0].closed.wait()  # the upstream saw its connection close
+            await eventually(lambda: actor.in_flight == 0)
+            assert cancelled(gw, "a", phase) == 1
+
+
+async def test_disconnect_while_connecting() -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connect() hangs.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        try:
+            with trio.fail_after(15):
+                async with live_gateway(
+                    {},
+                    routes=[{"match": "gpt", "targets": ["full/m"]}],
+                    extra_providers={"full": {"base_url": f"http://127.0.0.1:{port}/v1"}},
+                ) as gw:
+                    actor = gw.actors["full"]
+
+                    async def connecting() -> None:
+                        await eventually(lambda: actor.in_flight == 1)
+                        await trio.sleep(0.3)
+
+                    await client_leaves(gw, chat(), connecting)
+                    await eventually(lambda: actor.in_flight == 0)
+                    assert cancelled(gw, "full", "connect") == 1
+        finally:
+            for s in fillers:
+                s.close()
+
+
+async def test_disconnect_during_backoff_starts_no_further_attempt() -> None:
+    async def fails(exchange: Exchange) -> None:
+        await exchange.json_answer(503, {"error": {"message": "down"}})
+
+    up = FakeUpstream(fails)
+    retry = {"strategy": "same_model", "backoff": {"base": "30s", "max": "30s", "jitter": "none"}}
+    with trio.fail_after(15):
+        async with live_gateway({"a": up}, retry=retry) as gw:
+
+            async def in_backoff() -> None:
+                await eventually(lambda: len(up.exchanges) == 1)
+                await trio.sleep(0.2)
+
+            await client_leaves(gw, chat(), in_backoff)
+            await eventually(lambda: cancelled(gw, "a", "backoff") == 1)
+            await trio.sleep(0.2)
+            assert len(up.exchanges) == 1
+            assert gw.actors["a"].in_flight == 0
+
+
+def task_count() -> int:
+    def count(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(
+            count(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+        )
+
+    return count(trio.lowlevel.current_root_task())
+
+
+async def test_hundreds_of_cancelled_streams_leak_nothing() -> None:
+    n = 300
+    up = FakeUpstream(mid_body)
+    with trio.fail_after(60):
+        async with live_gateway(
+            {"a": up}, providers={"a": {"max_connections": n, "max_in_flight": n}}
+        ) as gw:
+            actor = gw.actors["a"]
+            limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+            async with httpx.AsyncClient(base_url=gw.url, limits=limits, timeout=30) as client:
+                await client.get("/healthz")
+                baseline = task_count()
+                committed = 0
+
+                async def one() -> None:
+                    nonlocal committed
+                    async with client.stream(
+                        "POST", "/v1/chat/completions", json=chat(stream=True)
+                    ) as r:
+                        async for _ in r.aiter_raw():
+                            committed += 1
+                            await trio.sleep_forever()
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(n):
+                        nursery.start_soon(one)
+                    await eventually(lambda: committed == n, 30)
+                    assert actor.in_flight == n
+                    nursery.cancel_scope.cancel()  # every client leaves at once
+            for exchange in up.exchanges:
+                with trio.fail_after(5):
+                    await exchange.closed.wait()
+            await eventually(lambda: actor.in_flight == 0)
+            assert cancelled(gw, "a", "streaming") == n
+            await eventually(lambda: task_count() <= baseline)
