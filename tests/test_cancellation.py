@@ -21,9 +21,13 @@ from tests.live import Exchange, FakeUpstream, chunk_event, live_gateway
 
 
 async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    """Wait (bounded) until `predicate()` holds."""
+    """Wait (bounded) until `predicate()` holds.
+
+    Polling is deliberate: the state watched (an actor's in-flight count, a metric) has no event,
+    and adding one only for tests would put test hooks on the hot path.
+    """
     with trio.fail_after(seconds):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 
