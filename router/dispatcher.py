@@ -101,7 +101,7 @@ class _Live:
     scope: trio.CancelScope
     replies: trio.MemoryReceiveChannel[Reply]
     started: float
-    hedge: bool
+    hedge_token: list[float] | None  # set for a hedge: its share of the route's hedge budget
 
 
 @attrs.define
@@ -127,7 +127,7 @@ class Dispatcher:
         self.actors = actors
         self.metrics = metrics
         self.rng = rng or random.Random()
-        self._hedge_windows: dict[str, tuple[SlidingWindow, SlidingWindow]] = {}
+        self._hedge_budgets: dict[str, HedgeBudget] = {}
 
     @asynccontextmanager
     async def dispatch(self, job: ChatJob) -> AsyncIterator[Winner]:
@@ -137,20 +137,30 @@ class Dispatcher:
         finally:
             run.cancel_all()
 
-    def hedge_allowed(self, route_name: str, budget: float, now: float, hedging: bool) -> bool:
-        """Record one request (or one hedge) of a route; True if a hedge fits the budget."""
-        requests, hedges = self._hedge_windows.setdefault(
-            route_name, (SlidingWindow(60.0), SlidingWindow(60.0))
-        )
-        if not hedging:
-            requests.add(now, 1)
-            return False
-        requests.expire(now)
-        hedges.expire(now)
-        if hedges.total + 1 > budget * requests.total:
-            return False
-        hedges.add(now, 1)
-        return True
+    def hedge_budget(self, route_name: str) -> HedgeBudget:
+        return self._hedge_budgets.setdefault(route_name, HedgeBudget())
+
+
+class HedgeBudget:
+    """Hedged requests of one route may be at most `share` of its requests (rolling minute)."""
+
+    def __init__(self) -> None:
+        self._requests = SlidingWindow(60.0)
+        self._hedges = SlidingWindow(60.0)
+
+    def count_request(self, now: float) -> None:
+        self._requests.add(now, 1)
+
+    def take(self, now: float, share: float) -> list[float] | None:
+        """A hedge, if the budget has room: a token to `give_back` if it is not used."""
+        self._requests.expire(now)
+        self._hedges.expire(now)
+        if self._hedges.total + 1 > share * self._requests.total:
+            return None
+        return self._hedges.add(now, 1)
+
+    def give_back(self, token: list[float]) -> None:
+        self._hedges.correct(token, 0)
 
 
 class _Run:
@@ -179,9 +189,8 @@ class _Run:
 
     async def first_byte(self) -> Winner:
         job = self.job
-        hedge = job.route.hedge
-        if hedge is not None:
-            self.d.hedge_allowed(job.route_name, hedge.budget, trio.current_time(), False)
+        if job.route.hedge is not None:
+            self.d.hedge_budget(job.route_name).count_request(trio.current_time())
         results, outcomes = trio.open_memory_channel[tuple[_Live, Reply]](REPLY_BUFFER)
         winner: Winner | None = None
         verdict: CascadeError | None = None
@@ -208,37 +217,54 @@ class _Run:
         results: trio.MemorySendChannel[tuple[_Live, Reply]],
         outcomes: trio.MemoryReceiveChannel[tuple[_Live, Reply]],
     ) -> Winner:
-        hedge = self.job.route.hedge
         hedge_at = math.inf
         while True:
-            pending = len(self.live)
-            if pending == 0:
+            if not self.live:
                 target = await self._next_target()
                 if target is None:
                     raise self._exhausted()
-                hedge_at = await self._launch(nursery, results, target, hedge=False)
-            elif trio.current_time() >= hedge_at:
-                hedge_at = math.inf
-                assert hedge is not None
-                if self.hedges < hedge.max and self.attempt_count < self.max_attempts:
-                    target = self.plan.pop_fresh()
-                    now = trio.current_time()
-                    if target is None or not self.d.hedge_allowed(
-                        self.job.route_name, hedge.budget, now, True
-                    ):
-                        self.d.metrics.hedges.labels(self.job.route_name, "skipped").inc()
-                    else:
-                        self.hedges += 1
-                        hedge_at = await self._launch(nursery, results, target, hedge=True)
-            with trio.move_on_at(hedge_at):
-                live, reply = await outcomes.receive()
-                self.live.remove(live)
-                winner = self._judge(live, reply)
-                if winner is not None:
-                    return winner
-                if isinstance(reply, Refused) and live.hedge and self.live:
-                    self.hedges -= 1
-                    hedge_at = trio.current_time()  # a blocked target is not hedged to: next one
+                hedge_at = await self._launch(nursery, results, target)
+                continue
+            if trio.current_time() >= hedge_at:
+                try:  # an answer that arrived at the same instant beats the hedge timer
+                    outcome = outcomes.receive_nowait()
+                except trio.WouldBlock:
+                    hedge_at = await self._hedge(nursery, results)
+                    continue
+            else:
+                with trio.move_on_at(hedge_at) as timer:
+                    outcome = await outcomes.receive()
+                if timer.cancelled_caught:
+                    continue
+            live, reply = outcome
+            self.live.remove(live)
+            winner = self._judge(live, reply)
+            if winner is not None:
+                return winner
+            if isinstance(reply, Refused) and live.hedge_token is not None:
+                # A blocked target is not hedged to: give the hedge back and try the next one.
+                self.d.hedge_budget(self.job.route_name).give_back(live.hedge_token)
+                self.hedges -= 1
+                hedge_at = trio.current_time()
+
+    async def _hedge(
+        self, nursery: trio.Nursery, results: trio.MemorySendChannel[tuple[_Live, Reply]]
+    ) -> float:
+        """Start a hedge on the next fresh target, if the route allows one now."""
+        hedge = self.job.route.hedge
+        assert hedge is not None
+        if self.hedges >= hedge.max or self.attempt_count >= self.max_attempts:
+            return math.inf
+        budget = self.d.hedge_budget(self.job.route_name)
+        token = budget.take(trio.current_time(), hedge.budget)
+        target = self.plan.pop_fresh() if token is not None else None
+        if target is None:
+            if token is not None:
+                budget.give_back(token)
+            self.d.metrics.hedges.labels(self.job.route_name, "skipped").inc()
+            return math.inf
+        self.hedges += 1
+        return await self._launch(nursery, results, target, hedge_token=token)
 
     async def _next_target(self) -> Target | None:
         """The next target to try (sequentially), after its backoff; None when none is left."""
@@ -278,7 +304,7 @@ class _Run:
         results: trio.MemorySendChannel[tuple[_Live, Reply]],
         target: Target,
         *,
-        hedge: bool,
+        hedge_token: list[float] | None = None,
     ) -> float:
         """Send one Attempt to the target's actor; returns when a hedge may start (or inf)."""
         job = self.job
@@ -286,7 +312,7 @@ class _Run:
         self.plan.mark_tried(target)
         send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
         now = trio.current_time()
-        live = _Live(target, trio.CancelScope(), receive, now, hedge)
+        live = _Live(target, trio.CancelScope(), receive, now, hedge_token)
         request = UpstreamRequest(
             path=job.path,
             body=job.body_for(target.model),
@@ -380,7 +406,7 @@ class _Run:
         job = self.job
         route_name = job.route_name
         if self.hedges:
-            outcome = "won" if live.hedge else "lost"
+            outcome = "won" if live.hedge_token is not None else "lost"
             self.d.metrics.hedges.labels(route_name, outcome).inc()
         for other in self.live:
             other.scope.cancel()

@@ -138,6 +138,7 @@ class Upstream:
         self.calls: list[Call] = []
         self.active = 0
         self.cancelled = 0
+        self.cancel_times: list[float] = []
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         body = request.content
@@ -149,6 +150,7 @@ class Upstream:
             return await step(request)
         except trio.Cancelled:
             self.cancelled += 1
+            self.cancel_times.append(trio.current_time())
             raise
         finally:
             self.active -= 1
