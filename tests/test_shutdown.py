@@ -1,0 +1,98 @@
+"""Graceful shutdown of a real `cascade serve` process: SIGTERM with a stream in flight."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from router.server import serve_asgi
+from tests.helpers import chat, sse_data
+from tests.live import Exchange, FakeUpstream, chunk_event
+
+
+def slow_stream(events: int, interval: float) -> Any:
+    async def handler(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        for i in range(events):
+            await exchange.body_part(chunk_event(f"w{i} "))
+            await trio.sleep(interval)
+        await exchange.body_part(b"data: [DONE]\n\n", more=False)
+
+    return handler
+
+
+async def run_gateway(
+    tmp_path: Path, upstream_url: str, grace: str
+) -> tuple[trio.Process, str, list[bytes]]:
+    config = tmp_path / "cascade.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "server": {"port": 0, "grace": grace},
+                "providers": {"up": {"base_url": upstream_url + "/v1"}},
+                "routes": [{"match": "gpt", "targets": ["up/m"]}],
+            }
+        )
+    )
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "router", "serve", "--config", str(config)], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    log: list[bytes] = []
+    while not (m := re.search(rb"cascade listening on (http://\S+)", b"".join(log))):
+        chunk = await proc.stderr.receive_some()
+        assert chunk, b"".join(log).decode()
+        log.append(chunk)
+    return proc, m.group(1).decode(), log
+
+
+async def stream_then_sigterm(tmp_path: Path, grace: str, events: int) -> tuple[str, int]:
+    async with trio.open_nursery() as nursery:
+        upstream = FakeUpstream(slow_stream(events, 0.1))
+        upstream_url = await nursery.start(serve_asgi, upstream, "127.0.0.1", 0)
+        proc, url, log = await run_gateway(tmp_path, upstream_url, grace)
+
+        async def drain_log() -> None:
+            assert proc.stderr is not None
+            while chunk := await proc.stderr.receive_some():
+                log.append(chunk)
+
+        nursery.start_soon(drain_log)
+        body = b""
+        async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+            async with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+                async for piece in r.aiter_raw():
+                    if not body:
+                        proc.send_signal(signal.SIGTERM)  # the stream is in flight
+                    body += piece
+        code = await proc.wait()
+        nursery.cancel_scope.cancel()
+    return body.decode(), code
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_zero(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        body, code = await stream_then_sigterm(tmp_path, grace="10s", events=10)
+    data = sse_data(body)
+    assert [json.loads(d)["choices"][0]["delta"]["content"] for d in data[:-1]] == [
+        f"w{i} " for i in range(10)
+    ]
+    assert data[-1] == "[DONE]"
+    assert code == 0
+
+
+async def test_a_stream_that_outlives_the_grace_ends_with_an_in_band_error(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        body, code = await stream_then_sigterm(tmp_path, grace="500ms", events=100)
+    data = sse_data(body)
+    assert json.loads(data[-1])["error"]["code"] == "shutting_down"
+    assert "[DONE]" not in data
+    assert code == 0
