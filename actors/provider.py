@@ -127,7 +127,12 @@ class ProviderActor:
             )
             if previous is not None and self._nursery is not None:
                 self._nursery.start_soon(previous.aclose)
-        self._headers = {"content-type": "application/json", **config.headers}
+        # identity: bodies are relayed as read (SSE must flow event by event, undecoded)
+        self._headers = {
+            "content-type": "application/json",
+            "accept-encoding": "identity",
+            **config.headers,
+        }
         api_key = config.api_key()
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"

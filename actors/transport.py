@@ -1,6 +1,7 @@
-"""The one module that talks HTTP to upstreams. Nothing else in Cascade imports httpx.
+"""The one module the actors call for upstream HTTP. Nothing else in Cascade imports httpx
+(apart from the pool in actors/h11pool.py, which is an httpx transport).
 
-Each provider actor owns one `Transport` (an httpx client with its own keep-alive pool). httpx's
+Each provider actor owns one `Transport` and, through it, its own keep-alive pool. httpx's
 exceptions are mapped to ours at this edge:
 
     TransportError            the upstream call failed below HTTP
@@ -20,6 +21,8 @@ from typing import Any
 
 import httpx
 import trio
+
+from actors.h11pool import H11Transport
 
 
 class TransportError(Exception):
@@ -58,8 +61,9 @@ class UpstreamResponse:
     def __init__(self, response: httpx.Response) -> None:
         self.status = response.status_code
         self.headers: Mapping[str, str] = response.headers  # case-insensitive
-        # Decoded: we never forward content-encoding, so the bytes must be plain.
-        self._chunks: AsyncIterator[bytes] = response.aiter_bytes()
+        # The transport's own byte stream: no decoding layer (we ask for identity encoding) and,
+        # with H11Transport, no async generator left behind when a read is cancelled.
+        self._chunks: AsyncIterator[bytes] = response.stream.__aiter__()  # type: ignore[union-attr]
 
     async def read_chunk(self) -> bytes:
         """The next piece of the body, b"" at its clean end."""
@@ -71,7 +75,9 @@ class UpstreamResponse:
 
     async def close_body(self) -> None:
         """Finish the body iterator now rather than leave it to the garbage collector."""
-        await self._chunks.aclose()  # type: ignore[attr-defined]
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def read_all(self, limit: int) -> bytes:
         """The rest of the body, up to `limit` bytes (the rest is dropped)."""
@@ -87,7 +93,12 @@ PhaseCallback = Callable[[str], None]
 
 
 class Transport:
-    """An HTTP/1.1 keep-alive client for one upstream base URL."""
+    """HTTP/1.1 keep-alive calls to one upstream base URL.
+
+    Production uses `H11Transport` (our per-actor pool); tests may pass any httpx transport, such
+    as `httpx.MockTransport`. Requests go straight to the transport: none of httpx.AsyncClient's
+    middleware (auth, cookies, redirects, hooks) applies to an API gateway's upstream calls.
+    """
 
     def __init__(
         self,
@@ -97,16 +108,9 @@ class Transport:
         max_connections: int,
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._client = httpx.AsyncClient(
-            base_url=base_url,
-            transport=http_transport,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            timeout=httpx.Timeout(None, connect=connect_timeout),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._base_url = base_url
+        self._http = http_transport or H11Transport(max_connections=max_connections)
+        self._extensions_timeout = {"connect": connect_timeout}
 
     @asynccontextmanager
     async def post(
@@ -114,19 +118,22 @@ class Transport:
     ) -> AsyncIterator[UpstreamResponse]:
         """POST `body`; yields once the response headers are in. Leaving closes the response.
 
-        An unfinished response is closed, not returned to the pool half-read (httpcore drops a
-        connection whose response was not read to the end).
+        An unfinished response is closed, never returned to the pool half-read.
         """
 
         async def trace(name: str, info: Any) -> None:
             if name == "http11.send_request_headers.started":
                 on_phase("headers")
 
-        request = self._client.build_request(
-            "POST", path, content=body, headers=headers, extensions={"trace": trace}
+        request = httpx.Request(
+            "POST",
+            self._base_url + path,
+            content=body,
+            headers=headers,
+            extensions={"timeout": self._extensions_timeout, "trace": trace},
         )
         with _mapped():
-            response = await self._client.send(request, stream=True)
+            response = await self._http.handle_async_request(request)
         upstream = UpstreamResponse(response)
         try:
             yield upstream
@@ -137,4 +144,4 @@ class Transport:
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await self._client.aclose()
+            await self._http.aclose()
