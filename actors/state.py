@@ -246,8 +246,12 @@ class SlidingWindow:
         return entry
 
     def correct(self, entry: list[float], amount: float) -> None:
-        """Replace an estimate with the real amount (the usage the upstream reported)."""
-        if entry in self._entries:
+        """Replace an estimate with the real amount (the usage the upstream reported).
+
+        Entries leave from the left in time order, and all entries of one time leave together,
+        so `entry` is still counted exactly when it is not older than the oldest one: O(1).
+        """
+        if self._entries and entry[0] >= self._entries[0][0]:
             self.total += amount - entry[1]
             entry[1] = amount
 

@@ -189,18 +189,19 @@ class _Run:
 
     async def first_byte(self) -> Winner:
         job = self.job
-        if job.route.hedge is not None:
-            self.d.hedge_budget(job.route_name).count_request(trio.current_time())
-        results, outcomes = trio.open_memory_channel[tuple[_Live, Reply]](REPLY_BUFFER)
         winner: Winner | None = None
         verdict: CascadeError | None = None
         with trio.CancelScope(deadline=job.deadline) as deadline_scope:
-            async with trio.open_nursery() as nursery:
-                try:
-                    winner = await self._loop(nursery, results, outcomes)
-                except CascadeError as exc:  # raised outside the nursery, not in a group
-                    verdict = exc
-                nursery.cancel_scope.cancel()
+            if job.route.hedge is None:
+                winner = await self._sequential()
+            else:
+                self.d.hedge_budget(job.route_name).count_request(trio.current_time())
+                async with trio.open_nursery() as nursery:
+                    try:
+                        winner = await self._hedged(nursery)
+                    except CascadeError as exc:  # raised outside the nursery, not in a group
+                        verdict = exc
+                    nursery.cancel_scope.cancel()
         if verdict is not None:
             raise verdict
         if deadline_scope.cancelled_caught:
@@ -211,19 +212,33 @@ class _Run:
         assert winner is not None
         return winner
 
-    async def _loop(
-        self,
-        nursery: trio.Nursery,
-        results: trio.MemorySendChannel[tuple[_Live, Reply]],
-        outcomes: trio.MemoryReceiveChannel[tuple[_Live, Reply]],
-    ) -> Winner:
+    async def _sequential(self) -> Winner:
+        """One attempt at a time (no hedging): the common path, with no extra tasks."""
+        while True:
+            target = await self._next_target()
+            if target is None:
+                raise self._exhausted()
+            live = await self._launch(target)
+            reply = await live.replies.receive()
+            self.live.remove(live)
+            winner = self._judge(live, reply)
+            if winner is not None:
+                return winner
+
+    async def _hedged(self, nursery: trio.Nursery) -> Winner:
+        """Like `_sequential`, but a timer may start a second attempt beside the first.
+
+        Each attempt's first reply is forwarded by a small task into one channel, which the loop
+        waits on with the hedge timer as its deadline.
+        """
+        results, outcomes = trio.open_memory_channel[tuple[_Live, Reply]](REPLY_BUFFER)
         hedge_at = math.inf
         while True:
             if not self.live:
                 target = await self._next_target()
                 if target is None:
                     raise self._exhausted()
-                hedge_at = await self._launch(nursery, results, target)
+                hedge_at = await self._start_watched(nursery, results, target)
                 continue
             if trio.current_time() >= hedge_at:
                 try:  # an answer that arrived at the same instant beats the hedge timer
@@ -247,6 +262,25 @@ class _Run:
                 self.hedges -= 1
                 hedge_at = trio.current_time()
 
+    async def _start_watched(
+        self,
+        nursery: trio.Nursery,
+        results: trio.MemorySendChannel[tuple[_Live, Reply]],
+        target: Target,
+        hedge_token: list[float] | None = None,
+    ) -> float:
+        """Launch an attempt whose first reply goes to `results`; returns when to hedge next."""
+        live = await self._launch(target, hedge_token)
+        nursery.start_soon(_first_reply, live, results)
+        hedge = self.job.route.hedge
+        assert hedge is not None
+        if self.hedges >= hedge.max:
+            return math.inf
+        delay = hedge.after
+        if delay is None:
+            delay = await self._p95(self.d.actors[target.provider])
+        return live.started + delay
+
     async def _hedge(
         self, nursery: trio.Nursery, results: trio.MemorySendChannel[tuple[_Live, Reply]]
     ) -> float:
@@ -264,7 +298,7 @@ class _Run:
             self.d.metrics.hedges.labels(self.job.route_name, "skipped").inc()
             return math.inf
         self.hedges += 1
-        return await self._launch(nursery, results, target, hedge_token=token)
+        return await self._start_watched(nursery, results, target, token)
 
     async def _next_target(self) -> Target | None:
         """The next target to try (sequentially), after its backoff; None when none is left."""
@@ -298,21 +332,13 @@ class _Run:
         self.last_delay = backoff_delay(self.retry.backoff, n, self.last_delay, self.d.rng)
         return self.last_delay
 
-    async def _launch(
-        self,
-        nursery: trio.Nursery,
-        results: trio.MemorySendChannel[tuple[_Live, Reply]],
-        target: Target,
-        *,
-        hedge_token: list[float] | None = None,
-    ) -> float:
-        """Send one Attempt to the target's actor; returns when a hedge may start (or inf)."""
+    async def _launch(self, target: Target, hedge_token: list[float] | None = None) -> _Live:
+        """Send one Attempt to the target's actor; its replies arrive on the returned `_Live`."""
         job = self.job
         is_retry = target in self.plan.retries
         self.plan.mark_tried(target)
         send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
-        now = trio.current_time()
-        live = _Live(target, trio.CancelScope(), receive, now, hedge_token)
+        live = _Live(target, trio.CancelScope(), receive, trio.current_time(), hedge_token)
         request = UpstreamRequest(
             path=job.path,
             body=job.body_for(target.model),
@@ -322,19 +348,13 @@ class _Run:
             request_id=job.request_id,
         )
         self.live.append(live)
-        actor = self.d.actors[target.provider]
         try:
-            await actor.inbox.send(Attempt(request, send, live.scope, is_retry))
+            await self.d.actors[target.provider].inbox.send(
+                Attempt(request, send, live.scope, is_retry)
+            )
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             send.send_nowait(Refused("stopped"))
-        nursery.start_soon(_first_reply, live, results)
-        route_hedge = job.route.hedge
-        if route_hedge is None or self.hedges >= route_hedge.max:
-            return math.inf
-        delay = route_hedge.after
-        if delay is None:
-            delay = await self._p95(actor)
-        return now + delay
+        return live
 
     async def _p95(self, actor: ProviderActor) -> float:
         hedge = self.job.route.hedge

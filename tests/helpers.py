@@ -102,22 +102,31 @@ def stream(
     done: bool = True,
 ) -> Step:
     """A streamed answer: `pieces` are raw body chunks (use `chunk()` for events)."""
+    items = [*pieces, b"data: [DONE]\n\n"] if done else list(pieces)
 
-    async def body() -> AsyncIterator[bytes]:
-        await trio.sleep(first_delay)
-        for i, piece in enumerate(pieces):
-            if i and interval:
-                await trio.sleep(interval)
+    class Body:
+        """A class-based async iterator: nothing for the garbage collector when it is abandoned."""
+
+        def __init__(self) -> None:
+            self.i = 0
+
+        def __aiter__(self) -> Body:
+            return self
+
+        async def __anext__(self) -> bytes:
+            i = self.i
+            self.i += 1
+            if i >= len(items):
+                raise StopAsyncIteration
+            await trio.sleep(first_delay if i == 0 else interval)
             if cut_after is not None and i == cut_after:
                 raise httpx.ReadError("connection reset by peer")
             if stall_after is not None and i == stall_after:
                 await trio.sleep_forever()
-            yield piece
-        if done:
-            yield b"data: [DONE]\n\n"
+            return items[i]
 
     async def step(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=Body())
 
     return step
 

@@ -145,3 +145,15 @@ def test_latency_quantile() -> None:
         s.add(float(i))
     assert s.quantile(0.95) == 95.0
     assert s.quantile(0.5) == 50.0
+
+
+def test_correcting_an_expired_entry_changes_nothing() -> None:
+    w = SlidingWindow(60.0)
+    old = w.add(0.0, 10)
+    w.add(30.0, 5)
+    w.expire(61.0)  # the first entry has left the window
+    w.correct(old, 1000)
+    assert w.total == 5
+    fresh = w.add(61.0, 7)
+    w.correct(fresh, 2)
+    assert w.total == 7
