@@ -1,4 +1,4 @@
-"""The `cascade` command: serve, check, mock."""
+"""The `cascade` command: serve, check, mock, loadtest."""
 
 from __future__ import annotations
 
@@ -91,6 +91,27 @@ def cmd_mock(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from router.loadtest import LoadSpec, api_root, main
+
+    if args.rate is not None and args.rate <= 0:
+        raise SystemExit("cascade loadtest: --rate must be positive")
+    spec = LoadSpec(
+        url=api_root(args.url),
+        model=args.model,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration=None
+        if args.requests is not None and args.duration is None
+        else (args.duration or 10.0),
+        requests=args.requests,
+        stream=args.stream,
+        prompt=args.prompt,
+        timeout=args.timeout,
+    )
+    return main(spec, as_json=args.json, quiet=args.quiet)
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -134,6 +155,23 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--cut-rate", type=_rate, default=0.0, help="share of answers cut mid-body")
     m.add_argument("--seed", type=int, help="seed for reproducible fault sequences")
     m.set_defaults(func=cmd_mock)
+
+    lt = sub.add_parser("loadtest", help="load-test any OpenAI-compatible endpoint")
+    lt.add_argument("url", help="http://host:port (or its /v1 root)")
+    lt.add_argument("--model", default="gpt-4o-mini")
+    mode = lt.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", "-c", type=int, default=16, help="closed loop: clients")
+    mode.add_argument("--rate", "-r", type=float, help="open loop: requests per second")
+    lt.add_argument("--duration", "-d", type=_duration, help="how long (default 10s)")
+    lt.add_argument("--requests", "-n", type=int, help="stop after this many requests")
+    lt.add_argument(
+        "--stream", action="store_true", help="stream answers; reports time to first token"
+    )
+    lt.add_argument("--prompt", default="Say hello.")
+    lt.add_argument("--timeout", type=_duration, default=60.0, help="per request")
+    lt.add_argument("--json", action="store_true", help="print the report as JSON")
+    lt.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    lt.set_defaults(func=cmd_loadtest)
     return p
 
 
