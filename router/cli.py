@@ -15,7 +15,7 @@ from router.config import Config, ConfigError, MockSettings, demo_config_text
 from router.units import parse_duration
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -39,14 +39,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     server = config.server
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    pairs = (("host", args.host), ("port", args.port), ("workers", args.workers))
+    overrides = {k: v for k, v in pairs if v is not None}
     if overrides:
         config = attrs.evolve(config, server=attrs.evolve(server, **overrides))
-    _setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level)
     if args.config is None:
         logging.getLogger("cascade").info(
             "no --config given: serving the built-in demo (local mock providers, no API keys)"
         )
+    if config.server.workers > 1:
+        from router.workers import run_workers
+
+        return run_workers(config, config.server.workers)
     trio.run(partial(serve, config, shutdown_trigger=wait_for_signal))
     return 0
 
@@ -77,7 +82,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
         cut_rate=args.cut_rate,
         seed=args.seed,
     )
-    _setup_logging("info")
+    setup_logging("info")
     app = MockUpstream(settings, args.name)
 
     async def main() -> None:
@@ -134,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", help="YAML config file (default: the built-in demo)")
     s.add_argument("--host", help="override server.host")
     s.add_argument("--port", type=int, help="override server.port")
+    s.add_argument("--workers", type=int, help="override server.workers")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check", help="validate a config file: prints every problem, or ok")

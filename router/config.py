@@ -618,6 +618,7 @@ class ServerConfig:
     deadline: float = 120.0
     max_body: int = 10 * 1024 * 1024
     grace: float = 30.0
+    workers: int = 1
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -629,6 +630,7 @@ class ServerConfig:
             deadline=f.duration("deadline", d.deadline, positive=True),
             max_body=f.size("max_body", d.max_body),
             grace=f.duration("grace", d.grace),
+            workers=f.integer("workers", d.workers, minimum=1, maximum=64),
             log_level=f.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
         )
         f.done()

@@ -7,7 +7,9 @@ period, then the actors are closed (they finish their attempts), then the mocks 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 
@@ -16,6 +18,9 @@ import httpx
 import hypercorn.config
 import hypercorn.trio
 import trio
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from actors.provider import ProviderActor
 from router.app import App, Gateway
@@ -56,11 +61,21 @@ async def serve_asgi(
     *,
     grace: float = 5.0,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve an ASGI app with hypercorn's trio worker; reports the bound URL (port 0 is fine)."""
+    """Serve an ASGI app with hypercorn's trio worker; reports the bound URL (port 0 is fine).
 
-    serve = partial(hypercorn.trio.serve, app, hypercorn_config(host, port, grace))  # type: ignore[arg-type]
+    `sock`, when given, is a bound socket to listen on (a worker's SO_REUSEPORT socket).
+    """
+    hc = hypercorn_config(host, port, grace)
+    if sock is None:
+        serve = partial(hypercorn.trio.serve, app, hc)  # type: ignore[arg-type]
+    else:
+        sock.listen(hc.backlog)
+        sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
+        wrapped = wrap_app(app, hc.wsgi_max_body_size, None)  # type: ignore[arg-type]
+        serve = partial(worker_serve, wrapped, hc, sockets=sockets)
     if shutdown_trigger is not None:
         serve = partial(serve, shutdown_trigger=shutdown_trigger)
     async with trio.open_nursery() as nursery:
@@ -87,6 +102,7 @@ async def serve(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    sock: socket.socket | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole gateway until `shutdown_trigger` returns (or the caller cancels)."""
@@ -119,9 +135,10 @@ async def serve(
                         server.port,
                         grace=server.grace,
                         shutdown_trigger=trigger,
+                        sock=sock,
                     )
                 )
-                log.info("cascade listening on %s", url)
+                log.info("cascade listening on %s (pid %d)", url, os.getpid())
                 task_status.started(Running(url, app, actors))
             # hypercorn has finished its graceful shutdown: no request uses the actors any more.
             for actor in actors.values():
@@ -129,9 +146,9 @@ async def serve(
         mocks.cancel_scope.cancel()
 
 
-async def wait_for_signal() -> None:
-    """Returns at the first SIGTERM or SIGINT."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def wait_for_signal(*which: signal.Signals) -> None:
+    """Returns at the first of `which` (default: SIGTERM or SIGINT)."""
+    with trio.open_signal_receiver(*(which or (signal.SIGTERM, signal.SIGINT))) as signals:
         async for signum in signals:
             log.info("received %s", signal.Signals(signum).name)
             return

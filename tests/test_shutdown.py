@@ -96,3 +96,36 @@ async def test_a_stream_that_outlives_the_grace_ends_with_an_in_band_error(tmp_p
     assert json.loads(data[-1])["error"]["code"] == "shutting_down"
     assert "[DONE]" not in data
     assert code == 0
+
+
+async def test_two_workers_share_a_port_and_stop_together(tmp_path: Path) -> None:
+    config = tmp_path / "workers.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "server": {"port": 0, "workers": 2, "grace": "2s"},
+                "providers": {"m": {"mock": {"latency": "1ms"}}},
+                "routes": [{"match": "gpt", "targets": ["m/x"]}],
+            }
+        )
+    )
+    with trio.fail_after(40):
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "router", "serve", "--config", str(config)], stderr=subprocess.PIPE
+        )
+        assert proc.stderr is not None
+        log = b""
+        while len(re.findall(rb"cascade listening on (http://\S+) \(pid (\d+)\)", log)) < 2:
+            chunk = await proc.stderr.receive_some()
+            assert chunk, log.decode()
+            log += chunk
+        listening = re.findall(rb"cascade listening on (http://\S+) \(pid (\d+)\)", log)
+        urls, pids = {u for u, _ in listening}, {p for _, p in listening}
+        assert len(urls) == 1 and len(pids) == 2  # one port, two processes
+        url = urls.pop().decode()
+        for _ in range(10):
+            async with httpx.AsyncClient(base_url=url) as client:  # a new connection each time
+                r = await client.post("/v1/chat/completions", json=chat())
+                assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await proc.wait() == 0
