@@ -111,7 +111,8 @@ async def test_two_workers_share_a_port_and_stop_together(tmp_path: Path) -> Non
     )
     with trio.fail_after(40):
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "router", "serve", "--config", str(config)], stderr=subprocess.PIPE
+            [sys.executable, "-m", "router", "serve", "--config", str(config)],
+            stderr=subprocess.PIPE,
         )
         assert proc.stderr is not None
         log = b""

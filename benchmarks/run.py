@@ -1,0 +1,553 @@
+"""Cascade's benchmark: one command, every comparison measured side by side in one run.
+
+    python benchmarks/run.py                      # full run, writes docs/benchmarks.md + .png
+    python benchmarks/run.py --litellm /path/to/venv/bin/litellm
+    python benchmarks/run.py --smoke --out /tmp/bench.md   # seconds: checks the machinery (CI)
+
+It starts a canned upstream (benchmarks/fast_upstream.py), then measures with the same load, one
+after the other: the upstream directly; bare hypercorn-trio answering itself (the stack's ceiling);
+Cascade with 1 and 2 workers; and the LiteLLM proxy when `--litellm` points at its executable.
+On a machine with 2+ cores the proxy under test is pinned to core 0, the upstream and the load
+generator to core 1. The load generator is wrk when installed, else `cascade loadtest`.
+All traffic stays on 127.0.0.1; every run is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYTHON = sys.executable
+BODY = '{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
+STREAM_BODY = '{"model":"bench","stream":true,"messages":[{"role":"user","content":"hello"}]}'
+MASTER_KEY = "sk-bench-master-key-0123456789"  # LiteLLM refuses to start without one
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %s"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"non2xx":%%d,"socket_errors":%%d,"p50":%%d,"p90":%%d,"p99":%%d,"max":%%d}\\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *cmd] if cpus and shutil.which("taskset") else cmd
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port} after {seconds} s")
+
+
+@contextmanager
+def process(
+    cmd: list[str], port: int, cpus: str | None, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        pinned(cmd, cpus),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+    try:
+        wait_port(port, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (workers), in MB."""
+    total = 0
+    pids = [pid]
+    try:
+        children = subprocess.run(
+            ["pgrep", "-P", str(pid)], capture_output=True, text=True
+        ).stdout.split()
+        pids += [int(c) for c in children]
+    except FileNotFoundError:
+        pass
+    for p in pids:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        m = re.search(r"VmRSS:\s+(\d+) kB", status)
+        total += int(m.group(1)) if m else 0
+    return round(total / 1024, 1)
+
+
+class Load:
+    """Drives load with wrk (preferred) or `cascade loadtest`, one core for the generator."""
+
+    def __init__(self, duration: float, cpus: str | None, generator: str = "auto") -> None:
+        self.duration = duration
+        self.cpus = cpus
+        self.wrk = shutil.which("wrk") if generator in ("auto", "wrk") else None
+        if generator == "wrk" and not self.wrk:
+            raise SystemExit("wrk is not installed (apt-get install wrk)")
+        self.tmp = Path(tempfile.mkdtemp(prefix="cascade-bench-"))
+
+    @property
+    def tool(self) -> str:
+        return "wrk" if self.wrk else "cascade loadtest"
+
+    def run(self, port: int, concurrency: int, stream: bool = False) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        body = STREAM_BODY if stream else BODY
+        if self.wrk:
+            script = self.tmp / f"{'stream' if stream else 'plain'}.lua"
+            script.write_text(WRK_SCRIPT % (body, MASTER_KEY))
+            cmd = [
+                self.wrk,
+                "-t1",
+                f"-c{concurrency}",
+                f"-d{max(1, round(self.duration))}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(script),
+                url,
+            ]
+            out = subprocess.run(
+                pinned(cmd, self.cpus), capture_output=True, text=True, check=True
+            ).stdout
+            m = re.search(r"WRKJSON (\{.*\})", out)
+            assert m, out
+            r = json.loads(m.group(1))
+            seconds = r["duration_us"] / 1e6
+            return {
+                "rps": round(r["requests"] / seconds, 1),
+                "p50_ms": r["p50"] / 1000,
+                "p99_ms": r["p99"] / 1000,
+                "errors": r["non2xx"] + r["socket_errors"],
+            }
+        cmd = [PYTHON, "-m", "router", "loadtest", f"http://127.0.0.1:{port}", "--model", "bench",
+               "-c", str(concurrency), "-d", f"{self.duration}s", "--json"]  # fmt: skip
+        if stream:
+            cmd.append("--stream")
+        report = json.loads(
+            subprocess.run(
+                pinned(cmd, self.cpus), capture_output=True, text=True, check=True, cwd=ROOT
+            ).stdout
+        )
+        latency = report["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
+        return {
+            "rps": report["rps"],
+            "p50_ms": latency["p50"],
+            "p99_ms": latency["p99"],
+            "errors": report["requests"] - report["ok"],
+        }
+
+
+def cascade_config(
+    path: Path, port: int, upstreams: dict[str, int], targets: list[str], workers: int = 1
+) -> Path:
+    providers = {
+        name: {
+            "base_url": f"http://127.0.0.1:{p}/v1",
+            "max_connections": 512,
+            "max_in_flight": 4096,
+            "circuit": {"failures": 1000000},
+        }  # fmt: skip
+        for name, p in upstreams.items()
+    }
+    config = {
+        "server": {"port": port, "workers": workers, "log_level": "warning"},
+        "providers": providers,
+        "routes": [{"match": "bench", "targets": targets}],
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        cores = os.cpu_count() or 1
+        self.proxy_cpus = "0" if cores >= 2 else None
+        self.client_cpus = "1" if cores >= 2 else None
+        self.load = Load(args.duration, self.client_cpus, args.load_generator)
+        self.tmp = self.load.tmp
+        self.results: dict[str, Any] = {}
+
+    @contextmanager
+    def upstream(self, *flags: str) -> Iterator[int]:
+        port = free_port()
+        cmd = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(port), *flags]
+        with process(cmd, port, self.client_cpus):
+            yield port
+
+    @contextmanager
+    def cascade(
+        self, upstreams: dict[str, int], targets: list[str], workers: int = 1
+    ) -> Iterator[subprocess.Popen[bytes]]:
+        port = free_port()
+        config = cascade_config(
+            self.tmp / f"cascade-{port}.json", port, upstreams, targets, workers
+        )
+        cpus = self.proxy_cpus if workers == 1 else None
+        with process(
+            [PYTHON, "-m", "router", "serve", "--config", str(config)], port, cpus
+        ) as proc:
+            proc.port = port  # type: ignore[attr-defined]
+            yield proc
+
+    @contextmanager
+    def bare(self) -> Iterator[int]:
+        port = free_port()
+        with process(
+            [PYTHON, str(HERE / "bare_app.py"), "--port", str(port)], port, self.proxy_cpus
+        ):
+            yield port
+
+    @contextmanager
+    def litellm(self, upstream: int) -> Iterator[int]:
+        port = free_port()
+        config = self.tmp / "litellm.yaml"
+        config.write_text(
+            "model_list:\n"
+            "  - model_name: bench\n"
+            "    litellm_params: {model: openai/bench, api_base: 'http://127.0.0.1:%d/v1', api_key: sk-bench}\n"
+            "litellm_settings: {set_verbose: false, drop_params: true}\n"
+            "general_settings: {master_key: %s}\n" % (upstream, MASTER_KEY)
+        )
+        cmd = [
+            self.args.litellm,
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ]
+        with process(cmd, port, self.proxy_cpus, env={"LITELLM_LOG": "ERROR"}) as proc:
+            self.warm(port)
+            proc.port = port  # type: ignore[attr-defined]
+            yield port
+
+    def warm(self, port: int) -> None:
+        if self.args.smoke:
+            return
+        saved = self.load.duration
+        self.load.duration = 1
+        self.load.run(port, 4)
+        self.load.duration = saved
+
+    def measure(
+        self, key: str, port: int, levels: list[int], stream: bool = False, pid: int | None = None
+    ) -> None:
+        self.warm(port)
+        for c in levels:
+            r = self.load.run(port, c, stream)
+            if pid is not None:
+                r["rss_mb"] = rss_mb(pid)
+            self.results.setdefault(key, {})[c] = r
+            print(
+                f"  {key:<28} c={c:<4} {r['rps']:>9.1f} req/s  p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  errors {r['errors']}",
+                flush=True,
+            )
+
+    def run(self) -> None:
+        smoke = self.args.smoke
+        fast_levels = [16] if smoke else [1, 16, 64]
+        slow_levels = [16] if smoke else [1, 16, 64, 256]
+        print(
+            f"load generator: {self.load.tool}; proxy cpus {self.proxy_cpus}, client cpus {self.client_cpus}"
+        )
+        print("fast upstream, non-stream")
+        with self.upstream() as up:
+            self.measure("fast/direct", up, fast_levels)
+            with self.bare() as port:
+                self.measure("fast/bare-hypercorn", port, fast_levels)
+            with self.cascade({"up": up}, ["up/bench"]) as proc:
+                self.measure("fast/cascade-1w", proc.port, fast_levels, pid=proc.pid)  # type: ignore[attr-defined]
+            if not smoke:
+                with self.cascade({"up": up}, ["up/bench"], workers=2) as proc:
+                    self.measure("fast/cascade-2w", proc.port, fast_levels, pid=proc.pid)  # type: ignore[attr-defined]
+            if self.args.litellm:
+                with self.litellm(up) as port:
+                    self.measure("fast/litellm", port, fast_levels)
+        print("50 ms upstream, non-stream")
+        with self.upstream("--latency", "50ms") as up:
+            self.measure("slow/direct", up, slow_levels)
+            with self.cascade({"up": up}, ["up/bench"]) as proc:
+                self.measure("slow/cascade-1w", proc.port, slow_levels, pid=proc.pid)  # type: ignore[attr-defined]
+            if self.args.litellm and not smoke:
+                with self.litellm(up) as port:
+                    self.measure("slow/litellm", port, slow_levels)
+        print("streaming, 20 events")
+        with self.upstream("--chunks", "20") as up:
+            self.measure("stream/direct", up, [64], stream=True)
+            with self.cascade({"up": up}, ["up/bench"]) as proc:
+                self.measure("stream/cascade-1w", proc.port, [64], stream=True)  # type: ignore[attr-defined]
+            if self.args.litellm and not smoke:
+                with self.litellm(up) as port:
+                    self.measure("stream/litellm", port, [64], stream=True)
+        print("failover mix: 30% of primary answers are 429 (Retry-After: 0)")
+        with self.upstream("--rate-429", "0.3") as primary, self.upstream() as backup:
+            with self.cascade(
+                {"primary": primary, "backup": backup}, ["primary/bench", "backup/bench"]
+            ) as proc:
+                self.measure("failover/cascade-1w", proc.port, [16] if smoke else [16, 64])  # type: ignore[attr-defined]
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = m.group(1) if m else cpu
+    except OSError:
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": ", ".join(f"{p} {version(p)}" for p in ("trio", "hypercorn", "httpx", "h11")),
+        "commit": commit or "-",
+    }
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def report(bench: Bench, elapsed: float) -> str:
+    r = bench.results
+    info = machine()
+    lines = [
+        "# Benchmarks",
+        "",
+        "Measured by `python benchmarks/run.py` in one run on one machine; rerun it to check any number.",
+        "Ratios are the headline: absolute numbers move with the machine, ratios much less.",
+        "",
+        f"- machine: {info['cpu']}; {info['os']}; Python {info['python']}",
+        f"- versions: {info['versions']}; Cascade commit {info['commit']}",
+        f"- load generator: {bench.load.tool}, one connection per client, {bench.args.duration:g} s per point;"
+        f" proxy pinned to CPU {bench.proxy_cpus}, upstream and load generator to CPU {bench.client_cpus}",
+        f"- whole run: {elapsed:.0f} s",
+        "",
+    ]
+
+    def table(title: str, keys: list[tuple[str, str]], extra: str = "") -> None:
+        levels = sorted({c for k, _ in keys for c in r.get(k, {})})
+        if not levels:
+            return
+        lines.extend([f"## {title}", "", extra] if extra else [f"## {title}", ""])
+        lines.append("| | " + " | ".join(f"c={c} req/s | p50 ms | p99 ms" for c in levels) + " |")
+        lines.append("|---|" + "---|---|---|" * len(levels))
+        for key, label in keys:
+            if key not in r:
+                continue
+            cells = []
+            for c in levels:
+                x = r[key].get(c)
+                cells.append(
+                    f"{x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f}" if x else "- | - | -"
+                )
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    table(
+        "Fast upstream, non-stream",
+        [("fast/direct", "upstream directly"), ("fast/bare-hypercorn", "bare hypercorn-trio (ceiling)"),
+         ("fast/cascade-1w", "Cascade, 1 worker"), ("fast/cascade-2w", "Cascade, 2 workers"), ("fast/litellm", "LiteLLM proxy, 1 worker")],
+    )  # fmt: skip
+    table(
+        "50 ms upstream, non-stream",
+        [
+            ("slow/direct", "upstream directly"),
+            ("slow/cascade-1w", "Cascade, 1 worker"),
+            ("slow/litellm", "LiteLLM proxy, 1 worker"),
+        ],
+    )
+    table(
+        "Streaming, 20 events per answer",
+        [
+            ("stream/direct", "upstream directly"),
+            ("stream/cascade-1w", "Cascade, 1 worker"),
+            ("stream/litellm", "LiteLLM proxy, 1 worker"),
+        ],
+    )
+    table(
+        "Failover mix: 30% of the primary's answers are 429",
+        [("failover/cascade-1w", "Cascade, 1 worker (primary, then backup)")],
+    )
+
+    def get(key: str, c: int, field: str) -> float:
+        return float(r.get(key, {}).get(c, {}).get(field, 0.0))
+
+    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+
+    def target(name: str, measured: str, met: bool | None) -> None:
+        lines.append(
+            f"| {name} | {measured} | {'yes' if met else 'no' if met is not None else 'not measured'} |"
+        )
+
+    c16 = get("fast/cascade-1w", 16, "rps")
+    up16 = get("fast/direct", 16, "rps")
+    target(
+        "upstream is never the bottleneck: direct >= 3x Cascade (c=16)",
+        f"{ratio(up16, c16)}x",
+        up16 >= 3 * c16 if c16 else None,
+    )
+    bare16 = get("fast/bare-hypercorn", 16, "rps")
+    target(
+        "Cascade >= 0.8 x bare hypercorn-trio (c=16)",
+        f"{ratio(c16, bare16)}x",
+        c16 >= 0.8 * bare16 if bare16 else None,
+    )
+    for c in (16, 64):
+        lite = get("fast/litellm", c, "rps")
+        casc = get("fast/cascade-1w", c, "rps")
+        lower_p99 = get("fast/cascade-1w", c, "p99_ms") < get("fast/litellm", c, "p99_ms")
+        target(
+            f"Cascade >= 15 x LiteLLM throughput per core, lower p99 (c={c})",
+            f"{ratio(casc, lite)}x, p99 {get('fast/cascade-1w', c, 'p99_ms'):.1f} vs {get('fast/litellm', c, 'p99_ms'):.1f} ms"
+            if lite
+            else "-",
+            (casc >= 15 * lite and lower_p99) if lite else None,
+        )
+    if "slow/cascade-1w" in r and 1 in r["slow/cascade-1w"]:
+        add50 = get("slow/cascade-1w", 1, "p50_ms") - get("slow/direct", 1, "p50_ms")
+        add99 = get("slow/cascade-1w", 1, "p99_ms") - get("slow/direct", 1, "p99_ms")
+        target(
+            "added latency at c=1, 50 ms upstream: p50 <= 1 ms, p99 <= 5 ms",
+            f"p50 +{add50:.2f} ms, p99 +{add99:.2f} ms",
+            add50 <= 1 and add99 <= 5,
+        )
+    if "slow/cascade-1w" in r and 256 in r["slow/cascade-1w"]:
+        x = r["slow/cascade-1w"][256]
+        target(
+            "c=256, 50 ms upstream: no errors, p99 <= 3 x p50, RSS <= 100 MB",
+            f"{x['errors']} errors, p99/p50 {ratio(x['p99_ms'], x['p50_ms'])}, RSS {x.get('rss_mb', 0):.0f} MB",
+            x["errors"] == 0 and x["p99_ms"] <= 3 * x["p50_ms"] and x.get("rss_mb", 0) <= 100,
+        )
+    events = get("stream/cascade-1w", 64, "rps") * 20
+    target(
+        ">= 6k relayed SSE events per second per core (20-event streams, c=64)",
+        f"{events:.0f} events/s",
+        events >= 6000 if events else None,
+    )
+    w2 = get("fast/cascade-2w", 16, "rps")
+    target(
+        "2 workers >= 1.7 x 1 worker (c=16)",
+        f"{ratio(w2, c16)}x" if w2 else "-",
+        w2 >= 1.7 * c16 if w2 else None,
+    )
+    lines.append("")
+    lines.append("Raw results (JSON):")
+    lines.append("")
+    lines.append("```json")
+    lines.append(json.dumps(r, indent=1, sort_keys=True))
+    lines.append("```")
+    return "\n".join(lines) + "\n"
+
+
+def plot(bench: Bench, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    r = bench.results
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    series = [
+        ("slow/direct", "upstream directly"),
+        ("slow/cascade-1w", "Cascade, 1 worker"),
+        ("slow/litellm", "LiteLLM, 1 worker"),
+    ]
+    for key, label in series:
+        if key in r:
+            levels = sorted(r[key])
+            left.plot(levels, [r[key][c]["rps"] for c in levels], marker="o", label=label)
+            right.plot(levels, [r[key][c]["p99_ms"] for c in levels], marker="o", label=label)
+    for ax, title in ((left, "throughput (req/s)"), (right, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(f"50 ms upstream: {title}")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    right.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    p.add_argument("--litellm", help="path to the litellm executable (in its own venv)")
+    p.add_argument(
+        "--smoke", action="store_true", help="a few seconds: checks the machinery, not the numbers"
+    )
+    p.add_argument("--load-generator", choices=("auto", "wrk", "loadtest"), default="auto")
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-results.md"))
+    p.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
+    args = p.parse_args()
+    if args.smoke:
+        args.duration = min(args.duration, 1.0)
+    bench = Bench(args)
+    started = time.monotonic()
+    bench.run()
+    out = Path(args.out)
+    text = report(bench, time.monotonic() - started)
+    png = Path(args.plot) if args.plot else out.with_suffix(".png")
+    if plot(bench, png):
+        text += f"\n![throughput and p99 vs concurrency]({png.name})\n"
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
