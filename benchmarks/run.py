@@ -164,8 +164,20 @@ class Load:
                 "p99_ms": r["p99"] / 1000,
                 "errors": r["non2xx"] + r["socket_errors"],
             }
-        cmd = [PYTHON, "-m", "router", "loadtest", f"http://127.0.0.1:{port}", "--model", "bench",
-               "-c", str(concurrency), "-d", f"{self.duration}s", "--json"]  # fmt: skip
+        cmd = [
+            PYTHON,
+            "-m",
+            "router",
+            "loadtest",
+            f"http://127.0.0.1:{port}",
+            "--model",
+            "bench",
+            "-c",
+            str(concurrency),
+            "-d",
+            f"{self.duration}s",
+            "--json",
+        ]
         if stream:
             cmd.append("--stream")
         report = json.loads(
@@ -250,9 +262,9 @@ class Bench:
         config.write_text(
             "model_list:\n"
             "  - model_name: bench\n"
-            "    litellm_params: {model: openai/bench, api_base: 'http://127.0.0.1:%d/v1', api_key: sk-bench}\n"
+            f"    litellm_params: {{model: openai/bench, api_base: 'http://127.0.0.1:{upstream}/v1', api_key: sk-bench}}\n"
             "litellm_settings: {set_verbose: false, drop_params: true}\n"
-            "general_settings: {master_key: %s}\n" % (upstream, MASTER_KEY)
+            f"general_settings: {{master_key: {MASTER_KEY}}}\n"
         )
         cmd = [
             self.args.litellm,
