@@ -203,7 +203,7 @@ def cascade_config(
             "max_connections": 512,
             "max_in_flight": 4096,
             "circuit": {"failures": 1000000},
-        }  # fmt: skip
+        }
         for name, p in upstreams.items()
     }
     config = {

@@ -22,7 +22,7 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
             str(out),
             "--plot",
             str(tmp_path / "bench.png"),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=240,
