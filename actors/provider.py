@@ -329,14 +329,20 @@ class ProviderActor:
                         StreamStart(response.status, dict(headers), tuple(events), ttfb)
                     )
                     tokens = None
+                    reply = attempt.reply
+                    idle = timeouts.idle
                     while True:
-                        timer.deadline = min(trio.current_time() + timeouts.idle, total_deadline)
+                        timer.deadline = min(trio.current_time() + idle, total_deadline)
                         chunk = await response.read_chunk()
                         events = decoder.feed(chunk) if chunk else decoder.finish()
-                        timer.deadline = math.inf
                         if events:
                             tokens = _tokens(events[-1].data) or tokens
-                            await attempt.reply.send(StreamEvents(tuple(events)))
+                            message = StreamEvents(tuple(events))
+                            try:
+                                reply.send_nowait(message)
+                            except trio.WouldBlock:
+                                timer.deadline = math.inf  # a slow client is not upstream idleness
+                                await reply.send(message)
                         if not chunk:
                             return _Outcome(None, ttfb, elapsed(), tokens), StreamEnd()
             except ConnectTimeout as exc:

@@ -67,11 +67,12 @@ class UpstreamResponse:
 
     async def read_chunk(self) -> bytes:
         """The next piece of the body, b"" at its clean end."""
-        with _mapped():
-            try:
-                return await self._chunks.__anext__()
-            except StopAsyncIteration:
-                return b""
+        try:  # per chunk: plain try/except, not the _mapped() context manager (~5 us each)
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return b""
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise ConnectionLost(str(exc) or type(exc).__name__) from None
 
     async def close_body(self) -> None:
         """Finish the body iterator now rather than leave it to the garbage collector."""
