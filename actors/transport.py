@@ -15,8 +15,8 @@ that one clock governs them all and tests can drive them with trio's autojump cl
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import httpx
@@ -41,16 +41,16 @@ class ConnectionLost(TransportError):
     pass
 
 
-@contextmanager
-def _mapped() -> Iterator[None]:
-    try:
-        yield
-    except httpx.ConnectTimeout as exc:
-        raise ConnectTimeout(str(exc) or "connect timeout") from None
-    except httpx.ConnectError as exc:
-        raise ConnectFailed(str(exc) or "connection failed") from None
-    except (httpx.TransportError, httpx.StreamError) as exc:
-        raise ConnectionLost(str(exc) or type(exc).__name__) from None
+def _map_error(exc: Exception) -> TransportError:
+    """Our exception for an httpx one (a plain function: this runs on the hot path)."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return ConnectTimeout(str(exc) or "connect timeout")
+    if isinstance(exc, httpx.ConnectError):
+        return ConnectFailed(str(exc) or "connection failed")
+    return ConnectionLost(str(exc) or type(exc).__name__)
+
+
+_HTTPX_ERRORS = (httpx.TransportError, httpx.StreamError)
 
 
 class UpstreamResponse:
@@ -67,12 +67,12 @@ class UpstreamResponse:
 
     async def read_chunk(self) -> bytes:
         """The next piece of the body, b"" at its clean end."""
-        try:  # per chunk: plain try/except, not the _mapped() context manager (~5 us each)
+        try:
             return await self._chunks.__anext__()
         except StopAsyncIteration:
             return b""
-        except (httpx.TransportError, httpx.StreamError) as exc:
-            raise ConnectionLost(str(exc) or type(exc).__name__) from None
+        except _HTTPX_ERRORS as exc:
+            raise _map_error(exc) from None
 
     async def close_body(self) -> None:
         """Finish the body iterator now rather than leave it to the garbage collector."""
@@ -137,8 +137,10 @@ class Transport:
             headers=headers,
             extensions={"timeout": self._extensions_timeout, "trace": trace},
         )
-        with _mapped():
+        try:
             response = await self._http.handle_async_request(request)
+        except _HTTPX_ERRORS as exc:
+            raise _map_error(exc) from None
         upstream = UpstreamResponse(response)
         try:
             yield upstream

@@ -173,8 +173,7 @@ class App:
         finally:
             elapsed = trio.current_time() - started
             status = tracked.status if tracked.finished else 499  # 499: the client left first
-            gateway.metrics.requests.labels(route_name, str(status)).inc()
-            gateway.metrics.request_seconds.labels(route_name).observe(elapsed)
+            gateway.metrics.observe_request(route_name, status, elapsed)
             log.info(
                 "request %s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
                 request_id,
