@@ -1,5 +1,6 @@
 """Cascade's benchmark: one command, every comparison measured side by side in one run.
 
+    pip install -e '.[bench]'                     # matplotlib, for the plot
     python benchmarks/run.py                      # full run, writes docs/benchmarks.md + .png
     python benchmarks/run.py --litellm /path/to/venv/bin/litellm
     python benchmarks/run.py --smoke --out /tmp/bench.md   # seconds: checks the machinery (CI)
@@ -493,12 +494,15 @@ def report(bench: Bench, elapsed: float) -> str:
         w2 >= 1.7 * c16 if w2 else None,
     )
     lines.append("")
-    lines.append("Raw results (JSON):")
-    lines.append("")
-    lines.append("```json")
-    lines.append(json.dumps(r, indent=1, sort_keys=True))
-    lines.append("```")
     return "\n".join(lines) + "\n"
+
+
+def raw_results(bench: Bench) -> str:
+    return (
+        "\n## Raw results\n\n```json\n"
+        + json.dumps(bench.results, indent=1, sort_keys=True)
+        + "\n```\n"
+    )
 
 
 def plot(bench: Bench, path: Path) -> bool:
@@ -527,6 +531,7 @@ def plot(bench: Bench, path: Path) -> bool:
         ax.set_title(f"50 ms upstream: {title}")
         ax.grid(True, alpha=0.3)
         ax.legend()
+    left.set_yscale("log")
     right.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -543,7 +548,7 @@ def main() -> int:
         "--smoke", action="store_true", help="a few seconds: checks the machinery, not the numbers"
     )
     p.add_argument("--load-generator", choices=("auto", "wrk", "loadtest"), default="auto")
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-results.md"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
     args = p.parse_args()
     if args.smoke:
@@ -556,7 +561,10 @@ def main() -> int:
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
     if plot(bench, png):
         text += f"\n![throughput and p99 vs concurrency]({png.name})\n"
-    out.write_text(text)
+    analysis = HERE / "analysis.md"  # the hand-written reading of these numbers
+    if not args.smoke and analysis.exists():
+        text += "\n" + analysis.read_text()
+    out.write_text(text + raw_results(bench))
     print(f"wrote {out}")
     return 0
 
