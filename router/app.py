@@ -6,14 +6,16 @@ own SSE framing, and its per-request overhead is a product feature (see docs/ben
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
+import os
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -32,11 +34,14 @@ from actors.messages import (
 from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
 from router import openai
-from router.config import Config
+from router.config import Config, ConfigError
 from router.dispatcher import CascadeError, ChatJob, Dispatcher, Winner
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.metrics import Metrics
 from router.units import parse_duration
+
+if TYPE_CHECKING:
+    from router.reload import Reloader
 
 log = logging.getLogger("cascade.request")
 
@@ -65,6 +70,7 @@ class App:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.reloader: Reloader | None = None  # set by the server: /admin/reload
         self.shutting_down = False
         self._stream_cutoff = math.inf
         self._streams: set[trio.CancelScope] = set()
@@ -99,10 +105,16 @@ class App:
         path = scope["path"]
         method = scope["method"]
         try:
+            if path.startswith("/admin/"):
+                _check_admin(gateway.config, scope)
             if path == "/v1/chat/completions":
                 if method != "POST":
                     raise openai.BadRequest("use POST", status=405, type="invalid_request_error")
                 await self._chat(gateway, scope, receive, send, request_id)
+            elif path == "/admin/reload":
+                if method != "POST":
+                    raise openai.BadRequest("use POST", status=405, type="invalid_request_error")
+                await self._reload(send, request_id)
             elif method != "GET" or path not in _GET_ROUTES:
                 raise openai.BadRequest(
                     f"no such endpoint: {method} {path}", status=404, code="not_found"
@@ -207,6 +219,22 @@ class App:
             send, 200, gateway.metrics.render(), request_id, METRICS_CONTENT_TYPE.encode()
         )
 
+    async def _reload(self, send: Send, request_id: str) -> None:
+        if self.reloader is None or self.shutting_down:
+            raise openai.BadRequest("reload is not available now", status=503, code="unavailable")
+        try:
+            summary = await self.reloader.reload()
+        except ConfigError as exc:
+            body = openai.error_body(
+                "the new config is invalid; still serving the previous one",
+                "invalid_config",
+                "invalid_config",
+                problems=exc.problems,
+            )
+            await _respond(send, 400, body, request_id)
+            return
+        await _respond(send, 200, json.dumps(summary).encode(), request_id)
+
     async def _providers(self, gateway: Gateway, send: Send, request_id: str) -> None:
         snapshots = [await snapshot(actor) for actor in gateway.actors.values()]
         body = json.dumps({"providers": [s.to_json() for s in snapshots]}).encode()
@@ -231,6 +259,19 @@ async def snapshot(actor: ProviderActor) -> Snapshot:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _check_admin(config: Config, scope: Scope) -> None:
+    """/admin/* needs `Authorization: Bearer <token>` when server.admin_token_env is set."""
+    env = config.server.admin_token_env
+    if env is None:
+        return
+    token = os.environ.get(env)
+    given = _header(scope, b"authorization") or b""
+    if not token or not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        raise openai.BadRequest(
+            "the admin API needs the admin token", status=401, type="authentication_error"
+        )
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

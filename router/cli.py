@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
@@ -51,8 +52,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.server.workers > 1:
         from router.workers import run_workers
 
-        return run_workers(config, config.server.workers)
-    trio.run(partial(serve, config, shutdown_trigger=wait_for_signal))
+        return run_workers(
+            config, config.server.workers, Path(args.config) if args.config else None
+        )
+    source = Path(args.config) if args.config else None
+    trio.run(
+        partial(
+            serve, config, shutdown_trigger=wait_for_signal, source=source, reload_on_sighup=True
+        )
+    )
     return 0
 
 

@@ -619,6 +619,7 @@ class ServerConfig:
     max_body: int = 10 * 1024 * 1024
     grace: float = 30.0
     workers: int = 1
+    admin_token_env: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -631,6 +632,7 @@ class ServerConfig:
             max_body=f.size("max_body", d.max_body),
             grace=f.duration("grace", d.grace),
             workers=f.integer("workers", d.workers, minimum=1, maximum=64),
+            admin_token_env=f.optional_string("admin_token_env"),
             log_level=f.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
         )
         f.done()

@@ -12,6 +12,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
+from pathlib import Path
 
 import attrs
 import httpx
@@ -27,7 +28,7 @@ from router.app import App, Gateway
 from router.config import Config
 from router.dispatcher import Dispatcher
 from router.metrics import Metrics
-from router.mock import MockUpstream
+from router.reload import MockServers, Reloader
 
 log = logging.getLogger("cascade.server")
 
@@ -83,32 +84,24 @@ async def serve_asgi(
         task_status.started(binds[0])
 
 
-async def start_mocks(nursery: trio.Nursery, config: Config) -> Config:
-    """Serve every `mock:` provider on a loopback port of its own; point the provider at it."""
-    providers = dict(config.providers)
-    for name, provider in config.providers.items():
-        if provider.mock is None:
-            continue
-        url = await nursery.start(
-            partial(serve_asgi, MockUpstream(provider.mock, name), "127.0.0.1", 0)
-        )
-        providers[name] = attrs.evolve(provider, base_url=url + "/v1")
-        log.info("mock provider %s listening on %s", name, url)
-    return attrs.evolve(config, providers=providers)
-
-
 async def serve(
     config: Config,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
     sock: socket.socket | None = None,
+    source: Path | None = None,
+    reload_on_sighup: bool = False,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the whole gateway until `shutdown_trigger` returns (or the caller cancels)."""
+    """Run the whole gateway until `shutdown_trigger` returns (or the caller cancels).
+
+    `source` is the config file that `/admin/reload` and SIGHUP re-read (None: the built-in demo).
+    """
     metrics = Metrics()
-    async with trio.open_nursery() as mocks:
-        config = await start_mocks(mocks, config)
+    async with trio.open_nursery() as mock_nursery:
+        mocks = MockServers(mock_nursery)
+        config = await mocks.resolve(config)
         actors: dict[str, ProviderActor] = {}
         async with trio.open_nursery() as actor_nursery:
             for name, provider in config.providers.items():
@@ -116,6 +109,9 @@ async def serve(
                 actors[name] = ProviderActor(provider, metrics, http_transport=transport)
                 await actor_nursery.start(actors[name].run)
             app = App(Gateway(config, actors, Dispatcher(config, actors, metrics), metrics))
+            reloader = app.reloader = Reloader(
+                app, source, mocks, actor_nursery, metrics, http_transports
+            )
 
             async def trigger() -> None:
                 if shutdown_trigger is None:
@@ -126,6 +122,14 @@ async def serve(
                 log.info("shutting down: no new connections; %gs grace", config.server.grace)
 
             server = config.server
+            sighup = trio.CancelScope()  # the SIGHUP watcher lives until hypercorn is done
+
+            async def watch_sighup(task_status: trio.TaskStatus[None]) -> None:
+                with sighup:
+                    await reloader.reload_on_sighup(task_status=task_status)
+
+            if reload_on_sighup:
+                await actor_nursery.start(watch_sighup)
             async with trio.open_nursery() as http:
                 url = await http.start(
                     partial(
@@ -140,10 +144,11 @@ async def serve(
                 )
                 log.info("cascade listening on %s (pid %d)", url, os.getpid())
                 task_status.started(Running(url, app, actors))
+            sighup.cancel()
             # hypercorn has finished its graceful shutdown: no request uses the actors any more.
-            for actor in actors.values():
+            for actor in app.gateway.actors.values():
                 actor.close()
-        mocks.cancel_scope.cancel()
+        mock_nursery.cancel_scope.cancel()
 
 
 async def wait_for_signal(*which: signal.Signals) -> None:

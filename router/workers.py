@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 from functools import partial
+from pathlib import Path
 from types import FrameType
 
 import attrs
@@ -36,7 +37,7 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(config: Config, index: int, log_level: str) -> None:
+def _worker(config: Config, index: int, log_level: str, source: Path | None) -> None:
     from router.cli import setup_logging
     from router.server import serve, wait_for_signal
 
@@ -49,7 +50,7 @@ def _worker(config: Config, index: int, log_level: str) -> None:
     )
 
 
-def run_workers(config: Config, workers: int) -> int:
+def run_workers(config: Config, workers: int, source: Path | None) -> int:
     """Start `workers` gateway processes and supervise them; returns the exit status."""
     reserved = _reuseport_socket(config.server.host, config.server.port)
     port = reserved.getsockname()[1]
@@ -57,7 +58,9 @@ def run_workers(config: Config, workers: int) -> int:
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(
-            target=_worker, args=(config, i, config.server.log_level), name=f"cascade-worker-{i}"
+            target=_worker,
+            args=(config, i, config.server.log_level, source),
+            name=f"cascade-worker-{i}",
         )
         for i in range(workers)
     ]
@@ -73,8 +76,14 @@ def run_workers(config: Config, workers: int) -> int:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
 
+    def reload(signum: int, frame: FrameType | None) -> None:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)  # every worker re-reads the config
     for process in processes:
         process.start()
     log.info("started %d workers on port %d", workers, port)
