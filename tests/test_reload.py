@@ -170,8 +170,10 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
         ):
             write(path, {"m": {"mock": {}}}, [{"match": "renamed", "targets": ["m/x"]}])
             os.kill(os.getpid(), signal.SIGHUP)
+            # The reload runs in the server's own task; poll (bounded) until the new route serves.
             with trio.fail_after(5):
-                while (
-                    await client.post("/v1/chat/completions", json=chat("renamed"))
-                ).status_code != 200:
+                while True:
+                    r = await client.post("/v1/chat/completions", json=chat("renamed"))
+                    if r.status_code == 200:
+                        break
                     await trio.sleep(0.05)
