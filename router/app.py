@@ -96,7 +96,7 @@ class App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -505,7 +505,8 @@ async def _cascade_error(send: Send, exc: CascadeError, request_id: str) -> None
     await _respond(send, exc.status, body, request_id, extra=extra)
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI lifespan scope: nothing to set up or tear down per server."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

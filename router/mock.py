@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from router.app import lifespan
 from router.config import MockSettings
 
 Scope = MutableMapping[str, Any]
@@ -33,12 +34,8 @@ class MockUpstream:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                kind = message["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
+            await lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = b""

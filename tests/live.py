@@ -15,8 +15,10 @@ from typing import Any
 import attrs
 import trio
 
+from router.app import lifespan
 from router.config import Config
 from router.server import Running, serve, serve_asgi
+from tests.helpers import completion
 
 Handler = Callable[["Exchange"], Awaitable[None]]
 
@@ -71,11 +73,8 @@ class FakeUpstream:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                kind = (await receive())["type"].rsplit(".", 1)[-1]
-                await send({"type": f"lifespan.{kind}.complete"})
-                if kind == "shutdown":
-                    return
+            await lifespan(receive, send)
+            return
         body = b""
         while True:
             message = await receive()
@@ -106,20 +105,7 @@ def chunk_event(content: str, finish: str | None = None) -> bytes:
 
 
 def answer(content: str = "hello", model: str = "m") -> dict[str, Any]:
-    return {
-        "id": "c",
-        "object": "chat.completion",
-        "created": 0,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
+    return completion(model, content)
 
 
 async def answers(exchange: Exchange) -> None:
