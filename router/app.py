@@ -383,9 +383,11 @@ async def _answer(send: Send, winner: Winner, request_id: str) -> None:
     reply = winner.reply
     assert isinstance(reply, Response)
     content_type = reply.headers.get("content-type", "application/json").encode()
-    await _respond(
-        send, reply.status, reply.body, request_id, content_type, _served_headers(winner)
-    )
+    extra = _served_headers(winner)
+    encoding = reply.headers.get("content-encoding")
+    if encoding:  # asked for identity, but an upstream may compress anyway: say so
+        extra.append((b"content-encoding", encoding.encode()))
+    await _respond(send, reply.status, reply.body, request_id, content_type, extra)
 
 
 def _inspect_start(start: StreamStart) -> Failure | None:

@@ -412,3 +412,25 @@ async def test_connect_timeout_is_transient_and_answers_504_when_last(
     assert a.times == [0.0, 6.0]  # retried after the 1 s backoff
     assert r.status_code == 504
     assert [x["error_type"] for x in r.json()["error"]["attempts"]] == ["connect_timeout"] * 2
+
+
+async def test_an_upstream_that_compresses_anyway_is_relayed_with_its_encoding(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    import gzip
+
+    import httpx
+
+    async def gzipped(request: httpx.Request) -> httpx.Response:
+        assert request.headers["accept-encoding"] == "identity"
+        body = gzip.compress(json.dumps({"choices": [], "model": "m"}).encode())
+        return httpx.Response(
+            200,
+            content=body,
+            headers={"content-encoding": "gzip", "content-type": "application/json"},
+        )
+
+    async with gateway(config(["a"], route("a/m")), {"a": Upstream(gzipped)}) as gw:
+        r = await post(gw, chat())
+    assert r.headers["content-encoding"] == "gzip"
+    assert r.json() == {"choices": [], "model": "m"}  # the client decodes it
