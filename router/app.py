@@ -133,7 +133,7 @@ class App:
         self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
         started = trio.current_time()
-        body = await _read_body(scope, receive, gateway.config.server.max_body)
+        body = await read_body(scope, receive, gateway.config.server.max_body)
         chat = openai.parse_chat_request(body)
         resolved = gateway.config.resolve(chat.model)
         if resolved is None:
@@ -290,7 +290,8 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, refusing (413) more than `limit` bytes."""
     length = _header(scope, b"content-length")
     too_big = openai.BadRequest(
         f"the request body is larger than the {limit}-byte limit",

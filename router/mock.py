@@ -15,10 +15,11 @@ from typing import Any
 
 import trio
 
-from router.app import lifespan
+from router.app import lifespan, read_body
 from router.config import MockSettings
 
 Scope = MutableMapping[str, Any]
+_MAX_BODY = 64 * 1024 * 1024
 
 
 class _Cut(Exception):
@@ -38,12 +39,7 @@ class MockUpstream:
             return
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(scope, receive, _MAX_BODY)
         if scope["method"] == "GET" and scope["path"].endswith("/models"):
             await _json(send, 200, {"object": "list", "data": [{"id": "mock", "object": "model"}]})
             return

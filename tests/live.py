@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import trio
 
-from router.app import lifespan
+from router.app import lifespan, read_body
 from router.config import Config
 from router.server import Running, serve, serve_asgi
 from tests.helpers import completion
@@ -75,12 +75,7 @@ class FakeUpstream:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(scope, receive, 1 << 30)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         exchange = Exchange(body, headers, send, receive, trio.current_time())
         self.exchanges.append(exchange)
