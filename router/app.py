@@ -416,17 +416,29 @@ async def _stream(
     sse = openai.StreamFilter()
     good, _ = sse.check(start.events)
     tail = [openai.frame(good)]
+    upstream_done = False
     if sse.done:
         ending = openai.DONE_FRAME
     else:
         await send({"type": "http.response.body", "body": tail.pop(), "more_body": True})
         with tracked() as cutoff:
-            ending = await _relay(send, sse, winner.replies, tail)
+            ending, upstream_done = await _relay(send, sse, winner.replies, tail)
         if cutoff.cancelled_caught:
             ending = openai.stream_error_frame("the gateway is shutting down", "shutting_down")
+            upstream_done = True  # nothing more to wait for: the attempt is cancelled
     await send(
         {"type": "http.response.body", "body": b"".join([*tail, ending]), "more_body": False}
     )
+    if not upstream_done:
+        # The client has its [DONE]. Let the upstream finish its body, so the attempt ends as the
+        # success it was (the actor learns its latency, closes a probing circuit) instead of as a
+        # cancellation. Upstreams close right after [DONE]; the bound covers those that do not.
+        with trio.move_on_after(_UPSTREAM_END_GRACE):
+            while not isinstance(await winner.replies.receive(), StreamEnd | Failed):
+                pass
+
+
+_UPSTREAM_END_GRACE = 2.0
 
 
 async def _relay(
@@ -434,15 +446,18 @@ async def _relay(
     sse: openai.StreamFilter,
     replies: trio.MemoryReceiveChannel[Reply],
     tail: list[bytes],
-) -> bytes:
-    """Forward events until the stream ends; returns the closing frame ([DONE] or an error).
+) -> tuple[bytes, bool]:
+    """Forward events until the stream ends.
 
-    Events already queued when one arrives go out in the same write (coalescing). Events that
-    belong with the ending are left in `tail`, so they are written together with it.
+    Returns the closing frame ([DONE] or an in-band error) and whether the upstream attempt has
+    ended too (it has not when its [DONE] arrived before the end of its body). Events already
+    queued when one arrives go out in the same write (coalescing); the events that belong with the
+    ending are left in `tail`, to be written together with it.
     """
     while True:
         batch = [await replies.receive()]
         await _gather_burst(replies, batch)
+        upstream_done = isinstance(batch[-1], StreamEnd | Failed)
         out: list[bytes] = []
         for reply in batch:
             if isinstance(reply, StreamEvents):
@@ -451,20 +466,20 @@ async def _relay(
                 if error is not None:
                     tail.extend(out)
                     message = str(error.get("message", "upstream error"))
-                    return openai.stream_error_frame(message, "upstream_stream_error")
+                    return openai.stream_error_frame(
+                        message, "upstream_stream_error"
+                    ), upstream_done
                 if sse.done:
                     tail.extend(out)
-                    return openai.DONE_FRAME  # finalise even when upstream sent no [DONE]
+                    return openai.DONE_FRAME, upstream_done
             elif isinstance(reply, StreamEnd):
                 tail.extend(out)
-                return openai.DONE_FRAME
+                return openai.DONE_FRAME, True  # finalise even when upstream sent no [DONE]
             elif isinstance(reply, Failed):
                 tail.extend(out)
                 failure = reply.failure
-                return openai.stream_error_frame(
-                    f"the upstream stream failed after it began: {failure.message}",
-                    failure.error_type,
-                )
+                message = f"the upstream stream failed after it began: {failure.message}"
+                return openai.stream_error_frame(message, failure.error_type), True
         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
 
 

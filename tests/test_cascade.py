@@ -434,3 +434,31 @@ async def test_an_upstream_that_compresses_anyway_is_relayed_with_its_encoding(
         r = await post(gw, chat())
     assert r.headers["content-encoding"] == "gzip"
     assert r.json() == {"choices": [], "model": "m"}  # the client decodes it
+
+
+async def test_a_stream_that_sent_done_is_settled_as_a_success(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # [DONE] arrives before the upstream closes the body: the client is answered at once, and the
+    # attempt still ends as a success (not a cancellation), so the actor learns from it.
+    a = Upstream(
+        stream([chunk("a"), b"data: [DONE]\n\n", b": closing\n\n"], interval=0.5, done=False)
+    )
+    async with gateway(config(["a"], route("a/m")), {"a": a}) as gw:
+        r = await post(gw, chat(stream=True))
+        snapshot = gw.actors["a"].snapshot(trio.current_time())
+    assert sse_data(r.text)[-1] == "[DONE]"
+    registry = gw.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "cascade_upstream_attempts_total", {"provider": "a", "outcome": "ok"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "cascade_upstream_cancelled_total", {"provider": "a", "phase": "streaming"}
+        )
+        is None
+    )
+    assert snapshot.ttfb_p50 == 0.0
