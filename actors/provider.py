@@ -380,17 +380,16 @@ class ProviderActor:
         failure = outcome.failure
         if outcome.tokens is not None:
             self._tpm.correct(tpm_entry, outcome.tokens)
-        if failure is None or failure.kind in (Kind.CLIENT_ERROR, Kind.CONTEXT_OVERFLOW):
-            # The upstream is answering: that closes circuits and ends rate-limit sequences.
-            if failure is None:
-                self._m_ok.inc()
-                self._ttfbs.add(outcome.ttfb)
-                self._m_ttfb.observe(outcome.ttfb)
-                self._rate_limits.success(model)
-            self._circuits.success(model)
+        if failure is None:
+            self._m_ok.inc()
+            self._ttfbs.add(outcome.ttfb)
+            self._m_ttfb.observe(outcome.ttfb)
+            self._rate_limits.success(model)
         else:
             self._failures += 1
             self._metrics.attempts.labels(self.name, failure.kind.value).inc()
+        if failure is None or failure.kind in (Kind.CLIENT_ERROR, Kind.CONTEXT_OVERFLOW):
+            self._circuits.success(model)  # the upstream is answering: a probe closes the circuit
         until = None
         if failure is not None and failure.kind is Kind.RATE_LIMITED:
             retry_after = failure.retry_after

@@ -240,3 +240,26 @@ async def test_latency_trigger_blocks_but_delivers_the_slow_answer(
     assert isinstance(first, Response) and isinstance(second, Response)
     [refused] = await attempt(actor, request())
     assert refused == Refused("latency", 34.0)
+
+
+async def test_every_attempt_is_counted_by_outcome(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    upstream = Upstream(ok(), status(400), status(503), status(429))
+    metrics = Metrics()
+    actor = ProviderActor(
+        provider().providers["p"],
+        metrics,
+        http_transport=upstream.transport(),
+        wall_clock=lambda: 0.0,
+    )
+    await nursery.start(actor.run)
+    for model in ("a", "b", "c", "d"):
+        await attempt(actor, request(model=model))
+
+    def count(outcome: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "cascade_upstream_attempts_total", {"provider": "p", "outcome": outcome}
+        )
+
+    assert [count(o) for o in ("ok", "client_error", "transient", "rate_limited")] == [1, 1, 1, 1]
