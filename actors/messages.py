@@ -8,7 +8,7 @@ channel that the request carries.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 import trio
@@ -28,6 +28,9 @@ class UpstreamRequest:
     stream: bool
     estimated_tokens: int = 0
     request_id: str = ""
+    # The dialect's verdict on a stream's first events (an in-band error, garbage): a Failure
+    # makes the attempt a failed one, which the actor counts against the provider.
+    check_start: Callable[[tuple[SSEEvent, ...]], Failure | None] | None = None
 
 
 # --- replies -------------------------------------------------------------------------------

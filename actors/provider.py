@@ -323,6 +323,9 @@ class ProviderActor:
                         )
                         return _Outcome(failure, elapsed(), elapsed()), Failed(failure)
                     ttfb = elapsed()
+                    bad_start = request.check_start(tuple(events)) if request.check_start else None
+                    if bad_start is not None:
+                        return _Outcome(bad_start, ttfb, ttfb), Failed(bad_start)
                     set_phase("streaming")
                     timer.deadline = math.inf  # waiting on the client is not upstream idleness
                     await attempt.reply.send(

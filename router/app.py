@@ -31,7 +31,6 @@ from actors.messages import (
     StreamEvents,
     StreamStart,
 )
-from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
 from router import openai
 from router.config import Config, ConfigError
@@ -162,7 +161,7 @@ class App:
             estimated_tokens=chat.estimated_tokens,
             request_id=request_id,
             deadline=started + deadline,
-            inspect_start=_inspect_start,
+            check_start=openai.check_start if chat.stream else None,
         )
         tracked = _TrackedSend(send)
         served_by = "-"
@@ -389,16 +388,6 @@ async def _answer(send: Send, winner: Winner, request_id: str) -> None:
     if encoding:  # asked for identity, but an upstream may compress anyway: say so
         extra.append((b"content-encoding", encoding.encode()))
     await _respond(send, reply.status, reply.body, request_id, content_type, extra)
-
-
-def _inspect_start(start: StreamStart) -> Failure | None:
-    """Before commit: a stream that opens with an error or with garbage is failed over."""
-    good, error = openai.StreamFilter().check(start.events)
-    if error is not None:
-        return Failure(Kind.PROTOCOL, "stream_error", str(error.get("message", "in-band error")))
-    if not good:
-        return Failure(Kind.PROTOCOL, "malformed_stream", "the stream opened with no valid event")
-    return None
 
 
 async def _stream(

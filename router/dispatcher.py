@@ -31,6 +31,7 @@ from actors.messages import (
 )
 from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
+from actors.sse import SSEEvent
 from actors.state import SlidingWindow
 from router.config import Config, Route, Target
 from router.metrics import Metrics
@@ -90,7 +91,7 @@ class ChatJob:
     estimated_tokens: int
     request_id: str
     deadline: float  # trio time
-    inspect_start: Callable[[StreamStart], Failure | None] = lambda start: None
+    check_start: Callable[[tuple[SSEEvent, ...]], Failure | None] | None = None
 
 
 @attrs.define
@@ -346,6 +347,7 @@ class _Run:
             stream=job.stream,
             estimated_tokens=job.estimated_tokens,
             request_id=job.request_id,
+            check_start=job.check_start,
         )
         self.live.append(live)
         try:
@@ -382,11 +384,7 @@ class _Run:
             )
             return None
         self.attempt_count += 1
-        failure: Failure | None = None
-        if isinstance(reply, Failed):
-            failure = reply.failure
-        elif isinstance(reply, StreamStart):
-            failure = self.job.inspect_start(reply)
+        failure = reply.failure if isinstance(reply, Failed) else None
         if failure is None and isinstance(reply, Response | StreamStart):
             self._record(target, reply.status, "ok", live.started)
             return self._win(live, reply)

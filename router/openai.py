@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from actors.outcome import Failure, Kind
 from actors.sse import SSEEvent
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -182,6 +183,16 @@ DONE_FRAME = b"data: [DONE]\n\n"
 def stream_error_frame(message: str, code: str) -> bytes:
     """The in-band error that ends a committed stream that failed (no [DONE] follows it)."""
     return b"data: " + error_body(message, "upstream_error", code) + b"\n\n"
+
+
+def check_start(events: tuple[SSEEvent, ...]) -> Failure | None:
+    """Before commit: a stream that opens with an error event or with garbage is a failure."""
+    good, error = StreamFilter().check(events)
+    if error is not None:
+        return Failure(Kind.PROTOCOL, "stream_error", str(error.get("message", "in-band error")))
+    if not good:
+        return Failure(Kind.PROTOCOL, "malformed_stream", "the stream opened with no valid event")
+    return None
 
 
 @attrs.define

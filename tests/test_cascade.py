@@ -462,3 +462,22 @@ async def test_a_stream_that_sent_done_is_settled_as_a_success(
         is None
     )
     assert snapshot.ttfb_p50 == 0.0
+
+
+async def test_a_stream_opening_with_an_error_counts_against_the_provider(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a = Upstream(stream([b'data: {"error": {"message": "overloaded"}}\n\n']))
+    b = Upstream(stream([chunk("b")]))
+    cfg = config(
+        {"a": {"circuit": {"failures": 1, "open_for": "30s"}}, "b": {}}, route("a/m", "b/m")
+    )
+    async with gateway(cfg, {"a": a, "b": b}) as gw:
+        first = await post(gw, chat(stream=True))
+        second = await post(gw, chat(stream=True))
+    assert first.headers["x-cascade-provider"] == second.headers["x-cascade-provider"] == "b"
+    assert len(a.calls) == 1  # the circuit opened on the bad stream: a was skipped the second time
+    attempts = gw.metrics.registry.get_sample_value(
+        "cascade_upstream_attempts_total", {"provider": "a", "outcome": "protocol"}
+    )
+    assert attempts == 1
