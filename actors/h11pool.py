@@ -135,9 +135,10 @@ class H11Transport(httpx.AsyncBaseTransport):
     async def _connect(self, url: httpx.URL, connect_timeout: float | None) -> _Connection:
         host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
+        stream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(connect_timeout if connect_timeout is not None else float("inf")):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                stream = await trio.open_tcp_stream(host, port)
                 if url.scheme == "https":
                     context = self._ssl_context or _default_ssl_context()
                     tls = trio.SSLStream(
@@ -145,10 +146,15 @@ class H11Transport(httpx.AsyncBaseTransport):
                     )
                     await tls.do_handshake()
                     stream = tls
-        except trio.TooSlowError:
-            raise httpx.ConnectTimeout(f"connect to {host}:{port} timed out") from None
-        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise httpx.ConnectError(f"connect to {host}:{port} failed: {exc}") from None
+        except BaseException as exc:
+            if stream is not None:  # connected, but the TLS handshake failed or timed out
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise httpx.ConnectTimeout(f"connect to {host}:{port} timed out") from None
+            if isinstance(exc, OSError | trio.BrokenResourceError | ssl.SSLError):
+                raise httpx.ConnectError(f"connect to {host}:{port} failed: {exc}") from None
+            raise
         if isinstance(stream, trio.SocketStream):
             stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
         return _Connection(stream)

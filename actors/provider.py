@@ -113,17 +113,18 @@ class ProviderActor:
             self._circuits = Circuits(config.circuit, config.rate_limit.max_tracked)
         if old is None or old.retry_budget != config.retry_budget:
             self._budget = RetryBudgetState(config.retry_budget)
-        if old is None or (old.base_url, old.timeouts.connect, old.max_connections) != (
-            config.base_url,
-            config.timeouts.connect,
-            config.max_connections,
-        ):
+
+        def connection_settings(c: ProviderConfig) -> tuple[object, ...]:
+            return (c.base_url, c.timeouts.connect, c.max_connections, c.ca_file)
+
+        if old is None or connection_settings(old) != connection_settings(config):
             previous = getattr(self, "_transport", None)
             self._transport = Transport(
                 config.base_url,
                 connect_timeout=config.timeouts.connect,
                 max_connections=config.max_connections,
                 http_transport=self._http_transport,
+                ca_file=config.ca_file,
             )
             if previous is not None and self._nursery is not None:
                 self._nursery.start_soon(previous.aclose)

@@ -15,6 +15,7 @@ that one clock governs them all and tests can drive them with trio's autojump cl
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -108,10 +109,17 @@ class Transport:
         connect_timeout: float,
         max_connections: int,
         http_transport: httpx.AsyncBaseTransport | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self._base_url = base_url
         self._urls: dict[str, httpx.URL] = {}  # parsed once per path: parsing costs ~30 us
-        self._http = http_transport or H11Transport(max_connections=max_connections)
+        context = None
+        if ca_file is not None:
+            context = ssl.create_default_context(cafile=ca_file)
+            context.set_alpn_protocols(["http/1.1"])
+        self._http = http_transport or H11Transport(
+            max_connections=max_connections, ssl_context=context
+        )
         self._extensions_timeout = {"connect": connect_timeout}
 
     @asynccontextmanager

@@ -363,6 +363,7 @@ class ProviderConfig:
     circuit: CircuitPolicy = CircuitPolicy()
     retry_budget: RetryBudget = RetryBudget()
     headers: Mapping[str, str] = attrs.field(factory=dict)
+    ca_file: str | None = None  # PEM bundle to verify the upstream's TLS certificate
     mock: MockSettings | None = None
 
     def api_key(self) -> str | None:
@@ -388,6 +389,9 @@ class ProviderConfig:
             headers = {}
         latency = LatencyTrigger.from_fields(f.sub("latency")) if f.has("latency") else None
         api_key_env = f.optional_string("api_key_env")
+        ca_file = f.optional_string("ca_file")
+        if ca_file is not None and not Path(ca_file).is_file():
+            f.error("ca_file", f"no such file: {ca_file!r}")
         for forbidden in ("api_key", "key"):
             if f.has(forbidden):
                 f.get(forbidden)
@@ -407,6 +411,7 @@ class ProviderConfig:
             circuit=CircuitPolicy.from_fields(f.sub("circuit")),
             retry_budget=RetryBudget.from_fields(f.sub("retry_budget")),
             headers=dict(headers),
+            ca_file=ca_file,
             mock=mock,
         )
         f.done()

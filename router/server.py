@@ -63,13 +63,17 @@ async def serve_asgi(
     grace: float = 5.0,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     sock: socket.socket | None = None,
+    tls: tuple[str, str] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an ASGI app with hypercorn's trio worker; reports the bound URL (port 0 is fine).
 
-    `sock`, when given, is a bound socket to listen on (a worker's SO_REUSEPORT socket).
+    `sock`, when given, is a bound socket to listen on (a worker's SO_REUSEPORT socket); `tls`
+    is (certfile, keyfile) to serve HTTPS.
     """
     hc = hypercorn_config(host, port, grace)
+    if tls is not None:
+        hc.certfile, hc.keyfile = tls
     if sock is None:
         serve = partial(hypercorn.trio.serve, app, hc)  # type: ignore[arg-type]
     else:
