@@ -1,0 +1,69 @@
+"""Property tests of the request boundary: any input either parses or is a clean 400, and the
+model swap changes the model value's bytes and nothing else."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.openai import BadRequest, parse_chat_request
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+whitespace = st.sampled_from(["", " ", "\n", "\t", "  \r\n "])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_parse_or_are_a_clean_400(body: bytes) -> None:
+    try:
+        parse_chat_request(body)
+    except BadRequest as exc:
+        assert exc.status == 400 and exc.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_any_json_parses_or_is_a_clean_400(value: Any) -> None:
+    try:
+        parse_chat_request(json.dumps(value).encode())
+    except BadRequest as exc:
+        assert exc.status == 400
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    extra=st.dictionaries(
+        st.text(max_size=10).filter(lambda k: k != "model"), json_values, max_size=5
+    ),
+    position=st.integers(min_value=0, max_value=6),
+    model=st.text(min_size=1, max_size=20),
+    new_model=st.text(min_size=1, max_size=20),
+    ws=st.lists(whitespace, min_size=4, max_size=4),
+)
+def test_model_swap_changes_only_the_model(
+    extra: dict[str, Any], position: int, model: str, new_model: str, ws: list[str]
+) -> None:
+    fields = [(k, v) for k, v in extra.items() if k not in ("messages", "stream", "stream_options")]
+    at = min(position, len(fields))
+    fields.append(("messages", [{"role": "user", "content": "hi"}]))
+
+    def body_with(value: str) -> bytes:
+        named = [*fields[:at], ("model", value), *fields[at:]]
+        parts = [f"{ws[0]}{json.dumps(k)}{ws[1]}:{ws[2]}{json.dumps(v)}{ws[3]}" for k, v in named]
+        return ("{" + ",".join(parts) + "}").encode()
+
+    try:
+        request = parse_chat_request(body_with(model))
+    except BadRequest:
+        return  # e.g. a random field that must be an integer is not: refused, fine
+    assert request.model == model
+    assert request.body_for(new_model) == body_with(new_model)  # every other byte is the client's
