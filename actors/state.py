@@ -172,10 +172,6 @@ class Circuits:
         c.probing = True
         return True, None
 
-    def is_probe(self, model: str) -> bool:
-        c = self._circuits.get(model)
-        return c is not None and c.probing
-
     def success(self, model: str) -> None:
         self._circuits.pop(model)
 

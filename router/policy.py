@@ -90,9 +90,6 @@ class Plan:
     def __bool__(self) -> bool:
         return bool(self._queue)
 
-    def peek(self) -> Target | None:
-        return self._queue[0] if self._queue else None
-
     def pop(self) -> Target:
         return self._queue.popleft()
 

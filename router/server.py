@@ -41,7 +41,11 @@ class Running:
 
     url: str
     app: App
-    actors: Mapping[str, ProviderActor]
+
+    @property
+    def actors(self) -> Mapping[str, ProviderActor]:
+        """The provider actors serving now (a reload may have changed them)."""
+        return self.app.gateway.actors
 
 
 def hypercorn_config(host: str, port: int, grace: float) -> hypercorn.config.Config:
@@ -147,7 +151,7 @@ async def serve(
                     )
                 )
                 log.info("cascade listening on %s (pid %d)", url, os.getpid())
-                task_status.started(Running(url, app, actors))
+                task_status.started(Running(url, app))
             sighup.cancel()
             # hypercorn has finished its graceful shutdown: no request uses the actors any more.
             for actor in app.gateway.actors.values():

@@ -50,14 +50,3 @@ def parse_size(value: object) -> int:
         if m:
             return int(float(m.group(1)) * _SIZE_FACTORS[m.group(2)])
     raise ValueError(value)
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest exact-looking form of a duration, for messages and docs."""
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    if seconds < 60 or seconds % 60:
-        return f"{seconds:g}s"
-    if seconds % 3600:
-        return f"{seconds / 60:g}m"
-    return f"{seconds / 3600:g}h"
