@@ -172,10 +172,15 @@ class _Run:
                     "/chat/completions", self.body, self.headers, _ignore
                 ) as r:
                     status, provider = r.status, r.headers.get("x-cascade-provider")
-                    if await r.read_chunk() and self.spec.stream:
+                    tail = await r.read_chunk()
+                    if tail and self.spec.stream:
                         ttft = trio.current_time() - scheduled
-                    while await r.read_chunk():
-                        pass
+                    while chunk := await r.read_chunk():
+                        tail = tail[-64:] + chunk
+            if self.spec.stream and status == 200 and b"data: [DONE]" not in tail[-64:]:
+                # It started but ended without [DONE]: cut, or failed in-band. The status line
+                # said 200; the answer is not complete.
+                status, error = None, "stream_incomplete"
         except trio.TooSlowError:
             error = "timeout"
         except ConnectTimeout:

@@ -79,7 +79,8 @@ async def test_closed_loop_keeps_concurrency_clients_busy(
 
 async def test_report_schema_errors_and_providers(autojump_clock: trio.testing.MockClock) -> None:
     async def served_by_p(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={}, headers={"x-cascade-provider": "p"})
+        body = b'data: {"choices": []}\n\ndata: [DONE]\n\n'
+        return httpx.Response(200, content=body, headers={"x-cascade-provider": "p"})
 
     upstream = Upstream(served_by_p, status(502), served_by_p, status(429))
     report = await run_load(
@@ -126,3 +127,19 @@ async def test_loadtest_against_the_real_gateway() -> None:
                 progress=progress,
             )
     assert report["ok"] == 40 and report["providers"] == {"a": 40}
+
+
+async def test_a_stream_without_done_counts_as_an_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from tests.helpers import chunk, stream
+
+    complete = stream([chunk("a"), chunk("b")])
+    truncated = stream([chunk("a"), b'data: {"error": {"message": "cut"}}\n\n'], done=False)
+    upstream = Upstream(complete, truncated)
+    report = await run_load(
+        LoadSpec(URL, concurrency=1, requests=2, duration=None, stream=True),
+        http_transport=upstream.transport(),
+    )
+    assert report["ok"] == 1
+    assert report["errors"] == {"stream_incomplete": 1}
