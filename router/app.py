@@ -61,7 +61,6 @@ class Gateway:
     actors: Mapping[str, ProviderActor]
     dispatcher: Dispatcher
     metrics: Metrics
-    ready: bool = True
 
 
 class App:
@@ -202,7 +201,7 @@ class App:
         await _respond(send, 200, b'{"status":"ok"}', request_id)
 
     async def _readyz(self, gateway: Gateway, send: Send, request_id: str) -> None:
-        ready = gateway.ready and not self.shutting_down
+        ready = not self.shutting_down
         body = b'{"status":"ready"}' if ready else b'{"status":"not ready"}'
         await _respond(send, 200 if ready else 503, body, request_id)
 

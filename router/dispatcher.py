@@ -112,8 +112,7 @@ class Winner:
     target: Target
     reply: Response | StreamStart
     replies: trio.MemoryReceiveChannel[Reply]
-    attempts: list[AttemptRecord]
-    attempt_count: int
+    attempt_count: int  # upstream calls made (refusals are not calls)
 
 
 class Dispatcher:
@@ -432,7 +431,7 @@ class _Run:
             self.d.metrics.failovers.labels(route_name).inc()
         # The winner leaves the live list: its scope is cancelled when the request is done.
         self.winner = live
-        return Winner(live.target, reply, live.replies, self.attempts, self.attempt_count)
+        return Winner(live.target, reply, live.replies, self.attempt_count)
 
     def _record(self, target: Target, status: int | None, error_type: str, started: float) -> None:
         elapsed = (trio.current_time() - started) * 1000
