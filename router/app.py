@@ -177,7 +177,7 @@ class App:
                         else:
                             await _answer(tracked, winner, request_id)
                 except CascadeError as exc:
-                    attempts = len(exc.attempts)
+                    attempts = exc.calls
                     await _cascade_error(tracked, exc, request_id)
                 nursery.cancel_scope.cancel()
         finally:
@@ -494,7 +494,7 @@ async def _gather_burst(replies: trio.MemoryReceiveChannel[Reply], batch: list[R
 
 
 async def _cascade_error(send: Send, exc: CascadeError, request_id: str) -> None:
-    extra = [(b"x-cascade-attempts", str(len(exc.attempts)).encode())]
+    extra = [(b"x-cascade-attempts", str(exc.calls).encode())]
     if exc.upstream is not None:
         upstream = exc.upstream
         content_type = upstream.headers.get("content-type", "application/json").encode()

@@ -69,6 +69,7 @@ class CascadeError(Exception):
         *,
         retry_after: float | None = None,
         upstream: Response | None = None,
+        calls: int = 0,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -77,6 +78,7 @@ class CascadeError(Exception):
         self.attempts = attempts
         self.retry_after = retry_after
         self.upstream = upstream  # the provider's own answer, returned as it is (4xx)
+        self.calls = calls  # upstream calls made (refusals in `attempts` are not calls)
 
 
 @attrs.frozen
@@ -448,10 +450,16 @@ class _Run:
                 "upstream_auth_error",
                 "a provider rejected Cascade's credentials; the operator must fix its API key",
                 self.attempts,
+                calls=self.attempt_count,
             )
         status = failure.status or 502
         return CascadeError(
-            status, failure.error_type, failure.message, self.attempts, upstream=upstream
+            status,
+            failure.error_type,
+            failure.message,
+            self.attempts,
+            upstream=upstream,
+            calls=self.attempt_count,
         )
 
     def _exhausted(self) -> CascadeError:
@@ -466,6 +474,7 @@ class _Run:
                 "every target is rate limited",
                 self.attempts,
                 retry_after=retry_after,
+                calls=self.attempt_count,
             )
         last = self.failures[-1] if self.failures else None
         timed_out = self.deadline_hit or (isinstance(last, Failure) and last.timeout)
@@ -475,7 +484,9 @@ class _Run:
             if self.deadline_hit
             else ("every target failed" if self.failures else "no target could be tried")
         )
-        return CascadeError(status, "retry_exhausted", message, self.attempts)
+        return CascadeError(
+            status, "retry_exhausted", message, self.attempts, calls=self.attempt_count
+        )
 
     def cancel_all(self) -> None:
         for live in self.live:

@@ -88,6 +88,7 @@ async def test_all_targets_rate_limited_answers_429_with_earliest_unblock(
         ("b", "refused:rate_limited"),
     ]
     assert len(a.calls) == len(b.calls) == 1  # the second request made zero upstream calls
+    assert (first.headers["x-cascade-attempts"], second.headers["x-cascade-attempts"]) == ("2", "0")
 
 
 async def test_exponential_blocks_without_retry_after(
@@ -176,6 +177,7 @@ async def test_max_attempts_caps_the_whole_cascade(autojump_clock: trio.testing.
         r = await post(gw, chat())
     assert r.status_code == 502
     assert [x["provider"] for x in r.json()["error"]["attempts"]] == ["a", "b"]
+    assert r.headers["x-cascade-attempts"] == "2"
     assert len(ups["c"].calls) == 0
 
 
