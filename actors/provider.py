@@ -161,6 +161,13 @@ class ProviderActor:
         finally:
             await self._transport.aclose()
 
+    async def ask_snapshot(self) -> Snapshot:
+        """The actor's state, answered by the actor's own task (for callers outside it)."""
+        send, receive = trio.open_memory_channel[Snapshot](1)
+        async with receive:
+            await self.inbox.send(SnapshotRequest(send))
+            return await receive.receive()
+
     def close(self) -> None:
         """Stop taking messages; `run` returns once the running attempts have finished."""
         self.inbox.close()

@@ -25,8 +25,6 @@ from actors.messages import (
     Failed,
     Reply,
     Response,
-    Snapshot,
-    SnapshotRequest,
     StreamEnd,
     StreamEvents,
     StreamStart,
@@ -234,7 +232,7 @@ class App:
         await _respond(send, 200, json.dumps(summary).encode(), request_id)
 
     async def _providers(self, gateway: Gateway, send: Send, request_id: str) -> None:
-        snapshots = [await snapshot(actor) for actor in gateway.actors.values()]
+        snapshots = [await actor.ask_snapshot() for actor in gateway.actors.values()]
         body = json.dumps({"providers": [s.to_json() for s in snapshots]}).encode()
         await _respond(send, 200, body, request_id)
 
@@ -246,14 +244,6 @@ _GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
     "/metrics": App._metrics,
     "/admin/providers": App._providers,
 }
-
-
-async def snapshot(actor: ProviderActor) -> Snapshot:
-    """Ask an actor for its state (the actor answers from its own task)."""
-    send, receive = trio.open_memory_channel[Snapshot](1)
-    async with receive:
-        await actor.inbox.send(SnapshotRequest(send))
-        return await receive.receive()
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -24,8 +24,6 @@ from actors.messages import (
     Refused,
     Reply,
     Response,
-    Snapshot,
-    SnapshotRequest,
     StreamStart,
     UpstreamRequest,
 )
@@ -362,9 +360,7 @@ class _Run:
     async def _p95(self, actor: ProviderActor) -> float:
         hedge = self.job.route.hedge
         assert hedge is not None
-        send, receive = trio.open_memory_channel[Snapshot](1)
-        await actor.inbox.send(SnapshotRequest(send))
-        p95 = (await receive.receive()).ttfb_p95
+        p95 = (await actor.ask_snapshot()).ttfb_p95
         return min(
             hedge.max_delay, max(hedge.min_delay, p95 if p95 is not None else hedge.max_delay)
         )
