@@ -281,13 +281,8 @@ def _request_id(scope: Scope) -> str:
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request body, refusing (413) more than `limit` bytes."""
     length = _header(scope, b"content-length")
-    too_big = openai.BadRequest(
-        f"the request body is larger than the {limit}-byte limit",
-        status=413,
-        code="request_too_large",
-    )
     if length is not None and length.isdigit() and int(length) > limit:
-        raise too_big
+        raise _too_large(limit)
     parts: list[bytes] = []
     size = 0
     while True:
@@ -297,10 +292,18 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_big
+            raise _too_large(limit)
         parts.append(chunk)
         if not message.get("more_body"):
             return b"".join(parts)
+
+
+def _too_large(limit: int) -> openai.BadRequest:
+    return openai.BadRequest(
+        f"the request body is larger than the {limit}-byte limit",
+        status=413,
+        code="request_too_large",
+    )
 
 
 class _ClientGone(openai.BadRequest):
