@@ -347,7 +347,7 @@ class ProviderActor:
                         chunk = await response.read_chunk()
                         events = decoder.feed(chunk) if chunk else decoder.finish()
                         if events:
-                            tokens = _tokens(events[-1].data) or tokens
+                            tokens = _stream_tokens(events) or tokens
                             message = StreamEvents(tuple(events))
                             try:
                                 reply.send_nowait(message)
@@ -445,6 +445,14 @@ class ProviderActor:
             attempts=self._attempts,
             failures=self._failures,
         )
+
+
+def _stream_tokens(events: list[SSEEvent]) -> int | None:
+    """Usage from a batch of events: the usage chunk comes last but for [DONE] after it."""
+    for event in events[-2:]:
+        if (tokens := _tokens(event.data)) is not None:
+            return tokens
+    return None
 
 
 def _tokens(body: bytes) -> int | None:

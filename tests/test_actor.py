@@ -263,3 +263,13 @@ async def test_every_attempt_is_counted_by_outcome(
         )
 
     assert [count(o) for o in ("ok", "client_error", "transient", "rate_limited")] == [1, 1, 1, 1]
+
+
+async def test_stream_usage_corrects_tpm_when_done_follows_in_the_same_read(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 40, "total_tokens": 43}}\n\n'
+    upstream = Upstream(stream([chunk("a"), usage + b"data: [DONE]\n\n"], done=False))
+    actor = await start(nursery, upstream, limits={"tpm": 1000})
+    await attempt(actor, request(stream=True))  # estimated 10 tokens
+    assert actor.snapshot(trio.current_time()).tokens_last_minute == 43
