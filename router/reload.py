@@ -24,7 +24,7 @@ import trio
 from actors.messages import Reconfigure
 from actors.provider import ProviderActor
 from router.app import App, Gateway
-from router.config import Config, MockSettings, demo_config_text
+from router.config import Config, MockSettings, ProviderConfig, demo_config_text
 from router.dispatcher import Dispatcher
 from router.metrics import Metrics
 from router.mock import MockUpstream
@@ -95,7 +95,7 @@ class Reloader:
         self.http_transports = http_transports or {}
         self._lock = trio.Lock()
 
-    async def start_actor(self, config: Any) -> ProviderActor:
+    async def start_actor(self, config: ProviderConfig) -> ProviderActor:
         transport = self.http_transports.get(config.name)
         actor = ProviderActor(config, self.metrics, http_transport=transport)
         await self.actor_nursery.start(actor.run)

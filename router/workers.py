@@ -37,11 +37,11 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(config: Config, index: int, log_level: str, source: Path | None) -> None:
+def _worker(config: Config, index: int, source: Path | None) -> None:
     from router.cli import setup_logging
     from router.server import serve, wait_for_signal
 
-    setup_logging(log_level)
+    setup_logging(config.server.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM
     sock = _reuseport_socket(config.server.host, config.server.port)
     log.info("worker %d (pid %d) starting", index, os.getpid())
@@ -59,7 +59,7 @@ def run_workers(config: Config, workers: int, source: Path | None) -> int:
     processes = [
         context.Process(
             target=_worker,
-            args=(config, i, config.server.log_level, source),
+            args=(config, i, source),
             name=f"cascade-worker-{i}",
         )
         for i in range(workers)
