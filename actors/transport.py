@@ -1,5 +1,5 @@
 """The one module the actors call for upstream HTTP. Nothing else in Cascade imports httpx
-(apart from the pool in actors/h11pool.py, which is an httpx transport).
+(apart from the pool in actors/http1.py, which is an httpx transport).
 
 Each provider actor owns one `Transport` and, through it, its own keep-alive pool. httpx's
 exceptions are mapped to ours at this edge:
@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import trio
 
-from actors.h11pool import H11Transport
+from actors.http1 import HTTP1Transport
 
 
 class TransportError(Exception):
@@ -63,7 +63,7 @@ class UpstreamResponse:
         self.status = response.status_code
         self.headers: Mapping[str, str] = response.headers  # case-insensitive
         # The transport's own byte stream: no decoding layer (we ask for identity encoding) and,
-        # with H11Transport, no async generator left behind when a read is cancelled.
+        # with HTTP1Transport, no async generator left behind when a read is cancelled.
         self._chunks: AsyncIterator[bytes] = response.stream.__aiter__()  # type: ignore[union-attr]
 
     async def read_chunk(self) -> bytes:
@@ -97,7 +97,7 @@ PhaseCallback = Callable[[str], None]
 class Transport:
     """HTTP/1.1 keep-alive calls to one upstream base URL.
 
-    Production uses `H11Transport` (our per-actor pool); tests may pass any httpx transport, such
+    Production uses `HTTP1Transport` (our per-actor pool); tests may pass any httpx transport, such
     as `httpx.MockTransport`. Requests go straight to the transport: none of httpx.AsyncClient's
     middleware (auth, cookies, redirects, hooks) applies to an API gateway's upstream calls.
     """
@@ -117,7 +117,7 @@ class Transport:
         if ca_file is not None:
             context = ssl.create_default_context(cafile=ca_file)
             context.set_alpn_protocols(["http/1.1"])
-        self._http = http_transport or H11Transport(
+        self._http = http_transport or HTTP1Transport(
             max_connections=max_connections, ssl_context=context
         )
         self._extensions_timeout = {"connect": connect_timeout}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -17,6 +18,9 @@ import attrs
 import yaml
 
 from router.units import parse_duration, parse_size
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[^\x00\r\n]*")
 
 T = TypeVar("T")
 
@@ -387,6 +391,11 @@ class ProviderConfig:
         ):
             f.error("headers", "expected a mapping of header names to strings")
             headers = {}
+        for name, value in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                f.error(f"headers.{name}", "not a valid HTTP header name")
+            elif not _HEADER_VALUE.fullmatch(value):
+                f.error(f"headers.{name}", "the value may not contain CR, LF or NUL")
         latency = LatencyTrigger.from_fields(f.sub("latency")) if f.has("latency") else None
         api_key_env = f.optional_string("api_key_env")
         ca_file = f.optional_string("ca_file")

@@ -185,6 +185,14 @@ def test_every_problem_is_reported_at_once() -> None:
             "providers.p.headers: expected a mapping of header names to strings",
         ),
         (
+            with_provider(headers={"x-org": "a\r\nx-evil: 1"}),
+            "providers.p.headers.x-org: the value may not contain CR, LF or NUL",
+        ),
+        (
+            with_provider(headers={"x org": "a"}),
+            "providers.p.headers.x org: not a valid HTTP header name",
+        ),
+        (
             with_provider(mock={"latency": "1s"}),
             "providers.p.base_url: a provider has either base_url or mock, not both",
         ),

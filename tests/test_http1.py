@@ -1,0 +1,250 @@
+"""The upstream HTTP/1.1 pool (actors/http1.py) against a byte-scripted server on 127.0.0.1:0.
+
+The server answers each request with exactly the bytes a test gives it, so framing, keep-alive,
+stale connections and malformed answers are tested as they arrive on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from actors.http1 import HTTP1Transport
+
+# An answer: the bytes to send, then whether to close the connection afterwards.
+Script = Callable[[int], tuple[bytes, bool]]
+
+
+class RawServer:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.requests: list[bytes] = []  # each request as received (head and body)
+        self.connections = 0
+        self.port = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, rest = buffer.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(rest) < length:
+                    rest += await stream.receive_some(65536)
+                self.requests.append(head + b"\r\n\r\n" + rest[:length])
+                buffer = rest[length:]
+                answer, close = self.script(len(self.requests))
+                if answer:
+                    await stream.send_all(answer)
+                if close:
+                    return
+
+
+@asynccontextmanager
+async def raw_server(script: Script) -> AsyncIterator[RawServer]:
+    server = RawServer(script)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        server.port = listeners[0].socket.getsockname()[1]
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def ok(body: bytes = b'{"ok":true}', extra: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n\r\n%s"
+        % (
+            extra,
+            len(body),
+            body,
+        )
+    )
+
+
+async def post(
+    pool: HTTP1Transport, port: int, body: bytes = b'{"q":1}', headers: dict[str, str] | None = None
+) -> tuple[int, httpx.Headers, bytes]:
+    request = httpx.Request(
+        "POST", f"http://127.0.0.1:{port}/v1/chat/completions", content=body, headers=headers
+    )
+    with trio.fail_after(5):
+        response = await pool.handle_async_request(request)
+        parts = [part async for part in response.stream]  # type: ignore[union-attr]
+    return response.status_code, response.headers, b"".join(parts)
+
+
+async def test_keep_alive_reuses_one_connection_and_sends_exact_bytes() -> None:
+    async with raw_server(lambda n: (ok(b'{"n":%d}' % n), False)) as server:
+        pool = HTTP1Transport()
+        for n in (1, 2, 3):
+            status, headers, body = await post(pool, server.port, headers={"x-request-id": "r1"})
+            assert (status, body, headers["content-type"]) == (
+                200,
+                b'{"n":%d}' % n,
+                "application/json",
+            )
+        await pool.aclose()
+    assert server.connections == 1
+    assert server.requests[0] == (
+        b"POST /v1/chat/completions HTTP/1.1\r\n"
+        b"Host: 127.0.0.1:%d\r\n"
+        b"x-request-id: r1\r\n"
+        b"Content-Length: 7\r\n\r\n"
+        b'{"q":1}' % server.port
+    )
+
+
+async def test_chunked_body_is_decoded() -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+    async with raw_server(lambda n: (answer, False)) as server:
+        pool = HTTP1Transport()
+        assert (await post(pool, server.port))[2] == b"hello world"
+        assert (await post(pool, server.port))[2] == b"hello world"
+        await pool.aclose()
+    assert server.connections == 1
+
+
+async def test_body_delimited_by_close_is_read_and_the_connection_not_reused() -> None:
+    async with raw_server(lambda n: (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", True)) as server:
+        pool = HTTP1Transport()
+        assert (await post(pool, server.port))[2] == b"until the end"
+        assert (await post(pool, server.port))[2] == b"until the end"
+        await pool.aclose()
+    assert server.connections == 2
+
+
+async def test_connection_close_header_is_honoured() -> None:
+    async with raw_server(lambda n: (ok(extra=b"connection: close\r\n"), False)) as server:
+        pool = HTTP1Transport()
+        await post(pool, server.port)
+        await post(pool, server.port)
+        await pool.aclose()
+    assert server.connections == 2
+
+
+async def test_interim_103_is_skipped() -> None:
+    answer = b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n" + ok(b"real")
+    async with raw_server(lambda n: (answer, False)) as server:
+        pool = HTTP1Transport()
+        status, headers, body = await post(pool, server.port)
+        await pool.aclose()
+    assert (status, body, "link" in headers) == (200, b"real", False)
+
+
+async def test_stale_keep_alive_is_retried_once_on_a_fresh_connection() -> None:
+    # The server answers the first request, keeps the connection, then drops it unanswered.
+    async with raw_server(lambda n: (ok(), False) if n != 2 else (b"", True)) as server:
+        pool = HTTP1Transport()
+        await post(pool, server.port)
+        status, _, body = await post(pool, server.port)
+        await pool.aclose()
+    assert (status, body) == (200, b'{"ok":true}')
+    assert server.connections == 2 and len(server.requests) == 3
+
+
+async def test_fresh_connection_closed_without_answer_is_an_error() -> None:
+    async with raw_server(lambda n: (b"", True)) as server:
+        pool = HTTP1Transport()
+        with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
+            await post(pool, server.port)
+        await pool.aclose()
+
+
+async def test_cut_mid_body_is_a_read_error_and_frees_the_slot() -> None:
+    cut = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part"
+    async with raw_server(lambda n: (cut, True) if n == 1 else (ok(), False)) as server:
+        pool = HTTP1Transport(max_connections=1)
+        with pytest.raises(httpx.ReadError, match="mid-body"):
+            await post(pool, server.port)
+        assert (await post(pool, server.port))[0] == 200  # the one slot came back
+        await pool.aclose()
+
+
+async def test_garbage_answer_is_a_protocol_error() -> None:
+    async with raw_server(lambda n: (b"SMTP ready\r\n\r\n", True)) as server:
+        pool = HTTP1Transport()
+        with pytest.raises(httpx.RemoteProtocolError, match="malformed response"):
+            await post(pool, server.port)
+        await pool.aclose()
+
+
+async def test_bytes_after_the_answer_prevent_reuse() -> None:
+    async with raw_server(lambda n: (ok() + ok(b"unasked"), False)) as server:
+        pool = HTTP1Transport()
+        assert (await post(pool, server.port))[2] == b'{"ok":true}'
+        assert (await post(pool, server.port))[2] == b'{"ok":true}'
+        await pool.aclose()
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\x00b"])
+async def test_header_that_would_split_the_request_is_refused_before_connecting(
+    value: str,
+) -> None:
+    async with raw_server(lambda n: (ok(), False)) as server:
+        pool = HTTP1Transport()
+        with pytest.raises(httpx.LocalProtocolError) as info:
+            await post(pool, server.port, headers={"authorization": value})
+        await pool.aclose()
+    assert "authorization" in str(info.value) and value not in str(info.value)
+    assert server.connections == 0
+
+
+async def test_max_connections_queues_the_rest() -> None:
+    release, two_open = trio.Event(), trio.Event()
+    opened: list[int] = []
+
+    async with raw_server(lambda n: (ok(), False)) as server:
+        pool = HTTP1Transport(max_connections=2)
+
+        async def hold() -> None:
+            request = httpx.Request("POST", f"http://127.0.0.1:{server.port}/", content=b"{}")
+            response = await pool.handle_async_request(request)
+            opened.append(server.connections)
+            if len(opened) == 2:
+                two_open.set()
+            await release.wait()
+            await response.aclose()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(hold)
+                await two_open.wait()
+                await trio.sleep(0.05)
+                assert len(opened) == 2  # the third waits for a slot
+                release.set()
+        await pool.aclose()
+    # The third ran on a connection handed back: each short answer had fully arrived with its head.
+    assert len(opened) == 3 and server.connections == 2
+
+
+async def test_an_unfinished_body_closes_its_connection() -> None:
+    partial_answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part"
+    async with raw_server(lambda n: (partial_answer, False) if n == 1 else (ok(), False)) as server:
+        pool = HTTP1Transport()
+        request = httpx.Request("POST", f"http://127.0.0.1:{server.port}/", content=b"{}")
+        with trio.fail_after(5):
+            response = await pool.handle_async_request(request)
+            assert await response.stream.__aiter__().__anext__() == b"only part"  # type: ignore[union-attr]
+            await response.aclose()  # given up mid-body: never back to the pool
+        assert (await post(pool, server.port))[0] == 200
+        await pool.aclose()
+    assert server.connections == 2
