@@ -182,6 +182,8 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         head = _serialise_head(request)  # before any I/O: a bad header costs no connection
+        if not isinstance(request.stream, httpx.ByteStream):
+            await request.aread()
         timeouts = request.extensions.get("timeout", {})
         trace = request.extensions.get("trace")
         await self._slots.acquire()
@@ -251,7 +253,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             await trace("http11.send_request_headers.started", {"request": request})
         conn.reset()
         try:
-            await conn.stream.send_all(head + request.content)
+            await conn.stream.send_all(head + _body(request))
             while not conn.head_done:
                 if not await conn.receive():
                     if conn.received == 0:
@@ -293,9 +295,18 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             await self._idle.pop().aclose()
 
 
+def _body(request: httpx.Request) -> bytes:
+    stream = request.stream
+    if isinstance(stream, httpx.ByteStream):  # what actors/transport.py sends: no async read
+        return b"".join(stream)
+    return request.content  # read by `handle_async_request` for any other kind of body
+
+
 def _serialise_head(request: httpx.Request) -> bytes:
     """The request line and headers. httpx supplies Host and Content-Length from the request."""
     lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
+    if "host" not in request.headers:  # httpx adds it unless the request was built with a stream
+        lines.append(b"host: %s\r\n" % request.url.netloc)
     token, field_value = _TOKEN.fullmatch, _FIELD_VALUE.fullmatch
     for name, value in request.headers.raw:
         if token(name) is None or field_value(value) is None:

@@ -129,20 +129,26 @@ class ProviderActor:
             if previous is not None and self._nursery is not None:
                 self._nursery.start_soon(previous.aclose)
         # identity: bodies are relayed as read (SSE must flow event by event, undecoded)
-        self._headers = {
+        headers = {
             "content-type": "application/json",
             "accept-encoding": "identity",
             **config.headers,
         }
         api_key = config.api_key()
         if api_key:
-            self._headers["authorization"] = f"Bearer {api_key}"
+            headers["authorization"] = f"Bearer {api_key}"
         elif config.api_key_env:
             log.warning(
                 "provider %s: environment variable %s is not set; calls go out without a key",
                 self.name,
                 config.api_key_env,
             )
+        # Encoded once here; each attempt adds only `accept` and `x-request-id`.
+        self._headers = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in headers.items()
+            if k.lower() not in ("accept", "x-request-id")
+        ]
         m = self._metrics
         self._m_in_flight = m.in_flight.labels(self.name)
         self._m_ttfb = m.ttfb.labels(self.name)
@@ -257,11 +263,11 @@ class ProviderActor:
                 self._metrics.cancelled.labels(self.name, phase[0]).inc()
                 self._circuits.probe_abandoned(attempt.request.model)
 
-    def _upstream_headers(self, request: UpstreamRequest) -> dict[str, str]:
-        headers = dict(self._headers)
-        headers["accept"] = "text/event-stream" if request.stream else "application/json"
+    def _upstream_headers(self, request: UpstreamRequest) -> list[tuple[bytes, bytes]]:
+        headers = self._headers.copy()
+        headers.append((b"accept", b"text/event-stream" if request.stream else b"application/json"))
         if request.request_id:
-            headers["x-request-id"] = request.request_id
+            headers.append((b"x-request-id", request.request_id.encode("latin-1")))
         return headers
 
     async def _call(self, attempt: Attempt, phase: list[str]) -> tuple[_Outcome, Reply]:

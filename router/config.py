@@ -394,6 +394,8 @@ class ProviderConfig:
         for name, value in headers.items():
             if not _HEADER_NAME.fullmatch(name):
                 f.error(f"headers.{name}", "not a valid HTTP header name")
+            elif name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+                f.error(f"headers.{name}", "is set by Cascade for each request")
             elif not _HEADER_VALUE.fullmatch(value):
                 f.error(f"headers.{name}", "the value may not contain CR, LF or NUL")
         latency = LatencyTrigger.from_fields(f.sub("latency")) if f.has("latency") else None

@@ -151,7 +151,7 @@ class _Run:
         self.spec = spec
         self.transport = transport
         self.body = spec.body()
-        self.headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        self.headers = [(b"content-type", b"application/json"), (b"accept-encoding", b"identity")]
         self.samples: list[Sample] = []
         self.started = 0
         self.dropped = 0
