@@ -28,6 +28,7 @@ import trio
 
 _READ_SIZE = 65536
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:,[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
 _FIELD_VALUE = re.compile(rb"[^\x00\r\n]*")
 
 
@@ -304,14 +305,22 @@ def _body(request: httpx.Request) -> bytes:
 
 def _serialise_head(request: httpx.Request) -> bytes:
     """The request line and headers. httpx supplies Host and Content-Length from the request."""
+    raw = request.headers.raw
+    names = [name for name, _ in raw]
+    values = [value for _, value in raw]
+    # One scan each: names joined with "," are all tokens only if each is; no value may hold a
+    # CR, LF or NUL. Only then find the culprit, and name it without echoing its value.
+    if (
+        _TOKENS.fullmatch(b",".join(names)) is None
+        or _FIELD_VALUE.fullmatch(b"".join(values)) is None
+    ):
+        for name, value in raw:
+            if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
+                raise httpx.LocalProtocolError(f"invalid header {name!r}: refusing to send it")
     lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
-    if "host" not in request.headers:  # httpx adds it unless the request was built with a stream
+    if b"host" not in (name.lower() for name in names):  # absent when built with a stream
         lines.append(b"host: %s\r\n" % request.url.netloc)
-    token, field_value = _TOKEN.fullmatch, _FIELD_VALUE.fullmatch
-    for name, value in request.headers.raw:
-        if token(name) is None or field_value(value) is None:
-            raise httpx.LocalProtocolError(f"invalid header {name!r}: refusing to send it")
-        lines.append(b"%s: %s\r\n" % (name, value))
+    lines += [b"%s: %s\r\n" % pair for pair in raw]
     lines.append(b"\r\n")
     return b"".join(lines)
 
