@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from typing import Any
 
 import httpx
@@ -125,28 +125,27 @@ class Transport:
         )
         self._extensions_timeout = {"connect": connect_timeout}
 
-    @asynccontextmanager
-    async def post(
+    def post(
         self,
         path: str,
         body: bytes,
         headers: list[tuple[bytes, bytes]],
         on_phase: PhaseCallback,
-    ) -> AsyncIterator[UpstreamResponse]:
-        """POST `body`; yields once the response headers are in. Leaving closes the response.
-
-        An unfinished response is closed, never returned to the pool half-read.
+    ) -> _Exchange:
+        """`async with transport.post(...) as response:` POSTs `body`; the block starts once the
+        response headers are in. Leaving it closes the response; an unfinished one is closed,
+        never returned to the pool half-read.
         """
-
-        async def trace(name: str, info: Any) -> None:
-            if name == "http11.send_request_headers.started":
-                on_phase("headers")
-
         target = self._targets.get(path)
         if target is None:
             url = httpx.URL(self._base_url + path)
             target = self._targets[path] = (url, (b"host", url.netloc))
         url, host = target
+
+        async def trace(name: str, info: Any) -> None:
+            if name == "http11.send_request_headers.started":
+                on_phase("headers")
+
         # The body as a ready stream and Host/Content-Length given: httpx skips its own encoding
         # pass, which costs three times as much as the rest of building the request.
         request = httpx.Request(
@@ -156,22 +155,34 @@ class Transport:
             headers=[host, (b"content-length", b"%d" % len(body)), *headers],
             extensions={"timeout": self._extensions_timeout, "trace": trace},
         )
-        try:
-            response = await self._http.handle_async_request(request)
-        except _HTTPX_ERRORS as exc:
-            raise _map_error(exc) from None
-        upstream = UpstreamResponse(response)
-        try:
-            yield upstream
-        finally:
-            if upstream.finished:  # read to its end: the connection is already back in the pool
-                await response.aclose()
-            else:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    with suppress(httpx.HTTPError):
-                        await upstream.close_body()
-                        await response.aclose()
+        return _Exchange(self._http, request)
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await self._http.aclose()
+
+
+class _Exchange:
+    """One upstream call as an async context manager (a class: it runs once per attempt)."""
+
+    __slots__ = ("_http", "_request", "_response", "_upstream")
+
+    def __init__(self, http: httpx.AsyncBaseTransport, request: httpx.Request) -> None:
+        self._http = http
+        self._request = request
+
+    async def __aenter__(self) -> UpstreamResponse:
+        try:
+            self._response = await self._http.handle_async_request(self._request)
+        except _HTTPX_ERRORS as exc:
+            raise _map_error(exc) from None
+        self._upstream = UpstreamResponse(self._response)
+        return self._upstream
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._upstream.finished:  # read to its end: the connection is back in the pool
+            await self._response.aclose()
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(5), suppress(httpx.HTTPError):
+            await self._upstream.close_body()
+            await self._response.aclose()

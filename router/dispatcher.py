@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 
 import attrs
 import trio
@@ -129,16 +128,31 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self._hedge_budgets: dict[str, HedgeBudget] = {}
 
-    @asynccontextmanager
-    async def dispatch(self, job: ChatJob) -> AsyncIterator[Winner]:
-        run = _Run(self, job)
-        try:
-            yield await run.first_byte()
-        finally:
-            run.cancel_all()
+    def dispatch(self, job: ChatJob) -> _Dispatch:
+        """`async with dispatcher.dispatch(job) as winner:` (see the module docstring)."""
+        return _Dispatch(_Run(self, job))
 
     def hedge_budget(self, route_name: str) -> HedgeBudget:
         return self._hedge_budgets.setdefault(route_name, HedgeBudget())
+
+
+class _Dispatch:
+    """The context manager `Dispatcher.dispatch` returns (a class: it runs once per request)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    async def __aenter__(self) -> Winner:
+        try:
+            return await self.run.first_byte()
+        except BaseException:
+            self.run.cancel_all()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.run.cancel_all()
 
 
 class HedgeBudget:
@@ -383,8 +397,7 @@ class _Run:
         self.attempt_count += 1
         failure = reply.failure if isinstance(reply, Failed) else None
         if failure is None and isinstance(reply, Response | StreamStart):
-            self._record(target, reply.status, "ok", live.started)
-            return self._win(live, reply)
+            return self._win(live, reply)  # (`attempts` is only read when the cascade fails)
         assert failure is not None
         live.scope.cancel()
         status = failure.status
