@@ -187,7 +187,10 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             await request.aread()
         timeouts = request.extensions.get("timeout", {})
         trace = request.extensions.get("trace")
-        await self._slots.acquire()
+        try:  # a free slot is taken without a scheduling round; the I/O below yields anyway
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
         try:
             conn, reused = await self._take_idle(), True
             if conn is None:

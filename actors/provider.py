@@ -253,7 +253,10 @@ class ProviderActor:
                     terminal = attrs.evolve(
                         terminal, failure=attrs.evolve(terminal.failure, until=until)
                     )
-                await attempt.reply.send(terminal)
+                try:  # the first reply always fits the buffer: skip send()'s scheduling round
+                    attempt.reply.send_nowait(terminal)
+                except trio.WouldBlock:
+                    await attempt.reply.send(terminal)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the dispatcher stopped listening: same as a cancellation
         finally:

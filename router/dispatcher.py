@@ -363,10 +363,13 @@ class _Run:
             check_start=job.check_start,
         )
         self.live.append(live)
+        attempt = Attempt(request, send, live.scope, is_retry)
+        inbox = self.d.actors[target.provider].inbox
         try:
-            await self.d.actors[target.provider].inbox.send(
-                Attempt(request, send, live.scope, is_retry)
-            )
+            try:  # no scheduling round unless the inbox is full: the reply wait yields anyway
+                inbox.send_nowait(attempt)
+            except trio.WouldBlock:
+                await inbox.send(attempt)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             send.send_nowait(Refused("stopped"))
         return live
