@@ -237,28 +237,28 @@ class ProviderActor:
 
     async def _attempt(self, attempt: Attempt, tpm_entry: list[float]) -> None:
         phase = ["connect"]
-        outcome: _Outcome | None = None
         terminal: Reply | None = None
         try:
-            with attempt.cancel_scope:
-                try:
-                    outcome, terminal = await self._call(attempt, phase)
-                except Exception as exc:  # a bug or an unmapped library error: one attempt fails
-                    log.exception("provider %s: attempt failed unexpectedly", self.name)
-                    failure = Failure(Kind.PROTOCOL, "internal_error", type(exc).__name__)
-                    outcome, terminal = _Outcome(failure, math.inf, math.inf), Failed(failure)
-                # State first, then the reply: the dispatcher's next step sees the new block.
-                until = self._settle(attempt.request, outcome, tpm_entry)
-                if until is not None and isinstance(terminal, Failed):
-                    terminal = attrs.evolve(
-                        terminal, failure=attrs.evolve(terminal.failure, until=until)
-                    )
-                try:  # the first reply always fits the buffer: skip send()'s scheduling round
-                    attempt.reply.send_nowait(terminal)
-                except trio.WouldBlock:
-                    await attempt.reply.send(terminal)
+            try:
+                result = await self._call(attempt, phase)
+            except Exception as exc:  # a bug or an unmapped library error: one attempt fails
+                log.exception("provider %s: attempt failed unexpectedly", self.name)
+                failure = Failure(Kind.PROTOCOL, "internal_error", type(exc).__name__)
+                result = _Outcome(failure, math.inf, math.inf), Failed(failure)
+            if result is None:
+                return  # the dispatcher cancelled it; counted below
+            outcome, last = result
+            # State first, then the reply: the dispatcher's next step sees the new block.
+            until = self._settle(attempt.request, outcome, tpm_entry)
+            if until is not None and isinstance(last, Failed):
+                last = attrs.evolve(last, failure=attrs.evolve(last.failure, until=until))
+            terminal = last
+            try:  # the first reply always fits the buffer: skip send()'s scheduling round
+                attempt.reply.send_nowait(terminal)
+            except trio.WouldBlock:  # a stream's end behind events a slow client has not read
+                await attempt.reply.send(terminal)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the dispatcher stopped listening: same as a cancellation
+            pass  # the dispatcher stopped listening: its cancel_all closes the channel
         finally:
             self.in_flight -= 1
             self._m_in_flight.dec()
@@ -273,11 +273,14 @@ class ProviderActor:
             headers.append((b"x-request-id", request.request_id.encode("latin-1")))
         return headers
 
-    async def _call(self, attempt: Attempt, phase: list[str]) -> tuple[_Outcome, Reply]:
-        """Run the upstream call. Returns what was learned and the last reply to send.
+    async def _call(self, attempt: Attempt, phase: list[str]) -> tuple[_Outcome, Reply] | None:
+        """Run the upstream call. Returns what was learned and the last reply to send, or None
+        when the dispatcher cancelled the attempt.
 
-        One cancel scope is the timer: its deadline is the first-byte limit until the first byte,
-        then the idle limit from each chunk, never past the total limit.
+        The attempt's cancel scope is made and cancelled by the dispatcher; its deadline is the
+        actor's timer: the first-byte limit until the first byte, then the idle limit from each
+        chunk, never past the total limit. When the scope ends the call, a deadline that has
+        passed means the timer fired; otherwise the dispatcher cancelled.
         """
         request = attempt.request
         timeouts = self.config.timeouts
@@ -291,7 +294,9 @@ class ProviderActor:
         def elapsed() -> float:
             return trio.current_time() - start
 
-        with trio.CancelScope(deadline=min(start + timeouts.first_byte, total_deadline)) as timer:
+        timer = attempt.cancel_scope
+        timer.deadline = min(start + timeouts.first_byte, total_deadline)
+        with timer:
             try:
                 async with self._transport.post(
                     request.path, request.body, self._upstream_headers(request), set_phase
@@ -375,6 +380,8 @@ class ProviderActor:
                     Kind.TRANSIENT, "stream_cut" if cut else "connection_lost", str(exc)
                 )
             return _Outcome(failure, ttfb, elapsed()), Failed(failure)
+        if trio.current_time() < timer.deadline:
+            return None  # cancelled by the dispatcher: nobody waits for an answer
         # The timer fired.
         if trio.current_time() >= total_deadline:
             failure = Failure(
