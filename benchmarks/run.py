@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -99,9 +100,8 @@ def process(
             proc.wait()
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (workers), in MB."""
-    total = 0
+def family(pid: int) -> list[int]:
+    """A process and its children (workers)."""
     pids = [pid]
     try:
         children = subprocess.run(
@@ -110,7 +110,13 @@ def rss_mb(pid: int) -> float:
         pids += [int(c) for c in children]
     except FileNotFoundError:
         pass
-    for p in pids:
+    return pids
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (workers), in MB."""
+    total = 0
+    for p in family(pid):
         try:
             status = Path(f"/proc/{p}/status").read_text()
         except OSError:
@@ -118,6 +124,18 @@ def rss_mb(pid: int) -> float:
         m = re.search(r"VmRSS:\s+(\d+) kB", status)
         total += int(m.group(1)) if m else 0
     return round(total / 1024, 1)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by these processes (0 where /proc is not there)."""
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Load:
@@ -136,6 +154,14 @@ class Load:
         return "wrk" if self.wrk else "cascade loadtest"
 
     def run(self, port: int, concurrency: int, stream: bool = False) -> dict[str, Any]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = self._run(port, concurrency, stream)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        result["generator_cpu_s"] = round(used, 2)
+        return result
+
+    def _run(self, port: int, concurrency: int, stream: bool = False) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = STREAM_BODY if stream else BODY
         if self.wrk:
@@ -225,13 +251,27 @@ class Bench:
         self.load = Load(args.duration, self.client_cpus, args.load_generator)
         self.tmp = self.load.tmp
         self.results: dict[str, Any] = {}
+        self.proxy_pid: int | None = None  # the process under test (CPU per request)
+        self.upstream_pids: list[int] = []
 
     @contextmanager
     def upstream(self, *flags: str) -> Iterator[int]:
         port = free_port()
         cmd = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(port), *flags]
-        with process(cmd, port, self.client_cpus):
-            yield port
+        with process(cmd, port, self.client_cpus) as proc:
+            self.upstream_pids.append(proc.pid)
+            try:
+                yield port
+            finally:
+                self.upstream_pids.remove(proc.pid)
+
+    @contextmanager
+    def under_test(self, proc: subprocess.Popen[bytes]) -> Iterator[None]:
+        self.proxy_pid = proc.pid
+        try:
+            yield
+        finally:
+            self.proxy_pid = None
 
     @contextmanager
     def cascade(
@@ -242,9 +282,10 @@ class Bench:
             self.tmp / f"cascade-{port}.json", port, upstreams, targets, workers
         )
         cpus = self.proxy_cpus if workers == 1 else None
-        with process(
-            [PYTHON, "-m", "router", "serve", "--config", str(config)], port, cpus
-        ) as proc:
+        with (
+            process([PYTHON, "-m", "router", "serve", "--config", str(config)], port, cpus) as proc,
+            self.under_test(proc),
+        ):
             proc.port = port  # type: ignore[attr-defined]
             yield proc
 
@@ -252,7 +293,7 @@ class Bench:
     def bare(self, latency: float = 0.0) -> Iterator[int]:
         port = free_port()
         cmd = [PYTHON, str(HERE / "bare_app.py"), "--port", str(port), "--latency", str(latency)]
-        with process(cmd, port, self.proxy_cpus):
+        with process(cmd, port, self.proxy_cpus) as proc, self.under_test(proc):
             yield port
 
     @contextmanager
@@ -275,7 +316,8 @@ class Bench:
             "--num_workers",
             "1",
         ]
-        with process(cmd, port, self.proxy_cpus, env={"LITELLM_LOG": "ERROR"}) as proc:
+        env = {"LITELLM_LOG": "ERROR"}
+        with process(cmd, port, self.proxy_cpus, env=env) as proc, self.under_test(proc):
             self.warm(port)
             proc.port = port  # type: ignore[attr-defined]
             yield port
@@ -293,7 +335,15 @@ class Bench:
     ) -> None:
         self.warm(port)
         for c in levels:
+            proxy = family(self.proxy_pid) if self.proxy_pid else []
+            cpu_before = cpu_seconds(proxy), cpu_seconds(self.upstream_pids)
             r = self.load.run(port, c, stream)
+            proxy_cpu = cpu_seconds(proxy) - cpu_before[0]
+            r["upstream_cpu_s"] = round(cpu_seconds(self.upstream_pids) - cpu_before[1], 2)
+            if proxy:
+                r["proxy_cpu_s"] = round(proxy_cpu, 2)
+                served = r["rps"] * self.load.duration
+                r["cpu_us_per_request"] = round(proxy_cpu / served * 1e6) if served else None
             if pid is not None:
                 r["rss_mb"] = rss_mb(pid)
             self.results.setdefault(key, {})[c] = r
