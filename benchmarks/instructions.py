@@ -1,0 +1,124 @@
+"""CPU instructions per request, counted by valgrind: a measure that does not drift with the VM.
+
+    python benchmarks/instructions.py [--requests 500] [--warmup 100]
+
+Throughput on a shared VM moves ±30% from hour to hour; the number of instructions a server
+executes per request does not (callgrind counts them, whatever else the machine is doing). This
+runs bare hypercorn-trio (benchmarks/bare_app.py) and Cascade (one worker, `log_level: warning`)
+under `valgrind --tool=callgrind` against benchmarks/fast_upstream.py, sends `--warmup` and then
+`--warmup + --requests` sequential keep-alive requests in two separate runs, and reports the
+difference per request, so start-up and shutdown cancel out. Loopback only; each run is bounded.
+It needs valgrind (`apt-get install valgrind`) and takes a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PYTHON = sys.executable
+BODY = b'{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
+sys.path.insert(0, str(HERE))
+
+from run import free_port, process  # noqa: E402  (benchmarks/run.py: same helpers)
+
+
+def send(port: int, count: int, seconds: float = 600) -> None:
+    """`count` POSTs on one keep-alive connection, waiting (bounded) for the server to listen."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.connect()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    for _ in range(count):
+        conn.request("POST", "/v1/chat/completions", BODY, {"content-type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"status {response.status}")
+    conn.close()
+
+
+def instructions(cmd: list[str], port: int, count: int, tmp: Path) -> int:
+    """Total instructions the server executes from start to exit, having served `count`."""
+    out = tmp / "callgrind.out"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        send(port, count)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    m = re.search(r"Collected : ([\d,]+)", err)
+    if not m:
+        raise RuntimeError(f"no instruction count from valgrind:\n{err[-2000:]}")
+    return int(m.group(1).replace(",", ""))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--requests", type=int, default=500)
+    p.add_argument("--warmup", type=int, default=100)
+    args = p.parse_args()
+    if not shutil.which("valgrind"):
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="cascade-instr-"))
+    upstream_port = free_port()
+    upstream = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(upstream_port)]
+    results: dict[str, float] = {}
+    with process(upstream, upstream_port, None):
+        port = free_port()
+        config = tmp / "cascade.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "server": {"port": port, "log_level": "warning"},
+                    "providers": {"up": {"base_url": f"http://127.0.0.1:{upstream_port}/v1"}},
+                    "routes": [{"match": "bench", "targets": ["up/bench"]}],
+                }
+            )
+        )
+        servers = {
+            "bare hypercorn-trio": [PYTHON, str(HERE / "bare_app.py"), "--port", str(port)],
+            "Cascade, 1 worker": [PYTHON, "-m", "router", "serve", "--config", str(config)],
+        }
+        for name, cmd in servers.items():
+            low = instructions(cmd, port, args.warmup, tmp)
+            high = instructions(cmd, port, args.warmup + args.requests, tmp)
+            results[name] = (high - low) / args.requests
+            print(f"{name}: {results[name] / 1e6:.3f} M instructions per request", flush=True)
+    bare, cascade = results["bare hypercorn-trio"], results["Cascade, 1 worker"]
+    print(f"bare / Cascade: {bare / cascade:.3f}  (the throughput ratio if IPC were equal)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
