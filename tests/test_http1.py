@@ -159,29 +159,23 @@ async def test_stale_keep_alive_is_retried_once_on_a_fresh_connection() -> None:
     assert server.connections == 2 and len(server.requests) == 3
 
 
-async def test_fresh_connection_closed_without_answer_is_an_error() -> None:
-    async with raw_server(lambda n: (b"", True)) as server:
-        pool = HTTP1Transport()
-        with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
-            await post(pool, server.port)
-        await pool.aclose()
-
-
-async def test_cut_mid_body_is_a_read_error_and_frees_the_slot() -> None:
-    cut = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part"
-    async with raw_server(lambda n: (cut, True) if n == 1 else (ok(), False)) as server:
+@pytest.mark.parametrize(
+    ("first_answer", "error", "match"),
+    [
+        (b"", httpx.RemoteProtocolError, "without answering"),  # a fresh connection: no retry
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part", httpx.ReadError, "mid-body"),
+        (b"SMTP ready\r\n\r\n", httpx.RemoteProtocolError, "malformed response"),
+    ],
+    ids=["closed-unanswered", "cut-mid-body", "garbage"],
+)
+async def test_broken_answer_is_an_error_and_frees_the_slot(
+    first_answer: bytes, error: type[Exception], match: str
+) -> None:
+    async with raw_server(lambda n: (first_answer, True) if n == 1 else (ok(), False)) as server:
         pool = HTTP1Transport(max_connections=1)
-        with pytest.raises(httpx.ReadError, match="mid-body"):
+        with pytest.raises(error, match=match):
             await post(pool, server.port)
         assert (await post(pool, server.port))[0] == 200  # the one slot came back
-        await pool.aclose()
-
-
-async def test_garbage_answer_is_a_protocol_error() -> None:
-    async with raw_server(lambda n: (b"SMTP ready\r\n\r\n", True)) as server:
-        pool = HTTP1Transport()
-        with pytest.raises(httpx.RemoteProtocolError, match="malformed response"):
-            await post(pool, server.port)
         await pool.aclose()
 
 
