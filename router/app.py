@@ -176,7 +176,10 @@ class App:
                 except CascadeError as exc:
                     attempts = exc.calls
                     await _cascade_error(tracked, exc, request_id)
-                nursery.cancel_scope.cancel()
+                # The answer is complete, so the server now reports http.disconnect (the ASGI
+                # spec's answer to any receive() after a response; hypercorn queues it during the
+                # last send) and the watcher returns on it by itself. Cancelling it instead would
+                # unwind a Cancelled through its frames: ~4% of a request's CPU.
         finally:
             elapsed = trio.current_time() - started
             status = tracked.status if tracked.finished else 499  # 499: the client left first
