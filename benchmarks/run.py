@@ -4,10 +4,12 @@
     python benchmarks/run.py                      # full run, writes docs/benchmarks.md + .png
     python benchmarks/run.py --litellm /path/to/venv/bin/litellm
     python benchmarks/run.py --smoke --out /tmp/bench.md   # seconds: checks the machinery (CI)
+    python benchmarks/run.py --rerender           # after editing analysis.md: same numbers
 
 It starts a canned upstream (benchmarks/fast_upstream.py), then measures with the same load, one
 after the other: the upstream directly; bare hypercorn-trio answering itself (the stack's ceiling);
 Cascade with 1 and 2 workers; and the LiteLLM proxy when `--litellm` points at its executable.
+Then, for the ratio targets, three interleaved rounds restart bare / Cascade / LiteLLM in turn.
 On a machine with 2+ cores the proxy under test is pinned to core 0, the upstream and the load
 generator to core 1. The load generator is wrk when installed, else `cascade loadtest`.
 All traffic stays on 127.0.0.1; every run is bounded by --duration.
@@ -440,7 +442,9 @@ def machine() -> dict[str, str]:
         "cpu": f"{cpu}, {os.cpu_count()} cores",
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "versions": ", ".join(f"{p} {version(p)}" for p in ("trio", "hypercorn", "httpx", "h11")),
+        "versions": ", ".join(
+            f"{p} {version(p)}" for p in ("trio", "hypercorn", "h11", "httpx", "httptools")
+        ),
         "commit": commit or "-",
     }
 
@@ -449,9 +453,21 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "-"
 
 
-def report(bench: Bench, elapsed: float) -> str:
-    r = bench.results
-    info = machine()
+def meta(bench: Bench, elapsed: float) -> dict[str, Any]:
+    """How the run was made: stored with the results, so a page can be re-rendered later."""
+    return {
+        **machine(),
+        "tool": bench.load.tool,
+        "duration": bench.args.duration,
+        "proxy_cpus": bench.proxy_cpus,
+        "client_cpus": bench.client_cpus,
+        "elapsed": round(elapsed),
+    }
+
+
+def report(results: dict[str, Any]) -> str:
+    r = results
+    info = r["meta"]
     lines = [
         "# Benchmarks",
         "",
@@ -460,9 +476,9 @@ def report(bench: Bench, elapsed: float) -> str:
         "",
         f"- machine: {info['cpu']}; {info['os']}; Python {info['python']}",
         f"- versions: {info['versions']}; Cascade commit {info['commit']}",
-        f"- load generator: {bench.load.tool}, one connection per client, {bench.args.duration:g} s per point;"
-        f" proxy pinned to CPU {bench.proxy_cpus}, upstream and load generator to CPU {bench.client_cpus}",
-        f"- whole run: {elapsed:.0f} s",
+        f"- load generator: {info['tool']}, one connection per client, {info['duration']:g} s per point;"
+        f" proxy pinned to CPU {info['proxy_cpus']}, upstream and load generator to CPU {info['client_cpus']}",
+        f"- whole run: {info['elapsed']:.0f} s",
         "",
     ]
 
@@ -617,15 +633,31 @@ def report(bench: Bench, elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def raw_results(bench: Bench) -> str:
+def raw_results(results: dict[str, Any]) -> str:
     return (
-        "\n## Raw results\n\n```json\n"
-        + json.dumps(bench.results, indent=1, sort_keys=True)
-        + "\n```\n"
+        "\n## Raw results\n\n```json\n" + json.dumps(results, indent=1, sort_keys=True) + "\n```\n"
     )
 
 
-def plot(bench: Bench, path: Path) -> bool:
+def load_results(page: Path) -> dict[str, Any]:
+    """The raw results stored at the end of a page this script wrote (levels back to ints)."""
+    m = re.search(r"## Raw results\n\n```json\n(.*)\n```", page.read_text(), re.S)
+    if not m:
+        raise SystemExit(f"{page} has no raw results to re-render")
+
+    def levels(d: Any) -> Any:
+        if not isinstance(d, dict):
+            return d
+        return {int(k) if k.isdigit() else k: levels(v) for k, v in d.items()}
+
+    data = json.loads(m.group(1))
+    return {
+        k: v if k == "meta" else [levels(x) for x in v] if isinstance(v, list) else levels(v)
+        for k, v in data.items()
+    }
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -633,7 +665,7 @@ def plot(bench: Bench, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    r = bench.results
+    r = results
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     series = [
         ("slow/direct", "upstream directly"),
@@ -670,21 +702,31 @@ def main() -> int:
     p.add_argument("--load-generator", choices=("auto", "wrk", "loadtest"), default="auto")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
+    p.add_argument(
+        "--rerender",
+        action="store_true",
+        help="measure nothing: rewrite --out from the raw results stored in it (after editing"
+        " benchmarks/analysis.md)",
+    )
     args = p.parse_args()
-    if args.smoke:
-        args.duration = min(args.duration, 1.0)
-    bench = Bench(args)
-    started = time.monotonic()
-    bench.run()
     out = Path(args.out)
-    text = report(bench, time.monotonic() - started)
+    if args.rerender:
+        results = load_results(out)
+    else:
+        if args.smoke:
+            args.duration = min(args.duration, 1.0)
+        bench = Bench(args)
+        started = time.monotonic()
+        bench.run()
+        results = {**bench.results, "meta": meta(bench, time.monotonic() - started)}
+    text = report(results)
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
-    if plot(bench, png):
+    if plot(results, png):
         text += f"\n![throughput and p99 vs concurrency]({png.name})\n"
     analysis = HERE / "analysis.md"  # the hand-written reading of these numbers
     if not args.smoke and analysis.exists():
         text += "\n" + analysis.read_text()
-    out.write_text(text + raw_results(bench))
+    out.write_text(text + raw_results(results))
     print(f"wrote {out}")
     return 0
 
