@@ -228,3 +228,26 @@ def test_check_command(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> 
         capsys.readouterr().out
         == "providers.p.timeouts.first_byte: expected a positive duration like \"30s\", got 'fast'\n"
     )
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2c"])
+async def test_request_task_ends_with_its_answer_on_a_kept_alive_connection(http2: bool) -> None:
+    """The disconnect watcher returns on the server's post-answer http.disconnect: the request's
+    task ends (and is counted) while the client keeps its connection open, over HTTP/1.1 and
+    HTTP/2 alike."""
+    counted = 'cascade_requests_total{route="gpt",status="200"} 2.0'
+    with trio.fail_after(10):
+        async with (
+            live_gateway({"a": FakeUpstream(answers, streams)}) as gw,
+            httpx.AsyncClient(base_url=gw.url, http1=not http2, http2=http2) as client,
+        ):
+            plain = await client.post("/v1/chat/completions", json=chat())
+            streamed = await client.post("/v1/chat/completions", json=chat(stream=True))
+            for _ in range(100):  # bounded: ~1 s
+                metrics = await client.get("/metrics")
+                if counted in metrics.text:
+                    break
+                await trio.sleep(0.01)
+    assert plain.http_version == streamed.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+    assert sse_data(streamed.text)[-1] == "[DONE]"
+    assert counted in metrics.text
