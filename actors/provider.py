@@ -56,6 +56,7 @@ MAX_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a proto
 MAX_ERROR_BODY = 64 * 1024  # an error answer is cut to this
 INBOX_SIZE = 64
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+_HEADER_VALUE = re.compile(r"[^\x00-\x1f\x7f]*")
 _WARN_RETRY_AFTER = 24 * 3600.0
 
 
@@ -134,8 +135,17 @@ class ProviderActor:
             "accept-encoding": "identity",
             **config.headers,
         }
-        api_key = config.api_key()
-        if api_key:
+        # Surrounding whitespace is a copy-paste or key-file artefact (a trailing CR/LF), never
+        # part of a key; a control character inside one could split the request's headers.
+        api_key = (config.api_key() or "").strip()
+        if api_key and not _HEADER_VALUE.fullmatch(api_key):
+            log.error(
+                "provider %s: environment variable %s holds control characters; calls go out"
+                " without a key",
+                self.name,
+                config.api_key_env,
+            )
+        elif api_key:
             headers["authorization"] = f"Bearer {api_key}"
         elif config.api_key_env:
             log.warning(

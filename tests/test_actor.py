@@ -79,6 +79,29 @@ async def test_attempt_returns_the_upstream_answer_with_provider_key(
     assert actor.in_flight == 0
 
 
+@pytest.mark.parametrize(
+    ("value", "sent"), [("sk-abc\r\n", "Bearer sk-abc"), ("sk-a\nx-evil: 1", None)]
+)
+async def test_key_with_control_characters_never_splits_a_header(
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock,
+    value: str,
+    sent: str | None,
+) -> None:
+    monkeypatch.setenv("CASCADE_TEST_KEY", value)
+    upstream = Upstream(ok("hi"))
+    actor = await start(nursery, upstream, api_key_env="CASCADE_TEST_KEY")
+    [reply] = await attempt(actor, request())
+    assert isinstance(reply, Response)
+    assert upstream.calls[0].headers.get("authorization") == sent  # trimmed, or not sent at all
+    assert "x-evil" not in upstream.calls[0].headers
+    assert "x-evil" not in caplog.text  # the key's value is never logged
+    if sent is None:
+        assert "CASCADE_TEST_KEY holds control characters" in caplog.text
+
+
 async def test_rate_limit_blocks_and_refusal_costs_no_call(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
