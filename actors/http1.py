@@ -32,6 +32,22 @@ _TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:,[!#$%&'*+\-.^_`|~0-9A-Za
 _FIELD_VALUE = re.compile(rb"[^\x00\r\n]*")
 
 
+def header_problem(name: str, value: str) -> str | None:
+    """Why this header could not be sent as it is, or None: the rules `_serialise_head` enforces.
+
+    Config validation and the provider actor check static headers and keys with it up front.
+    """
+    try:
+        raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
+    except UnicodeEncodeError:
+        return "must be Latin-1 text"
+    if _TOKEN.fullmatch(raw_name) is None:
+        return "not a valid HTTP header name"
+    if _FIELD_VALUE.fullmatch(raw_value) is None:
+        return "the value may not contain CR, LF or NUL"
+    return None
+
+
 class _Connection:
     """One connection and the parser of the response it is reading (httptools callbacks)."""
 

@@ -18,6 +18,7 @@ import attrs
 import httpx
 import trio
 
+from actors.http1 import header_problem
 from actors.messages import (
     Attempt,
     Block,
@@ -56,7 +57,6 @@ MAX_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a proto
 MAX_ERROR_BODY = 64 * 1024  # an error answer is cut to this
 INBOX_SIZE = 64
 _TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
-_HEADER_VALUE = re.compile(r"[^\x00-\x1f\x7f]*")
 _WARN_RETRY_AFTER = 24 * 3600.0
 
 
@@ -138,10 +138,10 @@ class ProviderActor:
         # Surrounding whitespace is a copy-paste or key-file artefact (a trailing CR/LF), never
         # part of a key; a control character inside one could split the request's headers.
         api_key = (config.api_key() or "").strip()
-        if api_key and not _HEADER_VALUE.fullmatch(api_key):
+        if api_key and header_problem("authorization", api_key) is not None:
             log.error(
-                "provider %s: environment variable %s holds control characters; calls go out"
-                " without a key",
+                "provider %s: environment variable %s cannot be sent in a header (control or"
+                " non-Latin-1 characters); calls go out without a key",
                 self.name,
                 config.api_key_env,
             )

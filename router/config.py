@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -17,10 +16,8 @@ from typing import Any, Literal, TypeVar
 import attrs
 import yaml
 
+from actors.http1 import header_problem
 from router.units import parse_duration, parse_size
-
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_VALUE = re.compile(r"[^\x00\r\n]*")
 
 T = TypeVar("T")
 
@@ -392,12 +389,10 @@ class ProviderConfig:
             f.error("headers", "expected a mapping of header names to strings")
             headers = {}
         for name, value in headers.items():
-            if not _HEADER_NAME.fullmatch(name):
-                f.error(f"headers.{name}", "not a valid HTTP header name")
-            elif name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+            if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
                 f.error(f"headers.{name}", "is set by Cascade for each request")
-            elif not _HEADER_VALUE.fullmatch(value):
-                f.error(f"headers.{name}", "the value may not contain CR, LF or NUL")
+            elif (problem := header_problem(name, value)) is not None:
+                f.error(f"headers.{name}", problem)
         latency = LatencyTrigger.from_fields(f.sub("latency")) if f.has("latency") else None
         api_key_env = f.optional_string("api_key_env")
         ca_file = f.optional_string("ca_file")

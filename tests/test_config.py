@@ -189,6 +189,10 @@ def test_every_problem_is_reported_at_once() -> None:
             "providers.p.headers.x-org: the value may not contain CR, LF or NUL",
         ),
         (
+            with_provider(headers={"x-org": "caf\u00e9 \u65e5"}),
+            "providers.p.headers.x-org: must be Latin-1 text",
+        ),
+        (
             with_provider(headers={"x org": "a"}),
             "providers.p.headers.x org: not a valid HTTP header name",
         ),
