@@ -108,35 +108,31 @@ async def test_keep_alive_reuses_one_connection_and_sends_exact_bytes() -> None:
     )
 
 
-async def test_chunked_body_is_decoded() -> None:
-    answer = (
-        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
-    )
-    async with raw_server(lambda n: (answer, False)) as server:
+@pytest.mark.parametrize(
+    ("answer", "close", "body", "connections"),
+    [
+        (  # chunked framing, decoded; the connection is kept
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            False,
+            b"hello world",
+            1,
+        ),
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", True, b"until the end", 2),  # ends with EOF
+        (ok(extra=b"connection: close\r\n"), False, b'{"ok":true}', 2),  # honoured
+        (ok() + ok(b"unasked"), False, b'{"ok":true}', 2),  # bytes after the answer: not reused
+    ],
+    ids=["chunked", "close-delimited", "connection-close", "bytes-after-answer"],
+)
+async def test_framing_and_connection_reuse(
+    answer: bytes, close: bool, body: bytes, connections: int
+) -> None:
+    async with raw_server(lambda n: (answer, close)) as server:
         pool = HTTP1Transport()
-        assert (await post(pool, server.port))[2] == b"hello world"
-        assert (await post(pool, server.port))[2] == b"hello world"
+        assert (await post(pool, server.port))[2] == body
+        assert (await post(pool, server.port))[2] == body
         await pool.aclose()
-    assert server.connections == 1
-
-
-async def test_body_delimited_by_close_is_read_and_the_connection_not_reused() -> None:
-    async with raw_server(lambda n: (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", True)) as server:
-        pool = HTTP1Transport()
-        assert (await post(pool, server.port))[2] == b"until the end"
-        assert (await post(pool, server.port))[2] == b"until the end"
-        await pool.aclose()
-    assert server.connections == 2
-
-
-async def test_connection_close_header_is_honoured() -> None:
-    async with raw_server(lambda n: (ok(extra=b"connection: close\r\n"), False)) as server:
-        pool = HTTP1Transport()
-        await post(pool, server.port)
-        await post(pool, server.port)
-        await pool.aclose()
-    assert server.connections == 2
+    assert server.connections == connections
 
 
 async def test_interim_103_is_skipped() -> None:
@@ -177,15 +173,6 @@ async def test_broken_answer_is_an_error_and_frees_the_slot(
             await post(pool, server.port)
         assert (await post(pool, server.port))[0] == 200  # the one slot came back
         await pool.aclose()
-
-
-async def test_bytes_after_the_answer_prevent_reuse() -> None:
-    async with raw_server(lambda n: (ok() + ok(b"unasked"), False)) as server:
-        pool = HTTP1Transport()
-        assert (await post(pool, server.port))[2] == b'{"ok":true}'
-        assert (await post(pool, server.port))[2] == b'{"ok":true}'
-        await pool.aclose()
-    assert server.connections == 2
 
 
 @pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\x00b"])
