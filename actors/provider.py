@@ -47,7 +47,13 @@ from actors.state import (
     RetryBudgetState,
     SlidingWindow,
 )
-from actors.transport import ConnectFailed, ConnectionLost, ConnectTimeout, Transport
+from actors.transport import (
+    ConnectFailed,
+    ConnectionLost,
+    ConnectTimeout,
+    Transport,
+    UpstreamResponse,
+)
 from router.config import ProviderConfig
 from router.metrics import Metrics
 
@@ -68,6 +74,179 @@ class _Outcome:
     ttfb: float
     total: float
     tokens: int | None = None
+
+
+class _DispatcherGone(Exception):
+    """The dispatcher closed the attempt's reply channel: nobody waits for the rest."""
+
+
+class _Call:
+    """One upstream call of an actor, in its steps: exchange (connect, headers), then a whole body
+    or a stream's start and pump. `phase` names the step it is in, for the cancellation metric.
+
+    The attempt's cancel scope is made and cancelled by the dispatcher; its deadline is the
+    actor's timer: the first-byte limit until the first byte, then the idle limit from each
+    chunk, never past the total limit. When the scope ends the call, a deadline that has passed
+    means the timer fired; otherwise the dispatcher cancelled.
+    """
+
+    __slots__ = (
+        "actor",
+        "attempt",
+        "phase",
+        "start",
+        "timeouts",
+        "timer",
+        "total_deadline",
+        "ttfb",
+    )
+
+    def __init__(self, actor: ProviderActor, attempt: Attempt) -> None:
+        self.actor = actor
+        self.attempt = attempt
+        self.phase = "connect"
+        self.timeouts = actor.config.timeouts
+        self.timer = attempt.cancel_scope
+        self.start = 0.0
+        self.total_deadline = math.inf
+        self.ttfb = math.inf
+
+    def set_phase(self, name: str) -> None:
+        self.phase = name
+
+    def elapsed(self) -> float:
+        return trio.current_time() - self.start
+
+    def idle_deadline(self) -> float:
+        return min(trio.current_time() + self.timeouts.idle, self.total_deadline)
+
+    async def run(self) -> tuple[_Outcome, Reply] | None:
+        """What was learned and the last reply to send; None when the dispatcher cancelled."""
+        request = self.attempt.request
+        actor = self.actor
+        self.start = trio.current_time()
+        self.total_deadline = self.start + self.timeouts.total
+        self.timer.deadline = min(self.start + self.timeouts.first_byte, self.total_deadline)
+        with self.timer:
+            try:
+                async with actor._transport.post(
+                    request.path, request.body, actor._upstream_headers(request), self.set_phase
+                ) as response:
+                    self.phase = "first_byte"
+                    if not 200 <= response.status < 300:
+                        return await self.error_answer(response)
+                    if not request.stream:
+                        return await self.whole_body(response)
+                    decoder = SSEDecoder()
+                    started = await self.stream_start(response, decoder)
+                    if started is not None:
+                        return started
+                    return await self.pump(response, decoder)
+            except ConnectTimeout as exc:
+                failure = Failure(Kind.TRANSIENT, "connect_timeout", str(exc), timeout=True)
+            except ConnectFailed as exc:
+                failure = Failure(Kind.TRANSIENT, "connect_error", str(exc))
+            except ConnectionLost as exc:
+                cut = self.phase == "streaming"
+                failure = Failure(
+                    Kind.TRANSIENT, "stream_cut" if cut else "connection_lost", str(exc)
+                )
+            return _Outcome(failure, self.ttfb, self.elapsed()), Failed(failure)
+        if trio.current_time() < self.timer.deadline:
+            return None  # cancelled by the dispatcher: nobody waits for an answer
+        return self.timed_out()
+
+    async def error_answer(self, response: UpstreamResponse) -> tuple[_Outcome, Reply]:
+        body = await response.read_all(MAX_ERROR_BODY)
+        ttfb = self.ttfb = self.elapsed()
+        headers = response.headers
+        answer = Response(response.status, dict(headers), body, ttfb)
+        retry_after = parse_retry_after(headers, self.actor._wall_clock())
+        failure = Failure.from_status(response.status, body, retry_after)
+        return _Outcome(failure, ttfb, ttfb), Failed(failure, answer)
+
+    async def whole_body(self, response: UpstreamResponse) -> tuple[_Outcome, Reply]:
+        parts = [await response.read_chunk()]
+        ttfb = self.ttfb = self.elapsed()
+        self.phase = "streaming"
+        size = len(parts[0])
+        while parts[-1]:
+            self.timer.deadline = self.idle_deadline()
+            parts.append(await response.read_chunk())
+            size += len(parts[-1])
+            if size > MAX_BODY:
+                failure = Failure(Kind.PROTOCOL, "body_too_large", "upstream answer too large")
+                return _Outcome(failure, ttfb, self.elapsed()), Failed(failure)
+        body = b"".join(parts)
+        answer = Response(response.status, dict(response.headers), body, ttfb)
+        return _Outcome(None, ttfb, self.elapsed(), _tokens(body)), answer
+
+    async def stream_start(
+        self, response: UpstreamResponse, decoder: SSEDecoder
+    ) -> tuple[_Outcome, Reply] | None:
+        """Read to the first complete event (the first byte) and hand it over; a verdict when
+        the stream cannot start (empty, an in-band error, garbage), else None."""
+        request = self.attempt.request
+        events: list[SSEEvent] = []
+        while not events:
+            chunk = await response.read_chunk()
+            events = decoder.feed(chunk) if chunk else decoder.finish()
+            if not chunk:
+                break
+        if not events:
+            failure = Failure(Kind.PROTOCOL, "empty_stream", "upstream stream had no events")
+            return _Outcome(failure, self.elapsed(), self.elapsed()), Failed(failure)
+        ttfb = self.ttfb = self.elapsed()
+        bad_start = request.check_start(tuple(events)) if request.check_start else None
+        if bad_start is not None:
+            return _Outcome(bad_start, ttfb, ttfb), Failed(bad_start)
+        self.phase = "streaming"
+        self.timer.deadline = math.inf  # waiting on the client is not upstream idleness
+        await self.send(StreamStart(response.status, dict(response.headers), tuple(events), ttfb))
+        return None
+
+    async def pump(self, response: UpstreamResponse, decoder: SSEDecoder) -> tuple[_Outcome, Reply]:
+        """Relay the stream's events until its end."""
+        tokens = None
+        reply = self.attempt.reply
+        timer = self.timer
+        while True:
+            timer.deadline = self.idle_deadline()
+            chunk = await response.read_chunk()
+            events = decoder.feed(chunk) if chunk else decoder.finish()
+            if events:
+                tokens = _stream_tokens(events) or tokens
+                message = StreamEvents(tuple(events))
+                try:
+                    reply.send_nowait(message)
+                except trio.WouldBlock:
+                    timer.deadline = math.inf  # a slow client is not upstream idleness
+                    await self.send(message)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise _DispatcherGone() from None
+            if not chunk:
+                return _Outcome(None, self.ttfb, self.elapsed(), tokens), StreamEnd()
+
+    async def send(self, message: Reply) -> None:
+        try:
+            await self.attempt.reply.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _DispatcherGone() from None
+
+    def timed_out(self) -> tuple[_Outcome, Reply]:
+        """The timer fired: which limit it was."""
+        if trio.current_time() >= self.total_deadline:
+            failure = Failure(
+                Kind.SLOW, "total_timeout", "upstream exceeded the total timeout", timeout=True
+            )
+        elif self.phase == "streaming":
+            failure = Failure(Kind.SLOW, "idle_timeout", "upstream stream went idle", timeout=True)
+        else:
+            failure = Failure(
+                Kind.SLOW, "first_byte_timeout", "no first byte in time", timeout=True
+            )
+        elapsed = self.elapsed()
+        return _Outcome(failure, min(self.ttfb, elapsed), elapsed), Failed(failure)
 
 
 class ProviderActor:
@@ -246,11 +425,13 @@ class ProviderActor:
     # --- one attempt -------------------------------------------------------------------------
 
     async def _attempt(self, attempt: Attempt, tpm_entry: list[float]) -> None:
-        phase = ["connect"]
+        call = _Call(self, attempt)
         terminal: Reply | None = None
         try:
             try:
-                result = await self._call(attempt, phase)
+                result = await call.run()
+            except _DispatcherGone:
+                result = None  # it closed the reply channel before it cancelled: a cancellation
             except Exception as exc:  # a bug or an unmapped library error: one attempt fails
                 log.exception("provider %s: attempt failed unexpectedly", self.name)
                 failure = Failure(Kind.PROTOCOL, "internal_error", type(exc).__name__)
@@ -273,7 +454,7 @@ class ProviderActor:
             self.in_flight -= 1
             self._m_in_flight.dec()
             if terminal is None:  # cancelled before the attempt ended
-                self._metrics.cancelled.labels(self.name, phase[0]).inc()
+                self._metrics.cancelled.labels(self.name, call.phase).inc()
                 self._circuits.probe_abandoned(attempt.request.model)
 
     def _upstream_headers(self, request: UpstreamRequest) -> list[tuple[bytes, bytes]]:
@@ -282,128 +463,6 @@ class ProviderActor:
         if request.request_id:
             headers.append((b"x-request-id", request.request_id.encode("latin-1")))
         return headers
-
-    async def _call(self, attempt: Attempt, phase: list[str]) -> tuple[_Outcome, Reply] | None:
-        """Run the upstream call. Returns what was learned and the last reply to send, or None
-        when the dispatcher cancelled the attempt.
-
-        The attempt's cancel scope is made and cancelled by the dispatcher; its deadline is the
-        actor's timer: the first-byte limit until the first byte, then the idle limit from each
-        chunk, never past the total limit. When the scope ends the call, a deadline that has
-        passed means the timer fired; otherwise the dispatcher cancelled.
-        """
-        request = attempt.request
-        timeouts = self.config.timeouts
-        start = trio.current_time()
-        total_deadline = start + timeouts.total
-        ttfb = math.inf
-
-        def set_phase(name: str) -> None:
-            phase[0] = name
-
-        def elapsed() -> float:
-            return trio.current_time() - start
-
-        timer = attempt.cancel_scope
-        timer.deadline = min(start + timeouts.first_byte, total_deadline)
-        with timer:
-            try:
-                async with self._transport.post(
-                    request.path, request.body, self._upstream_headers(request), set_phase
-                ) as response:
-                    set_phase("first_byte")
-                    headers = response.headers
-                    if not 200 <= response.status < 300:
-                        body = await response.read_all(MAX_ERROR_BODY)
-                        ttfb = elapsed()
-                        answer = Response(response.status, dict(headers), body, ttfb)
-                        failure = Failure.from_status(
-                            response.status, body, parse_retry_after(headers, self._wall_clock())
-                        )
-                        return _Outcome(failure, ttfb, ttfb), Failed(failure, answer)
-                    if not request.stream:
-                        parts = [await response.read_chunk()]
-                        ttfb = elapsed()
-                        set_phase("streaming")
-                        size = len(parts[0])
-                        while parts[-1]:
-                            timer.deadline = min(
-                                trio.current_time() + timeouts.idle, total_deadline
-                            )
-                            parts.append(await response.read_chunk())
-                            size += len(parts[-1])
-                            if size > MAX_BODY:
-                                failure = Failure(
-                                    Kind.PROTOCOL, "body_too_large", "upstream answer too large"
-                                )
-                                return _Outcome(failure, ttfb, elapsed()), Failed(failure)
-                        body = b"".join(parts)
-                        tokens = _tokens(body)
-                        answer = Response(response.status, dict(headers), body, ttfb)
-                        return _Outcome(None, ttfb, elapsed(), tokens), answer
-                    # A stream: the first byte is the first complete event.
-                    decoder = SSEDecoder()
-                    events: list[SSEEvent] = []
-                    while not events:
-                        chunk = await response.read_chunk()
-                        events = decoder.feed(chunk) if chunk else decoder.finish()
-                        if not chunk:
-                            break
-                    if not events:
-                        failure = Failure(
-                            Kind.PROTOCOL, "empty_stream", "upstream stream had no events"
-                        )
-                        return _Outcome(failure, elapsed(), elapsed()), Failed(failure)
-                    ttfb = elapsed()
-                    bad_start = request.check_start(tuple(events)) if request.check_start else None
-                    if bad_start is not None:
-                        return _Outcome(bad_start, ttfb, ttfb), Failed(bad_start)
-                    set_phase("streaming")
-                    timer.deadline = math.inf  # waiting on the client is not upstream idleness
-                    await attempt.reply.send(
-                        StreamStart(response.status, dict(headers), tuple(events), ttfb)
-                    )
-                    tokens = None
-                    reply = attempt.reply
-                    idle = timeouts.idle
-                    while True:
-                        timer.deadline = min(trio.current_time() + idle, total_deadline)
-                        chunk = await response.read_chunk()
-                        events = decoder.feed(chunk) if chunk else decoder.finish()
-                        if events:
-                            tokens = _stream_tokens(events) or tokens
-                            message = StreamEvents(tuple(events))
-                            try:
-                                reply.send_nowait(message)
-                            except trio.WouldBlock:
-                                timer.deadline = math.inf  # a slow client is not upstream idleness
-                                await reply.send(message)
-                        if not chunk:
-                            return _Outcome(None, ttfb, elapsed(), tokens), StreamEnd()
-            except ConnectTimeout as exc:
-                failure = Failure(Kind.TRANSIENT, "connect_timeout", str(exc), timeout=True)
-            except ConnectFailed as exc:
-                failure = Failure(Kind.TRANSIENT, "connect_error", str(exc))
-            except ConnectionLost as exc:
-                cut = phase[0] == "streaming"
-                failure = Failure(
-                    Kind.TRANSIENT, "stream_cut" if cut else "connection_lost", str(exc)
-                )
-            return _Outcome(failure, ttfb, elapsed()), Failed(failure)
-        if trio.current_time() < timer.deadline:
-            return None  # cancelled by the dispatcher: nobody waits for an answer
-        # The timer fired.
-        if trio.current_time() >= total_deadline:
-            failure = Failure(
-                Kind.SLOW, "total_timeout", "upstream exceeded the total timeout", timeout=True
-            )
-        elif phase[0] == "streaming":
-            failure = Failure(Kind.SLOW, "idle_timeout", "upstream stream went idle", timeout=True)
-        else:
-            failure = Failure(
-                Kind.SLOW, "first_byte_timeout", "no first byte in time", timeout=True
-            )
-        return _Outcome(failure, min(ttfb, elapsed()), elapsed()), Failed(failure)
 
     # --- learning from an attempt ---------------------------------------------------------------
 

@@ -297,3 +297,37 @@ async def test_stream_usage_corrects_tpm_when_done_follows_in_the_same_read(
     actor = await start(nursery, upstream, limits={"tpm": 1000})
     await attempt(actor, request(stream=True))  # estimated 10 tokens
     assert actor.snapshot(trio.current_time()).tokens_last_minute == 43
+
+
+@pytest.mark.parametrize("when", ["at_start", "mid_stream"])
+async def test_dispatcher_leaving_a_stream_is_not_the_providers_fault(
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    autojump_clock: trio.testing.MockClock,
+    when: str,
+) -> None:
+    """The dispatcher closes the reply channel (client gone, hedge lost) while events flow: the
+    attempt ends as a cancellation, never as a failure counted against the provider's circuit."""
+    pieces = [chunk(f"w{i}") for i in range(20)]
+    upstream = Upstream(stream(pieces, interval=0.01))
+    actor = await start(nursery, upstream, circuit={"failures": 1})
+    for _ in range(3):
+        send, receive = trio.open_memory_channel[Reply](1)
+        await actor.inbox.send(Attempt(request(stream=True), send, trio.CancelScope()))
+        first = await receive.receive()
+        assert isinstance(first, StreamStart)
+        if when == "mid_stream":
+            assert isinstance(await receive.receive(), StreamEvents)
+        receive.close()  # no cancel: the race where the actor sends before it sees a cancel
+        with trio.fail_after(1):
+            while actor.in_flight:  # noqa: ASYNC110 (virtual time: each poll is one jump)
+                await trio.sleep(0.01)
+    snapshot = await actor.ask_snapshot()
+    assert snapshot.failures == 0 and snapshot.circuits == ()
+    assert "failed unexpectedly" not in caplog.text
+    [next_one] = await attempt(actor, request())  # the circuit never opened
+    assert isinstance(next_one, Response)
+    cancelled = actor._metrics.registry.get_sample_value(
+        "cascade_upstream_cancelled_total", {"provider": "p", "phase": "streaming"}
+    )
+    assert cancelled == 3
