@@ -235,7 +235,13 @@ class SlidingWindow:
                 return t + self.window
         return self._entries[-1][0] + self.window
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def add(self, now: float, amount: float) -> list[float]:
+        """Record `amount` at `now` (entries that left the window go first: memory stays bounded
+        by the window, whether or not anyone asks for `room`)."""
+        self.expire(now)
         entry = [now, amount]
         self._entries.append(entry)
         self.total += amount

@@ -331,3 +331,15 @@ async def test_dispatcher_leaving_a_stream_is_not_the_providers_fault(
         "cascade_upstream_cancelled_total", {"provider": "p", "phase": "streaming"}
     )
     assert cancelled == 3
+
+
+async def test_rpm_and_tpm_windows_are_bounded_without_limits(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """No rpm/tpm limit is set and nobody reads a snapshot: memory still follows the window."""
+    upstream = Upstream(ok())
+    actor = await start(nursery, upstream)
+    for _ in range(300):
+        await attempt(actor, request())
+        await trio.sleep(1)
+    assert len(actor._rpm) <= 61 and len(actor._tpm) <= 61

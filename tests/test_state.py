@@ -157,3 +157,15 @@ def test_correcting_an_expired_entry_changes_nothing() -> None:
     fresh = w.add(61.0, 7)
     w.correct(fresh, 2)
     assert w.total == 7
+
+
+def test_windows_stay_bounded_by_their_span_without_limits_or_readers() -> None:
+    """Ten requests a second for an hour: every window holds only its last span (issue 9.3)."""
+    window = SlidingWindow(60.0)
+    budget = RetryBudgetState(RetryBudget(window=10.0))
+    for i in range(36_000):
+        now = i / 10
+        window.add(now, 1)
+        budget.record(now, is_retry=False)  # never asked `allows_retry`, as with no retries
+    assert len(window) == 600 and window.total == 600
+    assert len(budget._firsts) == 100
