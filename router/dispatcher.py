@@ -323,11 +323,13 @@ class _Run:
             retries = self.plan.retries.get(target, 0)
             failed_at = self.last_failure_at.get(target)
             if retries and failed_at is not None:
-                wake = failed_at + self._backoff(target, retries)
-                wake = max(wake, failed_at + self.retry_after.get(target, 0.0))
+                backoff_end = failed_at + self._backoff(target, retries)
+                wake = max(backoff_end, failed_at + self.retry_after.get(target, 0.0))
                 if wake > self.job.deadline:
-                    self.deadline_hit = True
-                    return None
+                    # It cannot be tried in time; the others may. A backoff cut by the deadline
+                    # makes the answer a 504; a Retry-After beyond it is a rate limit (429).
+                    self.deadline_hit = self.deadline_hit or backoff_end > self.job.deadline
+                    continue
                 if wake > trio.current_time():
                     try:
                         await trio.sleep_until(wake)

@@ -483,3 +483,21 @@ async def test_a_stream_opening_with_an_error_counts_against_the_provider(
         "cascade_upstream_attempts_total", {"provider": "a", "outcome": "protocol"}
     )
     assert attempts == 1
+
+
+async def test_every_target_rate_limited_past_the_deadline_is_429_not_504(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Both answer 429 with a Retry-After longer than the deadline: the client is told when to
+    come back (429 + Retry-After = the earliest unblock), not that time ran out (issue 9.6)."""
+    a = Upstream(status(429, headers={"retry-after": "300"}))
+    b = Upstream(status(429, headers={"retry-after": "200"}))
+    retry = {"on_status": [{"codes": [429], "strategy": "same_model"}]}  # a wait it cannot afford
+    cfg = config(["a", "b"], route("a/m", "b/m"), server={"deadline": "120s"}, retry=retry)
+    async with gateway(cfg, {"a": a, "b": b}) as gw:
+        for _ in range(2):  # the second request meets both blocks as refusals
+            r = await post(gw, chat())
+            assert r.status_code == 429, r.text
+            assert r.json()["error"]["type"] == "retry_exhausted"
+            assert r.headers["retry-after"] == "200"
+    assert len(a.calls) == len(b.calls) == 1
