@@ -468,6 +468,7 @@ class Hedge:
     min_delay: float = 0.1
     max_delay: float = 10.0
     budget: float = 0.1
+    min_hedges: int = 3  # per rolling minute, whatever `budget` allows: a quiet route hedges too
 
     @classmethod
     def from_fields(cls, f: _Fields) -> Hedge:
@@ -484,6 +485,7 @@ class Hedge:
             min_delay=f.duration("min_delay", d.min_delay),
             max_delay=f.duration("max_delay", d.max_delay, positive=True),
             budget=f.number("budget", d.budget, minimum=0.0, maximum=1.0),
+            min_hedges=f.integer("min_hedges", d.min_hedges),
         )
         f.done()
         return hedge

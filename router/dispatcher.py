@@ -156,7 +156,8 @@ class _Dispatch:
 
 
 class HedgeBudget:
-    """Hedged requests of one route may be at most `share` of its requests (rolling minute)."""
+    """Hedged requests of one route may be at most `share` of its requests (rolling minute), plus
+    `minimum` hedges a minute so that a quiet route hedges at all (as a retry budget's floor)."""
 
     def __init__(self) -> None:
         self._requests = SlidingWindow(60.0)
@@ -165,11 +166,11 @@ class HedgeBudget:
     def count_request(self, now: float) -> None:
         self._requests.add(now, 1)
 
-    def take(self, now: float, share: float) -> list[float] | None:
+    def take(self, now: float, share: float, minimum: int) -> list[float] | None:
         """A hedge, if the budget has room: a token to `give_back` if it is not used."""
         self._requests.expire(now)
         self._hedges.expire(now)
-        if self._hedges.total + 1 > share * self._requests.total:
+        if self._hedges.total + 1 > max(minimum, share * self._requests.total):
             return None
         return self._hedges.add(now, 1)
 
@@ -304,7 +305,7 @@ class _Run:
         if self.hedges >= hedge.max or self.attempt_count >= self.max_attempts:
             return math.inf
         budget = self.d.hedge_budget(self.job.route_name)
-        token = budget.take(trio.current_time(), hedge.budget)
+        token = budget.take(trio.current_time(), hedge.budget, hedge.min_hedges)
         target = self.plan.pop_fresh() if token is not None else None
         if target is None:
             if token is not None:

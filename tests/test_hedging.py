@@ -82,7 +82,7 @@ async def test_hedge_skips_a_target_that_admission_refuses(
 async def test_hedge_budget_is_respected(autojump_clock: trio.testing.MockClock) -> None:
     a, b = Upstream(ok("a", delay=5)), Upstream(ok("b", delay=1))
     async with gateway(
-        config(["a", "b"], hedged("a/m", "b/m", budget=0.5)), {"a": a, "b": b}
+        config(["a", "b"], hedged("a/m", "b/m", budget=0.5, min_hedges=0)), {"a": a, "b": b}
     ) as gw:
         served = []
         for _ in range(4):
@@ -118,3 +118,17 @@ async def test_streams_hedge_on_the_first_event(autojump_clock: trio.testing.Moc
         "cascade_upstream_cancelled_total", {"provider": "a", "phase": "first_byte"}
     )
     assert cancelled == 1
+
+
+async def test_a_quiet_route_hedges_with_the_default_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The default budget (0.1 of the route's requests) would allow no hedge before the tenth
+    request of a minute; `min_hedges` (default 3 a minute) is the floor (issue 9.7)."""
+    a, b = Upstream(ok("a", delay=5)), Upstream(ok("b", delay=1))
+    route = [{"match": "gpt", "targets": ["a/m", "b/m"], "hedge": {"after": "300ms"}}]
+    async with gateway(config(["a", "b"], route), {"a": a, "b": b}) as gw:
+        served = [(await post(gw)).headers["x-cascade-provider"] for _ in range(4)]
+    assert served == ["b", "b", "b", "a"]  # three hedges, then the 0.1 share of 4 requests
+    assert b.times == [0.3, 1.3 + 0.3, 2.6 + 0.3]
+    assert (hedges(gw, "won"), hedges(gw, "skipped")) == (3, 1)
