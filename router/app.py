@@ -490,6 +490,11 @@ async def _gather_burst(replies: trio.MemoryReceiveChannel[Reply], batch: list[R
 
 async def _cascade_error(send: Send, exc: CascadeError, request_id: str) -> None:
     extra = [(b"x-cascade-attempts", str(exc.calls).encode())]
+    if exc.retry_after is None:
+        # Cascade has retried what could be retried: the SDKs' own retries (two by default, on
+        # 408/409/429/5xx) would only run the whole cascade again. Every target rate limited,
+        # with a known end, is the exception: waiting Retry-After and trying again is right.
+        extra.append((b"x-should-retry", b"false"))
     if exc.upstream is not None:
         upstream = exc.upstream
         content_type = upstream.headers.get("content-type", "application/json").encode()
