@@ -711,13 +711,18 @@ class Config:
         return cls.from_yaml(text, source=str(path))
 
     def resolve(self, model: str) -> tuple[str, Route] | None:
-        """The route serving `model`: the first matching route, else a direct `provider/model`."""
+        """The route serving `model` and its name: the first matching route, else a direct
+        `provider/model` address, named `provider/*`.
+
+        The name labels metrics and hedge budgets, so it comes from the config only: a client
+        inventing model names cannot add label values (a direct address's model is not in it).
+        """
         for route in self.routes:
             if route.matches(model):
                 return route.match, route
         provider, sep, upstream_model = model.partition("/")
         if sep and upstream_model and provider in self.providers:
-            return model, Route(match=model, targets=(Target(provider, upstream_model),))
+            return f"{provider}/*", Route(match=model, targets=(Target(provider, upstream_model),))
         return None
 
     def model_names(self) -> list[str]:

@@ -7,6 +7,7 @@ order, whitespace and unknown fields survive (upstream prompt caches key on the 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -25,7 +26,14 @@ def _skip_ws(text: str, i: int) -> int:
     return m.end()
 
 
-_DECODER = json.JSONDecoder()
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# Python's JSON reader takes NaN and Infinity; JSON, and every provider, does not.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+MAX_MODEL_NAME = 256
+MAX_OUTPUT_TOKENS = 1_000_000  # above any model's output limit; bounds the tpm estimate
 _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 
 DONE = b"[DONE]"
@@ -112,6 +120,16 @@ class ChatRequest:
         return (self.text[:start] + json.dumps(model) + self.text[end:]).encode()
 
 
+def check_model_name(model: str) -> None:
+    """A model name goes into upstream bodies, logs and headers: printable text only (no control
+    characters, no lone surrogates), of a sane length. Anything else is a 400, never sent on."""
+    if len(model) > MAX_MODEL_NAME or not model.isprintable():
+        raise BadRequest(
+            f"'model' must be printable text of at most {MAX_MODEL_NAME} characters",
+            param="model",
+        )
+
+
 def _optional(obj: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> None:
     value = obj.get(key)
     if value is not None and (
@@ -128,9 +146,12 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise BadRequest("the body is not UTF-8 text") from None
     except ValueError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the body is not valid JSON: nested too deeply") from None
     model = obj.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required and must be a non-empty string", param="model")
+    check_model_name(model)
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' is required and must be a non-empty list", param="messages")
@@ -141,10 +162,18 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             )
     _optional(obj, "stream", (bool,), "a boolean")
     _optional(obj, "stream_options", (dict,), "an object")
-    for key in ("max_tokens", "max_completion_tokens", "n"):
+    for key, top in (
+        ("max_tokens", MAX_OUTPUT_TOKENS),
+        ("max_completion_tokens", MAX_OUTPUT_TOKENS),
+        ("n", 128),
+    ):
         _optional(obj, key, (int,), "an integer")
+        if key in obj and obj[key] is not None and not 1 <= obj[key] <= top:
+            raise BadRequest(f"'{key}' must be from 1 to {top}", param=key)
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _optional(obj, key, (int, float), "a number")
+        if key in obj and obj[key] is not None and not math.isfinite(obj[key]):
+            raise BadRequest(f"'{key}' must be a finite number", param=key)
     stream = bool(obj.get("stream"))
     options = obj.get("stream_options") or {}
     if options and not stream:
@@ -157,7 +186,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         model=model,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
-        estimated_tokens=len(body) // 4 + int(obj.get("max_tokens") or 0),
+        estimated_tokens=len(body) // 4
+        + int(obj.get("max_completion_tokens") or obj.get("max_tokens") or 0),
     )
 
 

@@ -121,6 +121,7 @@ def test_routes_resolve_first_match_then_direct_provider_address() -> None:
     assert config.resolve("gpt-4o")[1].targets == (Target("q", "two"),)  # type: ignore[index]
     direct = config.resolve("p/some/model")
     assert direct is not None and direct[1].targets == (Target("p", "some/model"),)
+    assert direct[0] == "p/*"  # the metric label: from the config, never the client's model
     assert config.resolve("nope") is None
     assert config.resolve("unknown/x") is None
     assert config.model_names() == ["exact"]

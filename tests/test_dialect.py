@@ -69,6 +69,26 @@ def test_model_swap_uses_the_last_duplicate_key_like_json() -> None:
         (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": "10"}', "max_tokens"),
         (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": true}', "max_tokens"),
         (b'{"model": "m", "messages": [{"role": "user"}], "temperature": "hot"}', "temperature"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "temperature": NaN}', None),
+        (b'{"model": "m", "messages": [{"role": "user"}], "temperature": 1e999}', "temperature"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": -1}', "max_tokens"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 0}', "max_tokens"),
+        (
+            b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 1000000000000000}',
+            "max_tokens",
+        ),
+        (b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": -1e15}', "max_tokens"),
+        (b'{"model": "m", "messages": [{"role": "user"}], "n": 0}', "n"),
+        (b'{"model": "p/x\\r\\nx-evil: 1", "messages": [{"role": "user"}]}', "model"),
+        (b'{"model": "p/\\ud800", "messages": [{"role": "user"}]}', "model"),
+        (b'{"model": "' + b"m" * 300 + b'", "messages": [{"role": "user"}]}', "model"),
+        (
+            b'{"model": "m", "messages": [{"role": "user"}], "x": '
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}",
+            None,
+        ),
         (
             b'{"model": "m", "messages": [{"role": "user"}], "stream_options": {"include_usage": true}}',
             "stream_options",

@@ -136,6 +136,8 @@ async def test_upstream_body_is_the_clients_bytes_with_only_the_model_replaced(
             "'stream' must be a boolean",
         ),
         (b'{"model": "unknown-model", "messages": [{"role": "user"}]}', 404, "does not exist"),
+        (b'{"model": "a/x\\ud800", "messages": [{"role": "user"}]}', 400, "printable"),
+        (b'{"model": "a/x\\r\\nx: 1", "messages": [{"role": "user"}]}', 400, "printable"),
         (
             b'{"model": "gpt", "messages": [{"role": "user", "content": "' + b"x" * 3000 + b'"}]}',
             413,
@@ -161,8 +163,21 @@ async def test_bad_input_never_reaches_a_provider(
             assert r.status_code == status and fragment in error["message"]
             assert set(error) >= {"message", "type", "code"}
             again = await client.post("/v1/chat/completions", json=chat())  # still serving
+            metrics = await client.get("/metrics")
     assert again.status_code == 200
+    assert metrics.status_code == 200
     assert len(up.exchanges) == 1
+
+
+async def test_json_nested_100000_deep_is_a_clean_400() -> None:
+    up = FakeUpstream(answers)
+    deep = b'{"model": "gpt", "messages": [{"role": "user"}], "x": ' + b"[" * 100_000
+    with trio.fail_after(10):
+        async with live_gateway({"a": up}) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            for body in (deep + b"]" * 100_000 + b"}", deep):
+                r = await client.post("/v1/chat/completions", content=body)
+                assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert up.exchanges == []
 
 
 async def test_operational_endpoints() -> None:
