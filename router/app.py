@@ -7,6 +7,7 @@ own SSE framing, and its per-request overhead is a product feature (see docs/ben
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -252,16 +253,38 @@ _GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
 
 
 def _check_admin(config: Config, scope: Scope) -> None:
-    """/admin/* needs `Authorization: Bearer <token>` when server.admin_token_env is set."""
+    """/admin/* needs `Authorization: Bearer <token>` when server.admin_token_env is set, and
+    answers only loopback clients when it is not (an operator on the machine itself)."""
     env = config.server.admin_token_env
     if env is None:
+        client = scope.get("client")
+        if client is None or not _is_loopback(client[0]):
+            raise openai.BadRequest(
+                "the admin API answers only loopback clients unless server.admin_token_env is set",
+                status=403,
+                type="permission_error",
+            )
         return
     token = os.environ.get(env)
-    given = _header(scope, b"authorization") or b""
-    if not token or not hmac.compare_digest(given, f"Bearer {token}".encode()):
+    scheme, _, given = (_header(scope, b"authorization") or b"").partition(b" ")
+    if (
+        not token
+        or scheme.lower() != b"bearer"  # the scheme is case-insensitive (RFC 9110 11.1)
+        or not hmac.compare_digest(given.strip(), token.encode())
+    ):
         raise openai.BadRequest(
             "the admin API needs the admin token", status=401, type="authentication_error"
         )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a unix socket path or a name: not an address we can vouch for
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -78,7 +79,7 @@ class _Fields:
         try:
             return convert(value)
         except (ValueError, TypeError):
-            self.error(key, f"expected {expected}, got {value!r}")
+            self.error(key, f"expected {expected}, got {shown(value)}")
             return default
 
     def duration(self, key: str, default: float, *, positive: bool = False) -> float:
@@ -172,6 +173,21 @@ class _Fields:
         for key in self.raw:
             if key not in self._seen:
                 self.problems.append(f"{self.at(str(key))}: unknown field")
+
+
+# Provider key prefixes (sk-, sk-ant-, xai-, gsk_, AIza…), or 32+ characters of key alphabet in a row
+_SECRET_LIKE = re.compile(
+    r"\b(?:sk|pk|rk|xai|gsk|ghp|key)[-_][A-Za-z0-9_\-]{8,}|\bAIza[A-Za-z0-9_\-]{20,}"
+    r"|[A-Za-z0-9_+/=]{32,}"
+)
+
+
+def shown(value: object) -> str:
+    """`value` as an error message may show it: never a string that looks like a secret (an API
+    key pasted into the wrong field would otherwise be printed by `cascade check` and logs)."""
+    if isinstance(value, str) and _SECRET_LIKE.search(value):
+        return "<a value that looks like a key; not shown>"
+    return repr(value)
 
 
 def _kind(value: object) -> str:
@@ -379,7 +395,7 @@ class ProviderConfig:
         if mock is not None and f.get("base_url") is not _MISSING:
             f.error("base_url", "a provider has either base_url or mock, not both")
         elif mock is None and base_url and not base_url.startswith(("http://", "https://")):
-            f.error("base_url", f"expected an http:// or https:// URL, got {base_url!r}")
+            f.error("base_url", f"expected an http:// or https:// URL, got {shown(base_url)}")
         headers = f.get("headers")
         if headers is _MISSING:
             headers = {}
@@ -443,11 +459,11 @@ class Target:
         cls, path: str, raw: object, providers: Mapping[str, object], problems: list[str]
     ) -> Target | None:
         if not isinstance(raw, str) or "/" not in raw:
-            problems.append(f'{path}: expected "provider/model", got {raw!r}')
+            problems.append(f'{path}: expected "provider/model", got {shown(raw)}')
             return None
         provider, _, model = raw.partition("/")
         if not model:
-            problems.append(f'{path}: expected "provider/model", got {raw!r}')
+            problems.append(f'{path}: expected "provider/model", got {shown(raw)}')
             return None
         if provider not in providers:
             problems.append(f"{path}: unknown provider {provider!r}")
@@ -564,7 +580,7 @@ def _parse_codes(path: str, raw: object, problems: list[str]) -> frozenset[int]:
                     raise ValueError(part)
             except ValueError:
                 problems.append(
-                    f'{path}[{i}]: expected a status code or range like "500-504", got {item!r}'
+                    f'{path}[{i}]: expected a status code or range like "500-504", got {shown(item)}'
                 )
                 continue
             codes.update(range(a, b + 1))
@@ -703,12 +719,14 @@ class Config:
         return cls.from_mapping(raw)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Config:
+    def from_file(cls, path: str | os.PathLike[str], *, shown_as: str | None = None) -> Config:
+        """`shown_as` names the file in problems instead of its path (for answers to clients)."""
+        name = str(path) if shown_as is None else shown_as
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError([f"{path}: cannot read ({exc.strerror})"]) from None
-        return cls.from_yaml(text, source=str(path))
+            raise ConfigError([f"{name}: cannot read ({exc.strerror})"]) from None
+        return cls.from_yaml(text, source=name)
 
     def resolve(self, model: str) -> tuple[str, Route] | None:
         """The route serving `model` and its name: the first matching route, else a direct

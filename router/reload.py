@@ -105,7 +105,7 @@ class Reloader:
         """Parse and validate the config source; raises ConfigError listing every problem."""
         if self.source is None:
             return Config.from_yaml(demo_config_text(), source="configs/demo.yaml (built in)")
-        return Config.from_file(self.source)
+        return Config.from_file(self.source, shown_as="the config file")  # no path in answers
 
     async def reload(self) -> dict[str, Any]:
         """Apply the config source now; returns what changed. ConfigError: nothing changed."""

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from router.cli import main
 from router.config import Config, ConfigError, Target, demo_config_text
 from router.units import parse_duration, parse_size
 
@@ -259,3 +263,26 @@ def test_secret_is_read_from_environment_not_config(monkeypatch: pytest.MonkeyPa
 def test_demo_config_is_valid() -> None:
     config = Config.from_yaml(demo_config_text())
     assert all(p.mock is not None for p in config.providers.values())
+
+
+@pytest.mark.parametrize(
+    "key", ["sk-proj-abcdefghijklmnop1234", "sk-ant-api03-AbCdEf012345", "0123456789abcdef" * 3]
+)
+def test_a_key_pasted_into_the_wrong_field_is_never_echoed(
+    key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = with_provider(base_url=key, timeouts={"first_byte": key}, max_retries=key)
+    raw["routes"] = [{"match": "m", "targets": [key]}]
+    path = tmp_path / "cascade.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert key not in out
+    assert "providers.p.base_url: expected an http:// or https:// URL, got <a value" in out
+    assert out.count("looks like a key; not shown") == 4
+
+
+def test_ordinary_values_are_still_shown() -> None:
+    assert problems(with_provider(base_url="ftp://host/v1")) == [
+        "providers.p.base_url: expected an http:// or https:// URL, got 'ftp://host/v1'"
+    ]

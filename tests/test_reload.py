@@ -15,9 +15,10 @@ import httpx
 import pytest
 import trio
 
+from router.app import App
 from router.config import Config
 from router.server import Running, serve, serve_asgi
-from tests.helpers import chat
+from tests.helpers import Upstream, asgi_client, chat, config, gateway
 from tests.live import Exchange, FakeUpstream, answers
 
 
@@ -177,3 +178,51 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
                     if r.status_code == 200:
                         break
                     await trio.sleep(0.05)
+
+
+async def test_admin_token_scheme_is_case_insensitive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CASCADE_ADMIN_TOKEN", "s3cret")
+    path = tmp_path / "c.json"
+    routes = [{"match": "gpt", "targets": ["m/x"]}]
+    write(path, {"m": {"mock": {}}}, routes, admin_token_env="CASCADE_ADMIN_TOKEN")
+    with trio.fail_after(20):
+        async with running(path) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            for given in ("bearer s3cret", "BEARER s3cret"):
+                r = await client.get("/admin/providers", headers={"authorization": given})
+                assert r.status_code == 200
+            for wrong in ("Basic s3cret", "Bearers3cret", "Bearer s3cre", "s3cret"):
+                r = await client.get("/admin/providers", headers={"authorization": wrong})
+                assert r.status_code == 401
+
+
+async def test_without_a_token_the_admin_api_answers_only_loopback_clients() -> None:
+    """No admin token configured: a client on another machine gets 403 from every admin
+    endpoint (reload included); one on the machine itself is let in (issue 9.13)."""
+    cfg = config(["a"], [{"match": "gpt", "targets": ["a/m"]}])
+    async with gateway(cfg, {"a": Upstream()}) as gw:
+        async with asgi_client(gw) as local:  # httpx's ASGI transport: client 127.0.0.1
+            assert (await local.get("/admin/providers")).status_code == 200
+        app = httpx.ASGITransport(App(gw), client=("203.0.113.7", 5))
+        async with httpx.AsyncClient(transport=app, base_url="http://cascade") as remote:
+            r = await remote.get("/admin/providers")
+            assert r.status_code == 403 and "loopback" in r.json()["error"]["message"]
+            assert (await remote.post("/admin/reload")).status_code == 403
+            assert (await remote.get("/healthz")).status_code == 200  # not an admin endpoint
+
+
+async def test_a_failed_reload_does_not_show_the_config_files_path(tmp_path: Path) -> None:
+    path = tmp_path / "secret-location" / "c.json"
+    path.parent.mkdir()
+    write(path, {"m": {"mock": {}}}, [{"match": "gpt", "targets": ["m/x"]}])
+    with trio.fail_after(20):
+        async with running(path) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            path.write_text("providers: [unclosed")
+            r = await reload(client)
+            assert r.status_code == 400
+            assert "secret-location" not in r.text and str(tmp_path) not in r.text
+            assert r.json()["error"]["problems"][0].startswith("the config file:1:")
+            path.unlink()
+            r = await reload(client)
+            assert r.status_code == 400 and str(tmp_path) not in r.text
