@@ -392,7 +392,9 @@ class ProviderConfig:
         d = cls(name=name, base_url="")
         mock = MockSettings.from_fields(f.sub("mock")) if f.has("mock") else None
         base_url = "mock://" + name if mock is not None else f.string("base_url", "")
-        if mock is not None and f.get("base_url") is not _MISSING:
+        if mock is None and not f.has("base_url"):
+            f.error("base_url", "is required (or mock: for a local mock provider)")
+        elif mock is not None and f.get("base_url") is not _MISSING:
             f.error("base_url", "a provider has either base_url or mock, not both")
         elif mock is None and base_url and not base_url.startswith(("http://", "https://")):
             f.error("base_url", f"expected an http:// or https:// URL, got {shown(base_url)}")
@@ -404,11 +406,11 @@ class ProviderConfig:
         ):
             f.error("headers", "expected a mapping of header names to strings")
             headers = {}
-        for name, value in headers.items():
-            if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
-                f.error(f"headers.{name}", "is set by Cascade for each request")
-            elif (problem := header_problem(name, value)) is not None:
-                f.error(f"headers.{name}", problem)
+        for header, value in headers.items():
+            if header.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+                f.error(f"headers.{header}", "is set by Cascade for each request")
+            elif (problem := header_problem(header, value)) is not None:
+                f.error(f"headers.{header}", problem)
         latency = LatencyTrigger.from_fields(f.sub("latency")) if f.has("latency") else None
         api_key_env = f.optional_string("api_key_env")
         ca_file = f.optional_string("ca_file")
@@ -570,8 +572,8 @@ def _parse_codes(path: str, raw: object, problems: list[str]) -> frozenset[int]:
     items = raw if isinstance(raw, list) else [raw]
     codes: set[int] = set()
     for i, item in enumerate(items):
-        for part in str(item).split(","):
-            part = part.strip()
+        for raw_part in str(item).split(","):
+            part = raw_part.strip()
             lo, sep, hi = part.partition("-")
             try:
                 a = int(lo)
@@ -709,7 +711,7 @@ class Config:
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "<config>") -> Config:
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -745,6 +747,24 @@ class Config:
 
     def model_names(self) -> list[str]:
         return [r.match for r in self.routes if not r.is_glob]
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML says keys are unique;
+    PyYAML would silently keep the last, so a pasted override could win unnoticed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                continue  # unhashable: the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def demo_config_text() -> str:

@@ -286,3 +286,23 @@ def test_ordinary_values_are_still_shown() -> None:
     assert problems(with_provider(base_url="ftp://host/v1")) == [
         "providers.p.base_url: expected an http:// or https:// URL, got 'ftp://host/v1'"
     ]
+
+
+def test_a_provider_with_headers_keeps_its_name() -> None:
+    """The header loop once reused `name`: the provider took its last header's name."""
+    config = Config.from_mapping(with_provider(headers={"x-team": "a", "x-other": "b"}))
+    assert list(config.providers) == ["p"] and config.providers["p"].name == "p"
+
+
+def test_a_provider_needs_base_url_or_mock() -> None:
+    raw = {"providers": {"p": {"api_key_env": "K"}}, "routes": [{"match": "m", "targets": ["p/m"]}]}
+    assert problems(raw) == [
+        "providers.p.base_url: is required (or mock: for a local mock provider)"
+    ]
+
+
+def test_duplicate_yaml_keys_are_an_error() -> None:
+    text = "providers:\n  p:\n    base_url: http://a/v1\n    base_url: http://b/v1\nroutes: []\n"
+    with pytest.raises(ConfigError) as info:
+        Config.from_yaml(text, source="c.yaml")
+    assert info.value.problems == ["c.yaml:4:5: not valid YAML (duplicate key 'base_url')"]
