@@ -110,8 +110,12 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     if args.rate is not None and args.rate <= 0:
         raise SystemExit("cascade loadtest: --rate must be positive")
+    try:
+        url = api_root(args.url)
+    except ValueError as exc:
+        raise SystemExit(f"cascade loadtest: {exc}") from None
     spec = LoadSpec(
-        url=api_root(args.url),
+        url=url,
         model=args.model,
         concurrency=args.concurrency,
         rate=args.rate,

@@ -57,6 +57,10 @@ class Sample:
     provider: str | None
     error: str | None = None
 
+    @property
+    def succeeded(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
 
 def percentile(ordered: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an ascending sequence (q in 0..100); NaN when empty."""
@@ -85,12 +89,13 @@ def summarize(
     spec: LoadSpec, samples: list[Sample], wall: float, cpu: float, dropped: int = 0
 ) -> dict[str, Any]:
     """The report (the `--json` schema)."""
-    ok = [s for s in samples if s.status is not None and 200 <= s.status < 300]
-    errors = Counter(
-        str(s.status) if s.status is not None else (s.error or "error")
-        for s in samples
-        if s not in ok
-    )
+    ok: list[Sample] = []
+    errors: Counter[str] = Counter()
+    for s in samples:  # one pass: a membership test per sample made this quadratic
+        if s.succeeded:
+            ok.append(s)
+        else:
+            errors[str(s.status) if s.status is not None else (s.error or "error")] += 1
     client_cpu = cpu / wall if wall > 0 else 0.0
     return {
         "target": spec.url,
@@ -156,6 +161,7 @@ class _Run:
         self.started = 0
         self.dropped = 0
         self.in_flight = 0
+        self.errors = 0
 
     def more(self, deadline: float) -> bool:
         if self.spec.requests is not None and self.started >= self.spec.requests:
@@ -190,7 +196,9 @@ class _Run:
         finally:
             self.in_flight -= 1
         latency = trio.current_time() - scheduled
-        self.samples.append(Sample(latency, ttft, status, provider, None if status else error))
+        sample = Sample(latency, ttft, status, provider, None if status else error)
+        self.samples.append(sample)
+        self.errors += not sample.succeeded
 
     async def closed(self, deadline: float) -> None:
         async def client() -> None:
@@ -258,7 +266,7 @@ async def _progress(run: _Run, t0: float, out: TextIO) -> None:
         elapsed = trio.current_time() - t0
         done = len(run.samples)
         recent = sorted(s.latency for s in run.samples[-2000:])
-        errors = sum(1 for s in run.samples if not (s.status and 200 <= s.status < 300))
+        errors = run.errors
         p50 = percentile(recent, 50) * 1000 if recent else math.nan
         out.write(
             f"\r{elapsed:6.1f} s  {done:7d} done  {done / elapsed:8.1f} req/s  p50 {p50:7.1f} ms"
@@ -268,7 +276,13 @@ async def _progress(run: _Run, t0: float, out: TextIO) -> None:
 
 
 def api_root(url: str) -> str:
-    """Accept http://host:port, http://host:port/v1 or the full /chat/completions URL."""
+    """Accept http://host:port, http://host:port/v1 or the full /chat/completions URL.
+
+    ValueError for anything that is not an http(s) URL with a host (`localhost:8080` would
+    otherwise be read as a scheme and fail every request)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest.split("/")[0]:
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
     url = url.rstrip("/")
     if url.endswith("/chat/completions"):
         url = url[: -len("/chat/completions")]
@@ -280,4 +294,4 @@ def api_root(url: str) -> str:
 def main(spec: LoadSpec, *, as_json: bool, quiet: bool) -> int:
     report = trio.run(lambda: run_load(spec, progress=None if (quiet or as_json) else sys.stderr))
     print(json.dumps(report, indent=2) if as_json else format_summary(report))
-    return 0 if report["requests"] else 1
+    return 0 if report["ok"] else 1  # no request answered successfully is a failed run

@@ -10,7 +10,16 @@ import pytest
 import trio
 import trio.testing
 
-from router.loadtest import LoadSpec, api_root, format_summary, percentile, run_load
+from router.cli import main
+from router.loadtest import (
+    LoadSpec,
+    Sample,
+    api_root,
+    format_summary,
+    percentile,
+    run_load,
+    summarize,
+)
 from tests.helpers import Upstream, ok, stall, status
 from tests.live import FakeUpstream, answers, live_gateway
 
@@ -49,6 +58,33 @@ def test_percentile_of_nothing_is_nan() -> None:
 )
 def test_api_root(given: str, root: str) -> None:
     assert api_root(given) == root
+
+
+@pytest.mark.parametrize("given", ["localhost:8080", "127.0.0.1:8080/v1", "ftp://h/v1", "http://"])
+def test_api_root_needs_an_http_url(given: str) -> None:
+    with pytest.raises(ValueError, match="expected an http"):
+        api_root(given)
+
+
+def test_the_report_never_compares_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the report was quadratic (each sample looked up in the list of successes):
+    40k samples took 53 s. It must not compare samples with each other at all."""
+
+    def no_comparisons(self: object, other: object) -> bool:
+        raise AssertionError("samples compared")
+
+    samples = [Sample(0.01 * (i % 7), None, 200 if i % 3 else 500, "p") for i in range(3000)]
+    monkeypatch.setattr(Sample, "__eq__", no_comparisons)
+    report = summarize(LoadSpec(URL), samples, wall=1.0, cpu=0.1)
+    assert (report["ok"], report["errors"]) == (2000, {"500": 1000})
+
+
+def test_a_run_where_every_request_failed_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 1 on loopback: nothing listens, every connection is refused at once.
+    assert main(["loadtest", "http://127.0.0.1:1", "-n", "3", "-c", "1", "-q"]) == 1
+    assert "0 ok" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="expected an http"):
+        main(["loadtest", "127.0.0.1:1", "-n", "1"])
 
 
 async def test_open_loop_starts_requests_on_schedule(
