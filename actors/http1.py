@@ -1,10 +1,14 @@
 """A keep-alive HTTP/1.1 connection pool on trio streams, as an httpx transport.
 
 One pool belongs to one provider actor, so it needs no locks and no cross-task bookkeeping beyond a
-semaphore for `max_connections`. Compared with httpcore's pool it skips the per-reuse readability
-poll and the connection-matching pass over every queued request (see docs/benchmarks.md); a
-reused connection that turns out to have been closed by the server before answering anything is
-retried once on a fresh connection, which is what every HTTP client does for a stale keep-alive.
+semaphore for `max_connections`. Compared with httpcore's pool it skips the connection-matching
+pass over every queued request (see docs/benchmarks.md).
+
+A request is never sent twice. Before an idle connection is reused it is polled, as httpcore
+does: one that is readable (the server closed it, or sent bytes nobody asked for) is dropped
+before anything is written, and the request goes out on another. Once the request is written,
+any failure (the server closing without an answer included) is the attempt's failure, for the
+dispatcher to judge: an LLM call may have been billed, and DESIGN §3 allows one retry loop only.
 
 Responses are parsed by httptools (llhttp, the parser behind Node.js and uvicorn): a full
 request/response cycle costs ~2 us of CPU against ~85 us with h11, which on the gateway's hot path
@@ -18,6 +22,7 @@ iterator (not an async generator), so a cancelled read leaves nothing for the ga
 from __future__ import annotations
 
 import re
+import select
 import ssl
 from collections import deque
 from typing import Any
@@ -136,10 +141,6 @@ class _Connection:
             await trio.aclose_forcefully(self.stream)
 
 
-class _Stale(Exception):
-    """A reused connection was closed by the server before any byte of the answer."""
-
-
 class _Body(httpx.AsyncByteStream):
     """The response body; closing it returns the connection to the pool or closes it.
 
@@ -208,34 +209,23 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
-            conn, reused = await self._take_idle(), True
+            conn = await self._take_idle()
             if conn is None:
-                conn, reused = await self._connect(request.url, timeouts.get("connect")), False
-            try:
-                return await self._exchange(conn, head, request, trace)
-            except _Stale:
-                if not reused:
-                    raise httpx.RemoteProtocolError(
-                        "server closed the connection without answering"
-                    ) from None
                 conn = await self._connect(request.url, timeouts.get("connect"))
-                try:
-                    return await self._exchange(conn, head, request, trace)
-                except _Stale:
-                    raise httpx.RemoteProtocolError(
-                        "server closed the connection without answering"
-                    ) from None
+            return await self._exchange(conn, head, request, trace)
         except BaseException:
             self._slots.release()
             raise
 
     async def _take_idle(self) -> _Connection | None:
+        """An idle connection that can carry a request: not expired, and not readable (an idle
+        connection with something to read was closed by the server, or is out of step)."""
         now = trio.current_time()
         while self._idle:
             conn = self._idle.pop()  # most recently used first: warmest, least likely stale
-            if now - conn.idle_since < self._keepalive_expiry:
+            if now - conn.idle_since < self._keepalive_expiry and not _readable(conn.stream):
                 return conn
-            await conn.aclose()  # idle too long: the server may drop it any moment
+            await conn.aclose()  # idle too long (the server may drop it any moment), or closed
         return None
 
     async def _connect(self, url: httpx.URL, connect_timeout: float | None) -> _Connection:
@@ -277,18 +267,16 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             while not conn.head_done:
                 if not await conn.receive():
                     if conn.received == 0:
-                        raise _Stale()
+                        raise httpx.RemoteProtocolError(
+                            "server closed the connection without answering"
+                        )
                     raise httpx.RemoteProtocolError("connection closed before the response head")
         except BaseException as exc:
             await conn.aclose()
-            if isinstance(exc, _Stale | httpx.RemoteProtocolError | trio.Cancelled):
+            if isinstance(exc, httpx.RemoteProtocolError | trio.Cancelled):
                 raise
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit
-            if conn.received == 0 and isinstance(
-                exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError
-            ):
-                raise _Stale() from None  # reset before any byte of the answer
             if isinstance(exc, httptools.HttpParserError):
                 raise httpx.RemoteProtocolError(f"malformed response: {exc}") from None
             raise httpx.ReadError(str(exc) or type(exc).__name__) from None
@@ -313,6 +301,22 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         self._closed = True
         while self._idle:
             await self._idle.pop().aclose()
+
+
+def _readable(stream: trio.abc.Stream) -> bool:
+    """Whether the socket under `stream` has something to read (or is closed): a zero-timeout
+    poll, as httpcore's `is_socket_readable`. A stream without a socket counts as readable."""
+    while not isinstance(stream, trio.SocketStream):
+        inner = getattr(stream, "transport_stream", None)
+        if inner is None:
+            return True
+        stream = inner
+    fd = stream.socket.fileno()
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def _body(request: httpx.Request) -> bytes:

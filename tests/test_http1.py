@@ -14,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from actors.http1 import HTTP1Transport
+from actors.http1 import HTTP1Transport, _readable
 
 # An answer: the bytes to send, then whether to close the connection afterwards.
 Script = Callable[[int], tuple[bytes, bool]]
@@ -26,6 +26,7 @@ class RawServer:
         self.requests: list[bytes] = []  # each request as received (head and body)
         self.connections = 0
         self.port = 0
+        self.closed = trio.Event()  # set when the server has closed a connection
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -51,6 +52,8 @@ class RawServer:
                 if answer:
                     await stream.send_all(answer)
                 if close:
+                    await stream.aclose()
+                    self.closed.set()
                     return
 
 
@@ -144,15 +147,33 @@ async def test_interim_103_is_skipped() -> None:
     assert (status, body, "link" in headers) == (200, b"real", False)
 
 
-async def test_stale_keep_alive_is_retried_once_on_a_fresh_connection() -> None:
-    # The server answers the first request, keeps the connection, then drops it unanswered.
-    async with raw_server(lambda n: (ok(), False) if n != 2 else (b"", True)) as server:
+async def test_a_keep_alive_connection_the_server_closed_is_not_reused() -> None:
+    """The server answers and closes; the pool sees the idle connection readable (EOF) before
+    it writes, drops it and sends the next request, once, on a new connection."""
+    async with raw_server(lambda n: (ok(), True)) as server:
         pool = HTTP1Transport()
         await post(pool, server.port)
+        with trio.fail_after(5):
+            await server.closed.wait()  # the server's FIN is on its way to the idle connection
+            while not _readable(pool._idle[0].stream):  # noqa: ASYNC110 (loopback: microseconds)
+                await trio.sleep(0)
         status, _, body = await post(pool, server.port)
         await pool.aclose()
     assert (status, body) == (200, b'{"ok":true}')
-    assert server.connections == 2 and len(server.requests) == 3
+    assert server.connections == 2 and len(server.requests) == 2
+
+
+async def test_a_delivered_request_is_never_sent_twice() -> None:
+    """The server reads the whole second request on a reused connection, then closes without an
+    answer: that is the attempt's failure (the call may have been billed), not a resend."""
+    async with raw_server(lambda n: (ok(), False) if n != 2 else (b"", True)) as server:
+        pool = HTTP1Transport()
+        await post(pool, server.port)
+        with pytest.raises(httpx.RemoteProtocolError, match="without answering"):
+            await post(pool, server.port)
+        assert (await post(pool, server.port))[0] == 200
+        await pool.aclose()
+    assert len(server.requests) == 3 and server.connections == 2
 
 
 @pytest.mark.parametrize(
