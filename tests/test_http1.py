@@ -13,6 +13,7 @@ from functools import partial
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 
 from actors.http1 import HTTP1Transport, _readable
 
@@ -155,8 +156,10 @@ async def test_a_keep_alive_connection_the_server_closed_is_not_reused() -> None
         await post(pool, server.port)
         with trio.fail_after(5):
             await server.closed.wait()  # the server's FIN is on its way to the idle connection
-            while not _readable(pool._idle[0].stream):  # noqa: ASYNC110 (loopback: microseconds)
-                await trio.sleep(0)
+            idle = pool._idle[0].stream
+            assert isinstance(idle, trio.SocketStream)
+            await trio.lowlevel.wait_readable(idle.socket)  # the FIN has arrived
+            assert _readable(idle)
         status, _, body = await post(pool, server.port)
         await pool.aclose()
     assert (status, body) == (200, b'{"ok":true}')
