@@ -129,7 +129,17 @@ class App:
         self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
         started = trio.current_time()
-        body = await read_body(scope, receive, gateway.config.server.max_body)
+        server = gateway.config.server
+        # A client that sends one byte and waits must not hold a request (and its fd) forever.
+        body = None
+        with trio.move_on_after(server.body_timeout):
+            body = await read_body(scope, receive, server.max_body)
+        if body is None:
+            raise openai.BadRequest(
+                f"the request body did not arrive within {server.body_timeout:g} s",
+                status=408,
+                code="request_timeout",
+            )
         chat = openai.parse_chat_request(body)
         resolved = gateway.config.resolve(chat.model)
         if resolved is None:

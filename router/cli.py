@@ -32,7 +32,7 @@ def _load(path: str | None) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from router.server import freeze_startup_objects, serve, wait_for_signal
+    from router.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
 
     try:
         config = _load(args.config)
@@ -56,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             config, config.server.workers, Path(args.config) if args.config else None
         )
     source = Path(args.config) if args.config else None
+    raise_fd_limit()
     freeze_startup_objects()
     trio.run(
         partial(

@@ -648,6 +648,8 @@ class ServerConfig:
     port: int = 8080
     deadline: float = 120.0
     max_body: int = 10 * 1024 * 1024
+    body_timeout: float = 30.0  # to receive a whole request body; then 408
+    keep_alive_timeout: float = 75.0  # idle client connections, and the wait for request headers
     grace: float = 30.0
     workers: int = 1
     admin_token_env: str | None = None
@@ -661,6 +663,10 @@ class ServerConfig:
             port=f.integer("port", d.port, maximum=65535),
             deadline=f.duration("deadline", d.deadline, positive=True),
             max_body=f.size("max_body", d.max_body),
+            body_timeout=f.duration("body_timeout", d.body_timeout, positive=True),
+            keep_alive_timeout=f.duration(
+                "keep_alive_timeout", d.keep_alive_timeout, positive=True
+            ),
             grace=f.duration("grace", d.grace),
             workers=f.integer("workers", d.workers, minimum=1, maximum=64),
             admin_token_env=f.optional_string("admin_token_env"),

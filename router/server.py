@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,6 +20,8 @@ import attrs
 import httpx
 import hypercorn.config
 import hypercorn.trio
+import hypercorn.trio.run
+import hypercorn.trio.tcp_server
 import trio
 from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
@@ -49,15 +52,58 @@ class Running:
         return self.app.gateway.actors
 
 
-def hypercorn_config(host: str, port: int, grace: float) -> hypercorn.config.Config:
+def hypercorn_config(
+    host: str, port: int, grace: float, keep_alive: float = 75.0
+) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.graceful_timeout = grace + _WRITE_MARGIN  # the app ends streams at `grace`
     hc.accesslog = None
     hc.errorlog = logging.getLogger("cascade.hypercorn")
-    hc.keep_alive_timeout = 75  # longer than common client pools' idle timeouts
+    # Also bounds the wait for a request's headers: hypercorn's idle timer runs until they are in.
+    hc.keep_alive_timeout = keep_alive
     hc.backlog = 4096  # bursts of new connections must queue, not be reset (capped by somaxconn)
     return hc
+
+
+class _TCPServer(hypercorn.trio.tcp_server.TCPServer):
+    """hypercorn's connection handler, closing a connection as soon as its client has closed.
+
+    hypercorn 0.18 notices the client's EOF but then waits out the keep-alive timer (75 s by
+    default) before it closes its side: every one-shot client held an fd that long, and 1,014
+    of them exhausted a 1,024-fd limit in 11 s. Here the EOF ends the idle timer at once.
+    """
+
+    _client_closed = False
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        self._client_closed = True
+        await self.idle_task.stop()  # idle now: nothing keeps the connection open any more
+
+    async def _idle_timeout(self) -> None:
+        if not self._client_closed:
+            await super()._idle_timeout()
+            return
+        with trio.CancelScope(shield=True):  # a request ended after the client's EOF
+            await self._initiate_server_close()
+
+
+# hypercorn's trio worker builds one TCPServer per connection from this module-level name.
+hypercorn.trio.run.TCPServer = _TCPServer  # type: ignore[misc]
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one (each connection, client or upstream,
+    is an fd; the common soft default of 1,024 is a few seconds of one-shot clients)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            return soft, hard
+    return hard, hard
 
 
 async def serve_asgi(
@@ -66,6 +112,7 @@ async def serve_asgi(
     port: int,
     *,
     grace: float = 5.0,
+    keep_alive: float = 75.0,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     sock: socket.socket | None = None,
     tls: tuple[str, str] | None = None,
@@ -76,7 +123,7 @@ async def serve_asgi(
     `sock`, when given, is a bound socket to listen on (a worker's SO_REUSEPORT socket); `tls`
     is (certfile, keyfile) to serve HTTPS.
     """
-    hc = hypercorn_config(host, port, grace)
+    hc = hypercorn_config(host, port, grace, keep_alive)
     if tls is not None:
         hc.certfile, hc.keyfile = tls
     if sock is None:
@@ -157,6 +204,7 @@ async def serve(
                         server.host,
                         server.port,
                         grace=server.grace,
+                        keep_alive=server.keep_alive_timeout,
                         shutdown_trigger=trigger,
                         sock=sock,
                     )

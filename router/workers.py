@@ -39,12 +39,13 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
 
 def _worker(config: Config, index: int, source: Path | None) -> None:
     from router.cli import setup_logging
-    from router.server import freeze_startup_objects, serve, wait_for_signal
+    from router.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
 
     setup_logging(config.server.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM
     sock = _reuseport_socket(config.server.host, config.server.port)
     log.info("worker %d (pid %d) starting", index, os.getpid())
+    raise_fd_limit()
     freeze_startup_objects()
     trio.run(
         partial(serve, config, shutdown_trigger=partial(wait_for_signal, signal.SIGTERM), sock=sock)

@@ -226,3 +226,14 @@ def chat(model: str = "gpt", stream: bool = False, **extra: Any) -> dict[str, An
 def sse_data(text: str) -> list[str]:
     """The `data:` payloads of an SSE body, in order."""
     return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Wait (bounded) until `predicate()` holds.
+
+    Polling is deliberate: the state watched (an actor's in-flight count, a metric) has no event,
+    and adding one only for tests would put test hooks on the hot path.
+    """
+    with trio.fail_after(seconds):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.01)

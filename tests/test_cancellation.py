@@ -16,19 +16,8 @@ import pytest
 import trio
 
 from router.server import Running
-from tests.helpers import chat
+from tests.helpers import chat, eventually
 from tests.live import Exchange, FakeUpstream, chunk_event, live_gateway
-
-
-async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    """Wait (bounded) until `predicate()` holds.
-
-    Polling is deliberate: the state watched (an actor's in-flight count, a metric) has no event,
-    and adding one only for tests would put test hooks on the hot path.
-    """
-    with trio.fail_after(seconds):
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.01)
 
 
 def cancelled(gw: Running, provider: str, phase: str) -> float:
