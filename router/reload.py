@@ -15,7 +15,7 @@ import logging
 import signal
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import httpx
@@ -28,6 +28,9 @@ from router.config import Config, MockSettings, ProviderConfig, demo_config_text
 from router.dispatcher import Dispatcher
 from router.metrics import Metrics
 from router.mock import MockUpstream
+
+if TYPE_CHECKING:
+    from router.workers import WorkerLink
 
 log = logging.getLogger("cascade.reload")
 
@@ -86,7 +89,9 @@ class Reloader:
         actor_nursery: trio.Nursery,
         metrics: Metrics,
         http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        link: WorkerLink | None = None,
     ) -> None:
+        self.link = link  # a worker's: reloads are the supervisor's, for every worker
         self.app = app
         self.source = source  # None: the built-in demo
         self.mocks = mocks
@@ -108,9 +113,17 @@ class Reloader:
         return Config.from_file(self.source, shown_as="the config file")  # no path in answers
 
     async def reload(self) -> dict[str, Any]:
-        """Apply the config source now; returns what changed. ConfigError: nothing changed."""
+        """Apply the config source now; returns what changed. ConfigError: nothing changed.
+
+        In a worker, the supervisor validates the source once and applies it to every worker.
+        """
+        if self.link is not None:
+            return await self.link.reload()
+        return await self.apply(self.read())
+
+    async def apply(self, new: Config) -> dict[str, Any]:
+        """Adopt `new` (already validated); returns what changed."""
         async with self._lock:
-            new = self.read()
             old = self.app.gateway
             server = old.config.server
             restart = [

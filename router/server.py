@@ -33,6 +33,7 @@ from router.config import Config
 from router.dispatcher import Dispatcher
 from router.metrics import Metrics
 from router.reload import MockServers, Reloader
+from router.workers import WorkerLink
 
 log = logging.getLogger("cascade.server")
 
@@ -158,11 +159,13 @@ async def serve(
     sock: socket.socket | None = None,
     source: Path | None = None,
     reload_on_sighup: bool = False,
+    link: WorkerLink | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the whole gateway until `shutdown_trigger` returns (or the caller cancels).
 
     `source` is the config file that `/admin/reload` and SIGHUP re-read (None: the built-in demo).
+    `link` is a worker's control socket: reloads then go through the supervisor, to every worker.
     """
     metrics = Metrics()
     async with trio.open_nursery() as mock_nursery:
@@ -176,7 +179,7 @@ async def serve(
                 await actor_nursery.start(actors[name].run)
             app = App(Gateway(config, actors, Dispatcher(config, actors, metrics), metrics))
             reloader = app.reloader = Reloader(
-                app, source, mocks, actor_nursery, metrics, http_transports
+                app, source, mocks, actor_nursery, metrics, http_transports, link
             )
 
             async def trigger() -> None:
@@ -188,14 +191,20 @@ async def serve(
                 log.info("shutting down: no new connections; %gs grace", config.server.grace)
 
             server = config.server
-            sighup = trio.CancelScope()  # the SIGHUP watcher lives until hypercorn is done
+            control = trio.CancelScope()  # SIGHUP watcher and worker link: until hypercorn is done
 
             async def watch_sighup(task_status: trio.TaskStatus[None]) -> None:
-                with sighup:
+                with control:
                     await reloader.reload_on_sighup(task_status=task_status)
+
+            async def serve_link(link: WorkerLink, task_status: trio.TaskStatus[None]) -> None:
+                with control:
+                    await link.run(reloader.apply, task_status=task_status)
 
             if reload_on_sighup:
                 await actor_nursery.start(watch_sighup)
+            if link is not None:
+                await actor_nursery.start(serve_link, link)
             async with trio.open_nursery() as http:
                 url = await http.start(
                     partial(
@@ -211,7 +220,7 @@ async def serve(
                 )
                 log.info("cascade listening on %s (pid %d)", url, os.getpid())
                 task_status.started(Running(url, app))
-            sighup.cancel()
+            control.cancel()
             # hypercorn has finished its graceful shutdown: no request uses the actors any more.
             for actor in app.gateway.actors.values():
                 actor.close()

@@ -130,3 +130,82 @@ async def test_two_workers_share_a_port_and_stop_together(tmp_path: Path) -> Non
                 assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert await proc.wait() == 0
+
+
+async def start_workers(config: Path) -> tuple[trio.Process, str]:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "router", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    log = b""
+    while len(re.findall(rb"cascade listening on (http://\S+) \(pid (\d+)\)", log)) < 2:
+        chunk = await proc.stderr.receive_some()
+        assert chunk, log.decode()
+        log += chunk
+    url = re.findall(rb"cascade listening on (http://\S+) \(pid", log)[0].decode()
+    return proc, url
+
+
+def workers_config(path: Path, route: str, **mock: Any) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "server": {"port": 0, "workers": 2, "grace": "2s"},
+                "providers": {"m": {"mock": {"latency": "1ms", **mock}}},
+                "routes": [{"match": route, "targets": ["m/x"]}],
+            }
+        )
+    )
+
+
+async def served(url: str, model: str, times: int = 12) -> set[int]:
+    """Statuses of `times` requests, each on a new connection (the kernel picks the worker)."""
+    statuses = set()
+    for _ in range(times):
+        async with httpx.AsyncClient(base_url=url) as client:
+            statuses.add((await client.post("/v1/chat/completions", json=chat(model))).status_code)
+    return statuses
+
+
+async def test_workers_reload_together_from_the_operators_file(tmp_path: Path) -> None:
+    """POST /admin/reload to any worker reloads every worker from the file Cascade was started
+    with (never the demo); a broken file changes nothing; SIGHUP to the supervisor reloads all
+    and kills nobody (issue 9.5)."""
+    config = tmp_path / "workers.yaml"
+    workers_config(config, "first")
+    with trio.fail_after(60):
+        proc, url = await start_workers(config)
+        try:
+            assert await served(url, "first") == {200}
+            workers_config(config, "second")
+            async with httpx.AsyncClient(base_url=url) as client:
+                r = await client.post("/admin/reload")
+            assert r.status_code == 200, r.text
+            result = r.json()
+            assert result["status"] == "reloaded"
+            assert [w["worker"] for w in result["workers"]] == [0, 1]
+            assert all(w["status"] == "reloaded" for w in result["workers"])
+            assert await served(url, "second") == {200}
+            assert await served(url, "first") == {404}  # on every worker: none kept the old one
+
+            config.write_text("providers: {m: {mock: {rate_429: 7}}}\nroutes: []\n")
+            async with httpx.AsyncClient(base_url=url) as client:
+                r = await client.post("/admin/reload")
+            assert r.status_code == 400
+            assert r.json()["error"]["problems"] == [
+                "providers.m.mock.rate_429: expected a number from 0 to 1, got 7"
+            ]
+            assert str(tmp_path) not in r.text
+            assert await served(url, "second") == {200}  # nothing changed anywhere
+
+            workers_config(config, "third")
+            proc.send_signal(signal.SIGHUP)
+            with trio.fail_after(10):  # the reload runs in the workers: poll until all serve it
+                while await served(url, "third", times=6) != {200}:
+                    await trio.sleep(0.05)
+            assert await served(url, "third") == {200}
+            assert proc.returncode is None  # SIGHUP killed nobody
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
