@@ -21,11 +21,13 @@ iterator (not an async generator), so a cancelled read leaves nothing for the ga
 
 from __future__ import annotations
 
+import base64
 import re
 import select
 import ssl
 from collections import deque
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import httptools
 import httpx
@@ -191,15 +193,29 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         max_connections: int = 100,
         keepalive_expiry: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: httpx.URL | None = None,
     ) -> None:
         self._idle: deque[_Connection] = deque()
         self._slots = trio.Semaphore(max_connections)
         self._keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
         self._closed = False
+        # An http:// proxy: plain-HTTP origins are asked through it in absolute form, HTTPS ones
+        # through a CONNECT tunnel. Its credentials (user:password in the URL) go in
+        # Proxy-Authorization, built once here.
+        self._proxy = proxy
+        self._proxy_auth: bytes | None = None
+        if proxy is not None and proxy.userinfo:
+            user, _, password = proxy.userinfo.partition(b":")
+            credentials = base64.b64encode(
+                unquote_to_bytes(user) + b":" + unquote_to_bytes(password)
+            )
+            self._proxy_auth = b"Basic " + credentials
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        head = _serialise_head(request)  # before any I/O: a bad header costs no connection
+        forward = self._proxy is not None and request.url.scheme == "http"
+        # Before any I/O: a bad header costs no connection.
+        head = _serialise_head(request, absolute=forward, proxy_auth=self._proxy_auth)
         if not isinstance(request.stream, httpx.ByteStream):
             await request.aread()
         timeouts = request.extensions.get("timeout", {})
@@ -232,9 +248,15 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         host = url.host
         port = url.port or (443 if url.scheme == "https" else 80)
         stream: trio.abc.Stream | None = None
+        proxy = self._proxy
         try:
             with trio.fail_after(connect_timeout if connect_timeout is not None else float("inf")):
-                stream = await trio.open_tcp_stream(host, port)
+                if proxy is None:
+                    stream = await trio.open_tcp_stream(host, port)
+                else:
+                    stream = await trio.open_tcp_stream(proxy.host, proxy.port or 80)
+                    if url.scheme == "https":
+                        await self._tunnel(stream, host, port)
                 if url.scheme == "https":
                     context = self._ssl_context or _default_ssl_context()
                     tls = trio.SSLStream(
@@ -249,11 +271,34 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             if isinstance(exc, trio.TooSlowError):
                 raise httpx.ConnectTimeout(f"connect to {host}:{port} timed out") from None
             if isinstance(exc, OSError | trio.BrokenResourceError | ssl.SSLError):
-                raise httpx.ConnectError(f"connect to {host}:{port} failed: {exc}") from None
+                via = f" through the proxy {proxy.host}:{proxy.port or 80}" if proxy else ""
+                raise httpx.ConnectError(f"connect to {host}:{port}{via} failed: {exc}") from None
             raise
         if isinstance(stream, trio.SocketStream):
             stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
         return _Connection(stream)
+
+    async def _tunnel(self, stream: trio.abc.Stream, host: str, port: int) -> None:
+        """Ask the proxy for a tunnel to host:port (CONNECT); OSError when it refuses."""
+        authority = b"%s:%d" % (host.encode("ascii"), port)
+        lines = [b"CONNECT %s HTTP/1.1\r\n" % authority, b"host: %s\r\n" % authority]
+        if self._proxy_auth is not None:
+            lines.append(b"proxy-authorization: %s\r\n" % self._proxy_auth)
+        await stream.send_all(b"".join([*lines, b"\r\n"]))
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = await stream.receive_some(_READ_SIZE)
+            if not data or len(answer) > 65536:
+                raise OSError("the proxy closed the connection during CONNECT")
+            answer += data
+        status_line = answer.split(b"\r\n", 1)[0]
+        parts = status_line.split(b" ", 2)
+        if (
+            len(parts) < 2
+            or not parts[1].startswith(b"2")
+            or answer.index(b"\r\n\r\n") + 4 != len(answer)
+        ):
+            raise OSError(f"the proxy refused CONNECT: {status_line[:100].decode('latin-1')}")
 
     async def _exchange(
         self, conn: _Connection, head: bytes, request: httpx.Request, trace: Any
@@ -326,8 +371,14 @@ def _body(request: httpx.Request) -> bytes:
     return request.content  # read by `handle_async_request` for any other kind of body
 
 
-def _serialise_head(request: httpx.Request) -> bytes:
-    """The request line and headers. httpx supplies Host and Content-Length from the request."""
+def _serialise_head(
+    request: httpx.Request, *, absolute: bool = False, proxy_auth: bytes | None = None
+) -> bytes:
+    """The request line and headers. httpx supplies Host and Content-Length from the request.
+
+    `absolute`: the request goes to a forward proxy, which wants the whole URL in the request
+    line and, if it asks for credentials, Proxy-Authorization.
+    """
     raw = request.headers.raw
     names = [name for name, _ in raw]
     values = [value for _, value in raw]
@@ -340,9 +391,13 @@ def _serialise_head(request: httpx.Request) -> bytes:
         for name, value in raw:
             if _TOKEN.fullmatch(name) is None or _FIELD_VALUE.fullmatch(value) is None:
                 raise httpx.LocalProtocolError(f"invalid header {name!r}: refusing to send it")
-    lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
+    url = request.url
+    target = b"%s://%s%s" % (url.raw_scheme, url.netloc, url.raw_path) if absolute else url.raw_path
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), target)]
     if b"host" not in (name.lower() for name in names):  # absent when built with a stream
-        lines.append(b"host: %s\r\n" % request.url.netloc)
+        lines.append(b"host: %s\r\n" % url.netloc)
+    if absolute and proxy_auth is not None:
+        lines.append(b"proxy-authorization: %s\r\n" % proxy_auth)
     lines += [b"%s: %s\r\n" % pair for pair in raw]
     lines.append(b"\r\n")
     return b"".join(lines)

@@ -53,6 +53,7 @@ from actors.transport import (
     ConnectTimeout,
     Transport,
     UpstreamResponse,
+    proxy_for,
 )
 from router.config import ProviderConfig
 from router.metrics import Metrics
@@ -295,16 +296,24 @@ class ProviderActor:
             self._budget = RetryBudgetState(config.retry_budget)
 
         def connection_settings(c: ProviderConfig) -> tuple[object, ...]:
-            return (c.base_url, c.timeouts.connect, c.max_connections, c.ca_file)
+            return (c.base_url, c.timeouts.connect, c.max_connections, c.ca_file, c.proxy)
 
         if old is None or connection_settings(old) != connection_settings(config):
             previous = getattr(self, "_transport", None)
+            proxy = proxy_for(config.base_url, config.proxy)
+            if proxy is not None:  # host and port only: a proxy URL may carry credentials
+                log.info(
+                    "provider %s: calls go through the proxy %s",
+                    self.name,
+                    proxy.netloc.decode().rpartition("@")[2],
+                )
             self._transport = Transport(
                 config.base_url,
                 connect_timeout=config.timeouts.connect,
                 max_connections=config.max_connections,
                 http_transport=self._http_transport,
                 ca_file=config.ca_file,
+                proxy=proxy,
             )
             if previous is not None and self._nursery is not None:
                 self._nursery.start_soon(previous.aclose)

@@ -16,6 +16,7 @@ that one clock governs them all and tests can drive them with trio's autojump cl
 from __future__ import annotations
 
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import suppress
 from typing import Any
@@ -96,6 +97,23 @@ class UpstreamResponse:
 PhaseCallback = Callable[[str], None]
 
 
+def proxy_for(base_url: str, setting: str | None) -> httpx.URL | None:
+    """The forward proxy for calls to `base_url`: the provider's `proxy` setting (a URL, or "none"
+    for a direct connection), else HTTPS_PROXY / HTTP_PROXY (by the upstream's scheme, either
+    case, ALL_PROXY as a fallback) unless NO_PROXY names the host, as curl and httpx read them."""
+    if setting == "none":
+        return None
+    if setting is not None:
+        return httpx.URL(setting)
+    url = httpx.URL(base_url)
+    proxies = urllib.request.getproxies_environment()
+    chosen = proxies.get(url.scheme) or proxies.get("all")
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+    if not chosen or bypass(url.host, proxies):
+        return None
+    return httpx.URL(chosen if "://" in chosen else "http://" + chosen)
+
+
 class Transport:
     """HTTP/1.1 keep-alive calls to one upstream base URL.
 
@@ -112,6 +130,7 @@ class Transport:
         max_connections: int,
         http_transport: httpx.AsyncBaseTransport | None = None,
         ca_file: str | None = None,
+        proxy: httpx.URL | None = None,
     ) -> None:
         self._base_url = base_url
         # URL and Host header, parsed once per path: parsing costs ~30 us
@@ -121,7 +140,7 @@ class Transport:
             context = ssl.create_default_context(cafile=ca_file)
             context.set_alpn_protocols(["http/1.1"])
         self._http = http_transport or HTTP1Transport(
-            max_connections=max_connections, ssl_context=context
+            max_connections=max_connections, ssl_context=context, proxy=proxy
         )
         self._extensions_timeout = {"connect": connect_timeout}
 

@@ -381,6 +381,7 @@ class ProviderConfig:
     retry_budget: RetryBudget = RetryBudget()
     headers: Mapping[str, str] = attrs.field(factory=dict)
     ca_file: str | None = None  # PEM bundle to verify the upstream's TLS certificate
+    proxy: str | None = None  # an http:// proxy URL, "none", or None: from HTTP(S)_PROXY
     mock: MockSettings | None = None
 
     def api_key(self) -> str | None:
@@ -416,6 +417,15 @@ class ProviderConfig:
         ca_file = f.optional_string("ca_file")
         if ca_file is not None and not Path(ca_file).is_file():
             f.error("ca_file", f"no such file: {ca_file!r}")
+        proxy = f.optional_string("proxy")
+        if mock is not None:
+            if proxy is not None:
+                f.error("proxy", "a mock provider is on this machine: it takes no proxy")
+            proxy = "none"  # loopback: never through the environment's proxy
+        elif proxy is not None and proxy != "none":
+            if not proxy.startswith("http://") or not proxy[len("http://") :].split("/")[0]:
+                # the value is not shown: a proxy URL may hold a password
+                f.error("proxy", 'expected "none" or an http:// proxy URL (http://host:port)')
         for forbidden in ("api_key", "key"):
             if f.has(forbidden):
                 f.get(forbidden)
@@ -436,6 +446,7 @@ class ProviderConfig:
             retry_budget=RetryBudget.from_fields(f.sub("retry_budget")),
             headers=dict(headers),
             ca_file=ca_file,
+            proxy=proxy,
             mock=mock,
         )
         f.done()
