@@ -14,8 +14,8 @@ import attrs
 import trio
 
 from actors.outcome import Failure
+from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
-from router.config import ProviderConfig
 
 
 @attrs.frozen

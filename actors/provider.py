@@ -38,6 +38,7 @@ from actors.messages import (
 )
 from actors.outcome import Failure, Kind
 from actors.retry_after import parse_retry_after
+from actors.settings import ProviderConfig
 from actors.sse import SSEDecoder, SSEEvent
 from actors.state import (
     Circuits,
@@ -47,6 +48,7 @@ from actors.state import (
     RetryBudgetState,
     SlidingWindow,
 )
+from actors.telemetry import ProviderMetrics
 from actors.transport import (
     ConnectFailed,
     ConnectionLost,
@@ -55,8 +57,6 @@ from actors.transport import (
     UpstreamResponse,
     proxy_for,
 )
-from router.config import ProviderConfig
-from router.metrics import Metrics
 
 log = logging.getLogger("cascade.provider")
 
@@ -256,7 +256,7 @@ class ProviderActor:
     def __init__(
         self,
         config: ProviderConfig,
-        metrics: Metrics,
+        metrics: ProviderMetrics,
         *,
         http_transport: httpx.AsyncBaseTransport | None = None,
         wall_clock: Callable[[], float] = time.time,
@@ -347,10 +347,6 @@ class ProviderActor:
             for k, v in headers.items()
             if k.lower() not in ("accept", "x-request-id")
         ]
-        m = self._metrics
-        self._m_in_flight = m.in_flight.labels(self.name)
-        self._m_ttfb = m.ttfb.labels(self.name)
-        self._m_ok = m.attempts.labels(self.name, "ok")
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -417,14 +413,14 @@ class ProviderActor:
         now = trio.current_time()
         refusal = self._admit(attempt, now)
         if refusal is not None:
-            self._metrics.refusals.labels(self.name, refusal.reason).inc()
+            self._metrics.refused(refusal.reason)
             try:
                 attempt.reply.send_nowait(refusal)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the dispatcher has gone; nothing was started
             return
         self.in_flight += 1
-        self._m_in_flight.inc()
+        self._metrics.in_flight(1)
         self._budget.record(now, attempt.is_retry)
         self._rpm.add(now, 1)
         tpm_entry = self._tpm.add(now, attempt.request.estimated_tokens)
@@ -461,9 +457,9 @@ class ProviderActor:
             pass  # the dispatcher stopped listening: its cancel_all closes the channel
         finally:
             self.in_flight -= 1
-            self._m_in_flight.dec()
+            self._metrics.in_flight(-1)
             if terminal is None:  # cancelled before the attempt ended
-                self._metrics.cancelled.labels(self.name, call.phase).inc()
+                self._metrics.cancelled(call.phase)
                 self._circuits.probe_abandoned(attempt.request.model)
 
     def _upstream_headers(self, request: UpstreamRequest) -> list[tuple[bytes, bytes]]:
@@ -486,13 +482,13 @@ class ProviderActor:
         if outcome.tokens is not None:
             self._tpm.correct(tpm_entry, outcome.tokens)
         if failure is None:
-            self._m_ok.inc()
+            self._metrics.attempt("ok")
             self._ttfbs.add(outcome.ttfb)
-            self._m_ttfb.observe(outcome.ttfb)
+            self._metrics.first_byte(outcome.ttfb)
             self._rate_limits.success(model)
         else:
             self._failures += 1
-            self._metrics.attempts.labels(self.name, failure.kind.value).inc()
+            self._metrics.attempt(failure.kind.value)
         if failure is None or failure.kind in (Kind.CLIENT_ERROR, Kind.CONTEXT_OVERFLOW):
             self._circuits.success(model)  # the upstream is answering: a probe closes the circuit
         until = None
@@ -506,14 +502,14 @@ class ProviderActor:
                     self.config.rate_limit.max_retry_after,
                 )
             until = self._rate_limits.block(model, now, retry_after)
-            self._metrics.blocks.labels(self.name, "rate_limited").inc()
+            self._metrics.blocked("rate_limited")
         elif failure is not None and failure.kind in (Kind.TRANSIENT, Kind.SLOW, Kind.PROTOCOL):
             if self._circuits.failure(model, now):
-                self._metrics.blocks.labels(self.name, "circuit_open").inc()
+                self._metrics.blocked("circuit_open")
                 log.warning("provider %s: circuit for %s opened", self.name, model)
         if self._latency is not None and (failure is None or failure.kind is Kind.SLOW):
             if self._latency.observe(model, now, outcome.ttfb, outcome.total) is not None:
-                self._metrics.blocks.labels(self.name, "latency").inc()
+                self._metrics.blocked("latency")
                 log.warning("provider %s: latency trigger blocked %s", self.name, model)
         return until
 

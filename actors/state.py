@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from router.config import CircuitPolicy, LatencyTrigger, RateLimitPolicy, RetryBudget
+from actors.settings import CircuitPolicy, LatencyTrigger, RateLimitPolicy, RetryBudget
 
 V = TypeVar("V")
 

@@ -18,6 +18,15 @@ import attrs
 import yaml
 
 from actors.http1 import header_problem
+from actors.settings import (
+    CircuitPolicy,
+    LatencyTrigger,
+    Limits,
+    ProviderConfig,
+    RateLimitPolicy,
+    RetryBudget,
+    Timeouts,
+)
 from router.units import parse_duration, parse_size
 
 T = TypeVar("T")
@@ -202,127 +211,71 @@ def _kind(value: object) -> str:
 # Provider
 
 
-@attrs.frozen
-class Timeouts:
-    connect: float = 5.0
-    first_byte: float = 30.0
-    idle: float = 30.0
-    total: float = 300.0
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> Timeouts:
-        d = cls()
-        t = cls(
-            connect=f.duration("connect", d.connect, positive=True),
-            first_byte=f.duration("first_byte", d.first_byte, positive=True),
-            idle=f.duration("idle", d.idle, positive=True),
-            total=f.duration("total", d.total, positive=True),
-        )
-        f.done()
-        return t
+def _parse_timeouts(f: _Fields) -> Timeouts:
+    d = Timeouts()
+    t = Timeouts(
+        connect=f.duration("connect", d.connect, positive=True),
+        first_byte=f.duration("first_byte", d.first_byte, positive=True),
+        idle=f.duration("idle", d.idle, positive=True),
+        total=f.duration("total", d.total, positive=True),
+    )
+    f.done()
+    return t
 
 
-@attrs.frozen
-class Limits:
-    """Proactive admission limits; None means unlimited."""
-
-    rpm: int | None = None
-    tpm: int | None = None
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> Limits:
-        limits = cls(rpm=f.optional_integer("rpm"), tpm=f.optional_integer("tpm"))
-        f.done()
-        return limits
+def _parse_limits(f: _Fields) -> Limits:
+    limits = Limits(rpm=f.optional_integer("rpm"), tpm=f.optional_integer("tpm"))
+    f.done()
+    return limits
 
 
-@attrs.frozen
-class RateLimitPolicy:
-    """How a provider's rate-limit signals block targets."""
-
-    scope: Literal["provider", "model"] = "model"
-    max_retry_after: float = 48 * 3600.0
-    block_base: float = 60.0
-    block_max: float = 3600.0
-    max_tracked: int = 1024
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> RateLimitPolicy:
-        d = cls()
-        policy = cls(
-            scope=f.choice("scope", d.scope, ("provider", "model")),
-            max_retry_after=f.duration("max_retry_after", d.max_retry_after, positive=True),
-            block_base=f.duration("block_base", d.block_base, positive=True),
-            block_max=f.duration("block_max", d.block_max, positive=True),
-            max_tracked=f.integer("max_tracked", d.max_tracked, minimum=1),
-        )
-        if policy.block_max < policy.block_base:
-            f.error("block_max", "must be at least block_base")
-        f.done()
-        return policy
+def _parse_rate_limit(f: _Fields) -> RateLimitPolicy:
+    d = RateLimitPolicy()
+    policy = RateLimitPolicy(
+        scope=f.choice("scope", d.scope, ("provider", "model")),
+        max_retry_after=f.duration("max_retry_after", d.max_retry_after, positive=True),
+        block_base=f.duration("block_base", d.block_base, positive=True),
+        block_max=f.duration("block_max", d.block_max, positive=True),
+        max_tracked=f.integer("max_tracked", d.max_tracked, minimum=1),
+    )
+    if policy.block_max < policy.block_base:
+        f.error("block_max", "must be at least block_base")
+    f.done()
+    return policy
 
 
-@attrs.frozen
-class LatencyTrigger:
-    """Block a target for `block` after `min_triggers` slow answers within `window`."""
-
-    threshold: float
-    measure: Literal["ttfb", "total"] = "ttfb"
-    min_triggers: int = 3
-    window: float = 60.0
-    block: float = 60.0
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> LatencyTrigger:
-        trigger = cls(
-            threshold=f.duration("threshold", _MISSING, positive=True),
-            measure=f.choice("measure", "ttfb", ("ttfb", "total")),
-            min_triggers=f.integer("min_triggers", 3, minimum=1),
-            window=f.duration("window", 60.0, positive=True),
-            block=f.duration("block", 60.0, positive=True),
-        )
-        f.done()
-        return trigger
+def _parse_latency(f: _Fields) -> LatencyTrigger:
+    trigger = LatencyTrigger(
+        threshold=f.duration("threshold", _MISSING, positive=True),
+        measure=f.choice("measure", "ttfb", ("ttfb", "total")),
+        min_triggers=f.integer("min_triggers", 3, minimum=1),
+        window=f.duration("window", 60.0, positive=True),
+        block=f.duration("block", 60.0, positive=True),
+    )
+    f.done()
+    return trigger
 
 
-@attrs.frozen
-class CircuitPolicy:
-    """Open after `failures` transient failures within `window`; probe again after `open_for`."""
-
-    failures: int = 5
-    window: float = 30.0
-    open_for: float = 30.0
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> CircuitPolicy:
-        d = cls()
-        policy = cls(
-            failures=f.integer("failures", d.failures, minimum=1),
-            window=f.duration("window", d.window, positive=True),
-            open_for=f.duration("open_for", d.open_for, positive=True),
-        )
-        f.done()
-        return policy
+def _parse_circuit(f: _Fields) -> CircuitPolicy:
+    d = CircuitPolicy()
+    policy = CircuitPolicy(
+        failures=f.integer("failures", d.failures, minimum=1),
+        window=f.duration("window", d.window, positive=True),
+        open_for=f.duration("open_for", d.open_for, positive=True),
+    )
+    f.done()
+    return policy
 
 
-@attrs.frozen
-class RetryBudget:
-    """Retries may be at most `ratio` of first attempts over `window` (plus `min_retries`)."""
-
-    ratio: float = 0.2
-    window: float = 10.0
-    min_retries: int = 3
-
-    @classmethod
-    def from_fields(cls, f: _Fields) -> RetryBudget:
-        d = cls()
-        budget = cls(
-            ratio=f.number("ratio", d.ratio, minimum=0.0, maximum=10.0),
-            window=f.duration("window", d.window, positive=True),
-            min_retries=f.integer("min_retries", d.min_retries),
-        )
-        f.done()
-        return budget
+def _parse_retry_budget(f: _Fields) -> RetryBudget:
+    d = RetryBudget()
+    budget = RetryBudget(
+        ratio=f.number("ratio", d.ratio, minimum=0.0, maximum=10.0),
+        window=f.duration("window", d.window, positive=True),
+        min_retries=f.integer("min_retries", d.min_retries),
+    )
+    f.done()
+    return budget
 
 
 @attrs.frozen
@@ -364,93 +317,68 @@ class MockSettings:
         return settings
 
 
-@attrs.frozen
-class ProviderConfig:
-    name: str
-    base_url: str
-    dialect: Literal["openai"] = "openai"
-    api_key_env: str | None = None
-    timeouts: Timeouts = Timeouts()
-    max_retries: int = 2
-    max_in_flight: int = 256
-    max_connections: int = 100
-    limits: Limits = Limits()
-    rate_limit: RateLimitPolicy = RateLimitPolicy()
-    latency: LatencyTrigger | None = None
-    circuit: CircuitPolicy = CircuitPolicy()
-    retry_budget: RetryBudget = RetryBudget()
-    headers: Mapping[str, str] = attrs.field(factory=dict)
-    ca_file: str | None = None  # PEM bundle to verify the upstream's TLS certificate
-    proxy: str | None = None  # an http:// proxy URL, "none", or None: from HTTP(S)_PROXY
-    mock: MockSettings | None = None
-
-    def api_key(self) -> str | None:
-        """The key from the environment; read at use so it never sits in a config object or log."""
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-    @classmethod
-    def from_fields(cls, name: str, f: _Fields) -> ProviderConfig:
-        d = cls(name=name, base_url="")
-        mock = MockSettings.from_fields(f.sub("mock")) if f.has("mock") else None
-        base_url = "mock://" + name if mock is not None else f.string("base_url", "")
-        if mock is None and not f.has("base_url"):
-            f.error("base_url", "is required (or mock: for a local mock provider)")
-        elif mock is not None and f.get("base_url") is not _MISSING:
-            f.error("base_url", "a provider has either base_url or mock, not both")
-        elif mock is None and base_url and not base_url.startswith(("http://", "https://")):
-            f.error("base_url", f"expected an http:// or https:// URL, got {shown(base_url)}")
-        headers = f.get("headers")
-        if headers is _MISSING:
-            headers = {}
-        elif not isinstance(headers, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-        ):
-            f.error("headers", "expected a mapping of header names to strings")
-            headers = {}
-        for header, value in headers.items():
-            if header.lower() in ("host", "content-length", "transfer-encoding", "connection"):
-                f.error(f"headers.{header}", "is set by Cascade for each request")
-            elif (problem := header_problem(header, value)) is not None:
-                f.error(f"headers.{header}", problem)
-        latency = LatencyTrigger.from_fields(f.sub("latency")) if f.has("latency") else None
-        api_key_env = f.optional_string("api_key_env")
-        ca_file = f.optional_string("ca_file")
-        if ca_file is not None and not Path(ca_file).is_file():
-            f.error("ca_file", f"no such file: {ca_file!r}")
-        proxy = f.optional_string("proxy")
-        if mock is not None:
-            if proxy is not None:
-                f.error("proxy", "a mock provider is on this machine: it takes no proxy")
-            proxy = "none"  # loopback: never through the environment's proxy
-        elif proxy is not None and proxy != "none":
-            if not proxy.startswith("http://") or not proxy[len("http://") :].split("/")[0]:
-                # the value is not shown: a proxy URL may hold a password
-                f.error("proxy", 'expected "none" or an http:// proxy URL (http://host:port)')
-        for forbidden in ("api_key", "key"):
-            if f.has(forbidden):
-                f.get(forbidden)
-                f.error(forbidden, "API keys are never written in the config; use api_key_env")
-        provider = cls(
-            name=name,
-            base_url=base_url.rstrip("/"),
-            dialect=f.choice("dialect", d.dialect, ("openai",)),
-            api_key_env=api_key_env,
-            timeouts=Timeouts.from_fields(f.sub("timeouts")),
-            max_retries=f.integer("max_retries", d.max_retries, maximum=100),
-            max_in_flight=f.integer("max_in_flight", d.max_in_flight, minimum=1),
-            max_connections=f.integer("max_connections", d.max_connections, minimum=1),
-            limits=Limits.from_fields(f.sub("limits")),
-            rate_limit=RateLimitPolicy.from_fields(f.sub("rate_limit")),
-            latency=latency,
-            circuit=CircuitPolicy.from_fields(f.sub("circuit")),
-            retry_budget=RetryBudget.from_fields(f.sub("retry_budget")),
-            headers=dict(headers),
-            ca_file=ca_file,
-            proxy=proxy,
-            mock=mock,
-        )
-        f.done()
-        return provider
+def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings | None]:
+    """The provider's settings, and its mock's when it is a `mock:` provider."""
+    d = ProviderConfig(name=name, base_url="")
+    mock = MockSettings.from_fields(f.sub("mock")) if f.has("mock") else None
+    base_url = "mock://" + name if mock is not None else f.string("base_url", "")
+    if mock is None and not f.has("base_url"):
+        f.error("base_url", "is required (or mock: for a local mock provider)")
+    elif mock is not None and f.get("base_url") is not _MISSING:
+        f.error("base_url", "a provider has either base_url or mock, not both")
+    elif mock is None and base_url and not base_url.startswith(("http://", "https://")):
+        f.error("base_url", f"expected an http:// or https:// URL, got {shown(base_url)}")
+    headers = f.get("headers")
+    if headers is _MISSING:
+        headers = {}
+    elif not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        f.error("headers", "expected a mapping of header names to strings")
+        headers = {}
+    for header, value in headers.items():
+        if header.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+            f.error(f"headers.{header}", "is set by Cascade for each request")
+        elif (problem := header_problem(header, value)) is not None:
+            f.error(f"headers.{header}", problem)
+    latency = _parse_latency(f.sub("latency")) if f.has("latency") else None
+    api_key_env = f.optional_string("api_key_env")
+    ca_file = f.optional_string("ca_file")
+    if ca_file is not None and not Path(ca_file).is_file():
+        f.error("ca_file", f"no such file: {ca_file!r}")
+    proxy = f.optional_string("proxy")
+    if mock is not None:
+        if proxy is not None:
+            f.error("proxy", "a mock provider is on this machine: it takes no proxy")
+        proxy = "none"  # loopback: never through the environment's proxy
+    elif proxy is not None and proxy != "none":
+        if not proxy.startswith("http://") or not proxy[len("http://") :].split("/")[0]:
+            # the value is not shown: a proxy URL may hold a password
+            f.error("proxy", 'expected "none" or an http:// proxy URL (http://host:port)')
+    for forbidden in ("api_key", "key"):
+        if f.has(forbidden):
+            f.get(forbidden)
+            f.error(forbidden, "API keys are never written in the config; use api_key_env")
+    provider = ProviderConfig(
+        name=name,
+        base_url=base_url.rstrip("/"),
+        dialect=f.choice("dialect", d.dialect, ("openai",)),
+        api_key_env=api_key_env,
+        timeouts=_parse_timeouts(f.sub("timeouts")),
+        max_retries=f.integer("max_retries", d.max_retries, maximum=100),
+        max_in_flight=f.integer("max_in_flight", d.max_in_flight, minimum=1),
+        max_connections=f.integer("max_connections", d.max_connections, minimum=1),
+        limits=_parse_limits(f.sub("limits")),
+        rate_limit=_parse_rate_limit(f.sub("rate_limit")),
+        latency=latency,
+        circuit=_parse_circuit(f.sub("circuit")),
+        retry_budget=_parse_retry_budget(f.sub("retry_budget")),
+        headers=dict(headers),
+        ca_file=ca_file,
+        proxy=proxy,
+    )
+    f.done()
+    return provider, mock
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,6 +621,9 @@ class Config:
     providers: Mapping[str, ProviderConfig]
     routes: tuple[Route, ...]
     retry: RetryConfig = RetryConfig()
+    # Providers served by an in-process mock upstream (`mock:`), by name; the server starts
+    # them and points the provider's base_url at them.
+    mocks: Mapping[str, MockSettings] = attrs.field(factory=dict)
 
     @classmethod
     def from_mapping(cls, raw: object) -> Config:
@@ -703,6 +634,7 @@ class Config:
         server = ServerConfig.from_fields(root.sub("server"))
 
         providers: dict[str, ProviderConfig] = {}
+        mocks: dict[str, MockSettings] = {}
         raw_providers = root.sub("providers")
         if not raw_providers.raw:
             problems.append("providers: at least one provider is required")
@@ -712,7 +644,9 @@ class Config:
                     f"providers.{name}: a provider name is a non-empty string without '/'"
                 )
                 continue
-            providers[name] = ProviderConfig.from_fields(name, raw_providers.sub(name))
+            providers[name], mock = _parse_provider(name, raw_providers.sub(name))
+            if mock is not None:
+                mocks[name] = mock
         raw_providers.done()
 
         routes = tuple(
@@ -723,7 +657,7 @@ class Config:
         root.done()
         if problems:
             raise ConfigError(problems)
-        return cls(server=server, providers=providers, routes=routes, retry=retry)
+        return cls(server=server, providers=providers, routes=routes, retry=retry, mocks=mocks)
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "<config>") -> Config:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from actors.telemetry import ProviderMetrics
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -72,6 +74,10 @@ class Metrics:
             registry=r,
         )
 
+    def provider(self, name: str) -> ProviderMetrics:
+        """The metrics one provider actor reports (actors/telemetry.py), labelled `name`."""
+        return _ProviderMetrics(self, name)
+
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """Count one answered request; label children are cached (a lookup costs ~3 us)."""
         key = (route, status)
@@ -86,3 +92,38 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ProviderMetrics:
+    """`ProviderMetrics` on this registry. The hot children (in flight, first byte, ok) are bound
+    once; the rest are looked up when they happen, which is rarely."""
+
+    __slots__ = ("_attempt_ok", "_in_flight", "_metrics", "_name", "_ttfb")
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self._metrics = metrics
+        self._name = name
+        self._in_flight = metrics.in_flight.labels(name)
+        self._ttfb = metrics.ttfb.labels(name)
+        self._attempt_ok = metrics.attempts.labels(name, "ok")
+
+    def attempt(self, outcome: str) -> None:
+        if outcome == "ok":
+            self._attempt_ok.inc()
+        else:
+            self._metrics.attempts.labels(self._name, outcome).inc()
+
+    def refused(self, reason: str) -> None:
+        self._metrics.refusals.labels(self._name, reason).inc()
+
+    def cancelled(self, phase: str) -> None:
+        self._metrics.cancelled.labels(self._name, phase).inc()
+
+    def blocked(self, reason: str) -> None:
+        self._metrics.blocks.labels(self._name, reason).inc()
+
+    def first_byte(self, seconds: float) -> None:
+        self._ttfb.observe(seconds)
+
+    def in_flight(self, delta: int) -> None:
+        self._in_flight.inc(delta)

@@ -54,7 +54,7 @@ class MockServers:
         from router.server import serve_asgi
 
         providers = dict(config.providers)
-        wanted = {name: p.mock for name, p in config.providers.items() if p.mock is not None}
+        wanted = config.mocks
         for name in [n for n in self._running if wanted.get(n) != self._running[n][0]]:
             _, _, scope, longest = self._running.pop(name)
             scope.deadline = trio.current_time() + longest
@@ -102,7 +102,7 @@ class Reloader:
 
     async def start_actor(self, config: ProviderConfig) -> ProviderActor:
         transport = self.http_transports.get(config.name)
-        actor = ProviderActor(config, self.metrics, http_transport=transport)
+        actor = ProviderActor(config, self.metrics.provider(config.name), http_transport=transport)
         await self.actor_nursery.start(actor.run)
         return actor
 

@@ -175,7 +175,9 @@ async def serve(
         async with trio.open_nursery() as actor_nursery:
             for name, provider in config.providers.items():
                 transport = (http_transports or {}).get(name)
-                actors[name] = ProviderActor(provider, metrics, http_transport=transport)
+                actors[name] = ProviderActor(
+                    provider, metrics.provider(name), http_transport=transport
+                )
                 await actor_nursery.start(actors[name].run)
             app = App(Gateway(config, actors, Dispatcher(config, actors, metrics), metrics))
             reloader = app.reloader = Reloader(

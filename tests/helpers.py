@@ -199,7 +199,7 @@ async def gateway(
         for name, provider in cfg.providers.items():
             actor = ProviderActor(
                 provider,
-                metrics,
+                metrics.provider(name),
                 http_transport=upstreams[name].transport(),
                 wall_clock=lambda: 1_000_000.0,
             )

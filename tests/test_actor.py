@@ -55,14 +55,19 @@ async def attempt(
     return replies
 
 
+METRICS: dict[ProviderActor, Metrics] = {}  # each started actor's registry, for the tests
+
+
 async def start(nursery: trio.Nursery, upstream: Upstream, **settings: object) -> ProviderActor:
+    metrics = Metrics()
     actor = ProviderActor(
         provider(**settings).providers["p"],
-        Metrics(),
+        metrics.provider("p"),
         http_transport=upstream.transport(),
         wall_clock=lambda: 0.0,
     )
     await nursery.start(actor.run)
+    METRICS[actor] = metrics
     return actor
 
 
@@ -273,7 +278,7 @@ async def test_every_attempt_is_counted_by_outcome(
     metrics = Metrics()
     actor = ProviderActor(
         provider().providers["p"],
-        metrics,
+        metrics.provider("p"),
         http_transport=upstream.transport(),
         wall_clock=lambda: 0.0,
     )
@@ -327,7 +332,7 @@ async def test_dispatcher_leaving_a_stream_is_not_the_providers_fault(
     assert "failed unexpectedly" not in caplog.text
     [next_one] = await attempt(actor, request())  # the circuit never opened
     assert isinstance(next_one, Response)
-    cancelled = actor._metrics.registry.get_sample_value(
+    cancelled = METRICS[actor].registry.get_sample_value(
         "cascade_upstream_cancelled_total", {"provider": "p", "phase": "streaming"}
     )
     assert cancelled == 3

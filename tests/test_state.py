@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from actors.settings import CircuitPolicy, LatencyTrigger, RateLimitPolicy, RetryBudget
 from actors.state import (
     BoundedMap,
     Circuits,
@@ -11,7 +12,6 @@ from actors.state import (
     RetryBudgetState,
     SlidingWindow,
 )
-from router.config import CircuitPolicy, LatencyTrigger, RateLimitPolicy, RetryBudget
 
 
 def test_retry_after_blocks_until_then_recovers() -> None:

@@ -1,0 +1,95 @@
+"""A provider actor's settings: what `ProviderActor` is configured with, as frozen data.
+
+The router's config parses YAML into these (router/config.py); the actors read them and import
+nothing from the router.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+
+
+@attrs.frozen
+class Timeouts:
+    connect: float = 5.0
+    first_byte: float = 30.0
+    idle: float = 30.0
+    total: float = 300.0
+
+
+@attrs.frozen
+class Limits:
+    """Proactive admission limits; None means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@attrs.frozen
+class RateLimitPolicy:
+    """How a provider's rate-limit signals block targets."""
+
+    scope: Literal["provider", "model"] = "model"
+    max_retry_after: float = 48 * 3600.0
+    block_base: float = 60.0
+    block_max: float = 3600.0
+    max_tracked: int = 1024
+
+
+@attrs.frozen
+class LatencyTrigger:
+    """Block a target for `block` after `min_triggers` slow answers within `window`."""
+
+    threshold: float
+    measure: Literal["ttfb", "total"] = "ttfb"
+    min_triggers: int = 3
+    window: float = 60.0
+    block: float = 60.0
+
+
+@attrs.frozen
+class CircuitPolicy:
+    """Open after `failures` transient failures within `window`; probe again after `open_for`."""
+
+    failures: int = 5
+    window: float = 30.0
+    open_for: float = 30.0
+
+
+@attrs.frozen
+class RetryBudget:
+    """Retries may be at most `ratio` of first attempts over `window` (plus `min_retries`)."""
+
+    ratio: float = 0.2
+    window: float = 10.0
+    min_retries: int = 3
+
+
+@attrs.frozen
+class ProviderConfig:
+    """One provider: where it is, how it is called, and its actor's admission policies."""
+
+    name: str
+    base_url: str
+    dialect: Literal["openai"] = "openai"
+    api_key_env: str | None = None
+    timeouts: Timeouts = Timeouts()
+    max_retries: int = 2
+    max_in_flight: int = 256
+    max_connections: int = 100
+    limits: Limits = Limits()
+    rate_limit: RateLimitPolicy = RateLimitPolicy()
+    latency: LatencyTrigger | None = None
+    circuit: CircuitPolicy = CircuitPolicy()
+    retry_budget: RetryBudget = RetryBudget()
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    ca_file: str | None = None  # PEM bundle to verify the upstream's TLS certificate
+    proxy: str | None = None  # an http:// proxy URL, "none", or None: from HTTP(S)_PROXY
+
+    def api_key(self) -> str | None:
+        """The key from the environment; read at use so it never sits in a config object or log."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
