@@ -32,7 +32,7 @@ def _load(path: str | None) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from router.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
+    from router.ops.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
 
     try:
         config = _load(args.config)
@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "no --config given: serving the built-in demo (local mock providers, no API keys)"
         )
     if config.server.workers > 1:
-        from router.workers import run_workers
+        from router.ops.workers import run_workers
 
         return run_workers(
             config, config.server.workers, Path(args.config) if args.config else None
@@ -78,8 +78,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from router.mock import MockUpstream
-    from router.server import serve_asgi, wait_for_signal
+    from router.ops.server import serve_asgi, wait_for_signal
+    from router.tools.mock import MockUpstream
 
     settings = MockSettings(
         latency=args.latency,
@@ -107,7 +107,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from router.loadtest import LoadSpec, api_root, main
+    from router.tools.loadtest import LoadSpec, api_root, main
 
     if args.rate is not None and args.rate <= 0:
         raise SystemExit("cascade loadtest: --rate must be positive")

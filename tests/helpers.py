@@ -17,10 +17,10 @@ import httpx
 import trio
 
 from actors.provider import ProviderActor
-from router.app import App, Gateway
+from router.cascade.dispatcher import Dispatcher
 from router.config import Config
-from router.dispatcher import Dispatcher
-from router.metrics import Metrics
+from router.face.app import App, Gateway
+from router.ops.metrics import Metrics
 
 Step = Callable[[httpx.Request], Awaitable[httpx.Response]]
 

@@ -15,9 +15,9 @@ from typing import Any
 import attrs
 import trio
 
-from router.app import lifespan, read_body
 from router.config import Config
-from router.server import Running, serve, serve_asgi
+from router.face.app import lifespan, read_body
+from router.ops.server import Running, serve, serve_asgi
 from tests.helpers import completion
 
 Handler = Callable[["Exchange"], Awaitable[None]]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from router.server import Running
+from router.ops.server import Running
 from tests.helpers import chat, eventually
 from tests.live import Exchange, FakeUpstream, chunk_event, live_gateway
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from actors.sse import SSEDecoder, SSEEvent
-from router.openai import BadRequest, StreamFilter, frame, parse_chat_request
+from router.dialects.openai import BadRequest, StreamFilter, frame, parse_chat_request
 
 
 def feed_all(pieces: list[bytes]) -> list[SSEEvent]:

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from router.cli import main
-from router.loadtest import (
+from router.tools.loadtest import (
     LoadSpec,
     Sample,
     api_root,

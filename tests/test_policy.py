@@ -7,8 +7,8 @@ import random
 import pytest
 
 from actors.outcome import Failure, Kind, classify_status
+from router.cascade.policy import Action, Plan, backoff_delay, decide
 from router.config import Backoff, RetryConfig, StatusRule, Target
-from router.policy import Action, Plan, backoff_delay, decide
 
 
 @pytest.mark.parametrize(

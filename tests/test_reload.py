@@ -15,9 +15,9 @@ import httpx
 import pytest
 import trio
 
-from router.app import App
 from router.config import Config
-from router.server import Running, serve, serve_asgi
+from router.face.app import App
+from router.ops.server import Running, serve, serve_asgi
 from tests.helpers import Upstream, asgi_client, chat, config, gateway
 from tests.live import Exchange, FakeUpstream, answers
 

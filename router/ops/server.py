@@ -28,12 +28,12 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from actors.provider import ProviderActor
-from router.app import App, Gateway
+from router.cascade.dispatcher import Dispatcher
 from router.config import Config
-from router.dispatcher import Dispatcher
-from router.metrics import Metrics
-from router.reload import MockServers, Reloader
-from router.workers import WorkerLink
+from router.face.app import App, Gateway
+from router.ops.metrics import Metrics
+from router.ops.reload import MockServers, Reloader
+from router.ops.workers import WorkerLink
 
 log = logging.getLogger("cascade.server")
 

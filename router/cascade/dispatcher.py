@@ -30,9 +30,9 @@ from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
 from actors.sse import SSEEvent
 from actors.state import SlidingWindow
+from router.cascade.policy import Action, Plan, backoff_delay, decide
 from router.config import Config, Route, Target
-from router.metrics import Metrics
-from router.policy import Action, Plan, backoff_delay, decide
+from router.ops.metrics import Metrics
 
 log = logging.getLogger("cascade.dispatch")
 

@@ -23,14 +23,14 @@ import trio
 
 from actors.messages import Reconfigure
 from actors.provider import ProviderActor
-from router.app import App, Gateway
+from router.cascade.dispatcher import Dispatcher
 from router.config import Config, MockSettings, ProviderConfig, demo_config_text
-from router.dispatcher import Dispatcher
-from router.metrics import Metrics
-from router.mock import MockUpstream
+from router.face.app import App, Gateway
+from router.ops.metrics import Metrics
+from router.tools.mock import MockUpstream
 
 if TYPE_CHECKING:
-    from router.workers import WorkerLink
+    from router.ops.workers import WorkerLink
 
 log = logging.getLogger("cascade.reload")
 
@@ -51,7 +51,7 @@ class MockServers:
         A server no longer wanted stops once no attempt can still be using it: attempts never
         outlive their provider's `timeouts.total`.
         """
-        from router.server import serve_asgi
+        from router.ops.server import serve_asgi
 
         providers = dict(config.providers)
         wanted = config.mocks

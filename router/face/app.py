@@ -30,15 +30,15 @@ from actors.messages import (
     StreamStart,
 )
 from actors.provider import ProviderActor
-from router import openai
+from router.cascade.dispatcher import CascadeError, ChatJob, Dispatcher, Winner
 from router.config import Config, ConfigError
-from router.dispatcher import CascadeError, ChatJob, Dispatcher, Winner
-from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from router.metrics import Metrics
+from router.dialects import openai
+from router.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from router.ops.metrics import Metrics
 from router.units import parse_duration
 
 if TYPE_CHECKING:
-    from router.reload import Reloader
+    from router.ops.reload import Reloader
 
 log = logging.getLogger("cascade.request")
 

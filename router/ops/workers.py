@@ -131,7 +131,7 @@ class WorkerLink:
 
 def _worker(config: Config, index: int, source: Path | None, control: socket.socket) -> None:
     from router.cli import setup_logging
-    from router.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
+    from router.ops.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
 
     setup_logging(config.server.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM

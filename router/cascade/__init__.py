@@ -1,0 +1,1 @@
+"""The cascade: one request's walk over its targets (dispatcher) and the retry policy."""

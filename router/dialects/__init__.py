@@ -1,0 +1,1 @@
+"""Dialects: the API shapes Cascade speaks to clients and to providers."""

@@ -1,0 +1,1 @@
+"""Operations: serving, the gateway's assembly, reload, workers, metrics and logs."""

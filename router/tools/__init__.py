@@ -1,0 +1,1 @@
+"""Tools beside the gateway: the mock upstream and the load generator."""
