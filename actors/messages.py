@@ -16,6 +16,7 @@ import trio
 from actors.outcome import Failure
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
+from actors.wire import UpstreamWire
 
 
 @attrs.frozen
@@ -171,6 +172,7 @@ class Reconfigure:
     """Adopt a new config in place, keeping blocks, windows and counters."""
 
     config: ProviderConfig
+    wire: UpstreamWire
 
 
 Message = Attempt | SnapshotRequest | Reconfigure

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 
@@ -57,13 +56,13 @@ from actors.transport import (
     UpstreamResponse,
     proxy_for,
 )
+from actors.wire import UpstreamWire
 
 log = logging.getLogger("cascade.provider")
 
 MAX_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a protocol failure
 MAX_ERROR_BODY = 64 * 1024  # an error answer is cut to this
 INBOX_SIZE = 64
-_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 _WARN_RETRY_AFTER = 24 * 3600.0
 
 
@@ -180,7 +179,7 @@ class _Call:
                 return _Outcome(failure, ttfb, self.elapsed()), Failed(failure)
         body = b"".join(parts)
         answer = Response(response.status, dict(response.headers), body, ttfb)
-        return _Outcome(None, ttfb, self.elapsed(), _tokens(body)), answer
+        return _Outcome(None, ttfb, self.elapsed(), self.actor.wire.tokens(body)), answer
 
     async def stream_start(
         self, response: UpstreamResponse, decoder: SSEDecoder
@@ -209,6 +208,7 @@ class _Call:
     async def pump(self, response: UpstreamResponse, decoder: SSEDecoder) -> tuple[_Outcome, Reply]:
         """Relay the stream's events until its end."""
         tokens = None
+        stream_tokens = self.actor.wire.stream_tokens
         reply = self.attempt.reply
         timer = self.timer
         while True:
@@ -216,7 +216,7 @@ class _Call:
             chunk = await response.read_chunk()
             events = decoder.feed(chunk) if chunk else decoder.finish()
             if events:
-                tokens = _stream_tokens(events) or tokens
+                tokens = stream_tokens(events) or tokens
                 message = StreamEvents(tuple(events))
                 try:
                     reply.send_nowait(message)
@@ -258,6 +258,7 @@ class ProviderActor:
         config: ProviderConfig,
         metrics: ProviderMetrics,
         *,
+        wire: UpstreamWire,
         http_transport: httpx.AsyncBaseTransport | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -274,14 +275,16 @@ class ProviderActor:
         self._tpm = SlidingWindow(60.0)
         self._nursery: trio.Nursery | None = None
         self.config: ProviderConfig = config
-        self._apply(config, first=True)
+        self.wire = wire
+        self._apply(config, wire, first=True)
 
     # --- configuration ---------------------------------------------------------------------
 
-    def _apply(self, config: ProviderConfig, *, first: bool = False) -> None:
+    def _apply(self, config: ProviderConfig, wire: UpstreamWire, *, first: bool = False) -> None:
         """Adopt `config`. State that the new config still describes is kept."""
         old: ProviderConfig | None = None if first else self.config
         self.config = config
+        self.wire = wire
         if old is None or old.rate_limit != config.rate_limit:
             self._rate_limits = RateLimits(config.rate_limit)
         if old is None or old.latency != config.latency:
@@ -321,12 +324,14 @@ class ProviderActor:
         headers = {
             "content-type": "application/json",
             "accept-encoding": "identity",
+            **wire.fixed_headers,
             **config.headers,
         }
         # Surrounding whitespace is a copy-paste or key-file artefact (a trailing CR/LF), never
         # part of a key; a control character inside one could split the request's headers.
         api_key = (config.api_key() or "").strip()
-        if api_key and header_problem("authorization", api_key) is not None:
+        auth = wire.auth_headers(api_key) if api_key else {}
+        if any(header_problem(name, value) is not None for name, value in auth.items()):
             log.error(
                 "provider %s: environment variable %s cannot be sent in a header (control or"
                 " non-Latin-1 characters); calls go out without a key",
@@ -334,7 +339,7 @@ class ProviderActor:
                 config.api_key_env,
             )
         elif api_key:
-            headers["authorization"] = f"Bearer {api_key}"
+            headers.update(auth)
         elif config.api_key_env:
             log.warning(
                 "provider %s: environment variable %s is not set; calls go out without a key",
@@ -381,7 +386,7 @@ class ProviderActor:
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         elif isinstance(message, Reconfigure):
-            self._apply(message.config)
+            self._apply(message.config, message.wire)
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -535,16 +540,3 @@ class ProviderActor:
             attempts=self._attempts,
             failures=self._failures,
         )
-
-
-def _stream_tokens(events: list[SSEEvent]) -> int | None:
-    """Usage from a batch of events: the usage chunk comes last but for [DONE] after it."""
-    for event in events[-2:]:
-        if (tokens := _tokens(event.data)) is not None:
-            return tokens
-    return None
-
-
-def _tokens(body: bytes) -> int | None:
-    m = _TOTAL_TOKENS.search(body)
-    return int(m.group(1)) if m else None

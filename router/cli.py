@@ -12,30 +12,16 @@ from pathlib import Path
 import attrs
 import trio
 
-from router.config import Config, ConfigError, MockSettings, demo_config_text
+from router.config import Config, ConfigError, MockSettings
+from router.ops.logs import setup_logging
 from router.units import parse_duration
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
-
-
-def _load(path: str | None) -> Config:
-    if path is None:
-        return Config.from_yaml(demo_config_text(), source="configs/demo.yaml (built in)")
-    return Config.from_file(path)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from router.ops.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
 
     try:
-        config = _load(args.config)
+        config = Config.load(Path(args.config) if args.config else None)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -78,7 +64,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from router.ops.server import serve_asgi, wait_for_signal
+    from router.face.serving import serve_asgi
+    from router.ops.server import wait_for_signal
     from router.tools.mock import MockUpstream
 
     settings = MockSettings(

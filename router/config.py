@@ -674,12 +674,16 @@ class Config:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, shown_as: str | None = None) -> Config:
         """`shown_as` names the file in problems instead of its path (for answers to clients)."""
-        name = str(path) if shown_as is None else shown_as
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError([f"{name}: cannot read ({exc.strerror})"]) from None
-        return cls.from_yaml(text, source=name)
+        text = config_text(Path(path), shown_as=shown_as)
+        return cls.from_yaml(text, source=str(path) if shown_as is None else shown_as)
+
+    @classmethod
+    def load(cls, source: Path | None, *, shown_as: str | None = None) -> Config:
+        """The config file `source`, or the built-in demo when it is None (`cascade serve`
+        without --config): the one place that fallback is made."""
+        if source is None:
+            return cls.from_yaml(demo_config_text(), source=DEMO_SOURCE)
+        return cls.from_file(source, shown_as=shown_as)
 
     def resolve(self, model: str) -> tuple[str, Route] | None:
         """The route serving `model` and its name: the first matching route, else a direct
@@ -716,6 +720,22 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+DEMO_SOURCE = "configs/demo.yaml (built in)"
+
+
+def config_text(source: Path | None, *, shown_as: str | None = None) -> str:
+    """The text of the config file `source`, or of the built-in demo when it is None.
+
+    ConfigError when the file cannot be read, naming it `shown_as` (default: its path)."""
+    if source is None:
+        return demo_config_text()
+    try:
+        return source.read_text(encoding="utf-8")
+    except OSError as exc:
+        name = str(source) if shown_as is None else shown_as
+        raise ConfigError([f"{name}: cannot read ({exc.strerror})"]) from None
 
 
 def demo_config_text() -> str:

@@ -19,7 +19,9 @@ import trio
 from actors.provider import ProviderActor
 from router.cascade.dispatcher import Dispatcher
 from router.config import Config
-from router.face.app import App, Gateway
+from router.dialects.openai import WIRE
+from router.face.app import App
+from router.ops.gateway import Gateway
 from router.ops.metrics import Metrics
 
 Step = Callable[[httpx.Request], Awaitable[httpx.Response]]
@@ -200,6 +202,7 @@ async def gateway(
             actor = ProviderActor(
                 provider,
                 metrics.provider(name),
+                wire=WIRE,
                 http_transport=upstreams[name].transport(),
                 wall_clock=lambda: 1_000_000.0,
             )

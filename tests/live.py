@@ -16,8 +16,9 @@ import attrs
 import trio
 
 from router.config import Config
-from router.face.app import lifespan, read_body
-from router.ops.server import Running, serve, serve_asgi
+from router.face.asgi import lifespan, read_body
+from router.face.serving import serve_asgi
+from router.ops.server import Running, serve
 from tests.helpers import completion
 
 Handler = Callable[["Exchange"], Awaitable[None]]

@@ -20,6 +20,7 @@ from actors.messages import (
 )
 from actors.provider import ProviderActor
 from router.config import Config
+from router.dialects.openai import WIRE
 from router.ops.metrics import Metrics
 from tests.helpers import Upstream, chunk, ok, stall, status, stream
 
@@ -63,6 +64,7 @@ async def start(nursery: trio.Nursery, upstream: Upstream, **settings: object) -
     actor = ProviderActor(
         provider(**settings).providers["p"],
         metrics.provider("p"),
+        wire=WIRE,
         http_transport=upstream.transport(),
         wall_clock=lambda: 0.0,
     )
@@ -279,6 +281,7 @@ async def test_every_attempt_is_counted_by_outcome(
     actor = ProviderActor(
         provider().providers["p"],
         metrics.provider("p"),
+        wire=WIRE,
         http_transport=upstream.transport(),
         wall_clock=lambda: 0.0,
     )

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from actors.sse import SSEDecoder, SSEEvent
-from router.dialects.openai import BadRequest, StreamFilter, frame, parse_chat_request
+from router.dialects.openai import StreamFilter, frame, parse_chat_request
+from router.errors import RequestError
 
 
 def feed_all(pieces: list[bytes]) -> list[SSEEvent]:
@@ -96,7 +97,7 @@ def test_model_swap_uses_the_last_duplicate_key_like_json() -> None:
     ],
 )
 def test_bad_requests(body: bytes, param: str | None) -> None:
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(RequestError) as info:
         parse_chat_request(body)
     assert info.value.status == 400
     assert info.value.param == param

@@ -9,7 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.dialects.openai import BadRequest, parse_chat_request
+from router.dialects.openai import parse_chat_request
+from router.errors import RequestError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -26,7 +27,7 @@ whitespace = st.sampled_from(["", " ", "\n", "\t", "  \r\n "])
 def test_any_bytes_parse_or_are_a_clean_400(body: bytes) -> None:
     try:
         parse_chat_request(body)
-    except BadRequest as exc:
+    except RequestError as exc:
         assert exc.status == 400 and exc.message
 
 
@@ -35,7 +36,7 @@ def test_any_bytes_parse_or_are_a_clean_400(body: bytes) -> None:
 def test_any_json_parses_or_is_a_clean_400(value: Any) -> None:
     try:
         parse_chat_request(json.dumps(value).encode())
-    except BadRequest as exc:
+    except RequestError as exc:
         assert exc.status == 400
 
 
@@ -63,7 +64,7 @@ def test_model_swap_changes_only_the_model(
 
     try:
         request = parse_chat_request(body_with(model))
-    except BadRequest:
+    except RequestError:
         return  # e.g. a random field that must be an integer is not: refused, fine
     assert request.model == model
     assert request.body_for(new_model) == body_with(new_model)  # every other byte is the client's

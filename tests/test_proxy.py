@@ -20,7 +20,7 @@ import trustme
 
 from actors.transport import proxy_for
 from router.config import Config, ConfigError
-from router.ops.server import serve_asgi
+from router.face.serving import serve_asgi
 from tests.helpers import chat
 from tests.live import FakeUpstream, answers, live_gateway
 

@@ -17,7 +17,8 @@ import trio
 
 from router.config import Config
 from router.face.app import App
-from router.ops.server import Running, serve, serve_asgi
+from router.face.serving import serve_asgi
+from router.ops.server import Running, serve
 from tests.helpers import Upstream, asgi_client, chat, config, gateway
 from tests.live import Exchange, FakeUpstream, answers
 

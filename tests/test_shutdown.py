@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import trio
 
-from router.ops.server import serve_asgi
+from router.face.serving import serve_asgi
 from tests.helpers import chat, sse_data
 from tests.live import Exchange, FakeUpstream, chunk_event
 

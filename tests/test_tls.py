@@ -9,7 +9,7 @@ import httpx
 import trio
 import trustme
 
-from router.ops.server import serve_asgi
+from router.face.serving import serve_asgi
 from tests.helpers import chat
 from tests.live import FakeUpstream, answers, live_gateway
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from actors.outcome import Failure, Kind
 from actors.sse import SSEEvent
+from router.errors import RequestError
 
 _WS = re.compile(r"[ \t\n\r]*")
 
@@ -37,26 +39,31 @@ MAX_OUTPUT_TOKENS = 1_000_000  # above any model's output limit; bounds the tpm 
 _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 
 DONE = b"[DONE]"
+PATH = "/chat/completions"  # under the provider's base_url, which ends in /v1 (OpenAI's convention)
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 
 
-class BadRequest(Exception):
-    """The client's request is wrong; answered in the dialect's error shape, never sent upstream."""
+class Wire:
+    """The upstream side for a provider actor (actors/wire.py): Bearer auth, usage's total."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
-        self.type = type
+    fixed_headers: Mapping[str, str] = {}
+
+    def auth_headers(self, api_key: str) -> Mapping[str, str]:
+        return {"authorization": f"Bearer {api_key}"}
+
+    def tokens(self, body: bytes) -> int | None:
+        m = _TOTAL_TOKENS.search(body)
+        return int(m.group(1)) if m else None
+
+    def stream_tokens(self, events: Sequence[SSEEvent]) -> int | None:
+        """The usage chunk comes last but for [DONE] after it."""
+        for event in events[-2:]:
+            if (tokens := self.tokens(event.data)) is not None:
+                return tokens
+        return None
+
+
+WIRE = Wire()
 
 
 def error_body(
@@ -124,7 +131,7 @@ def check_model_name(model: str) -> None:
     """A model name goes into upstream bodies, logs and headers: printable text only (no control
     characters, no lone surrogates), of a sane length. Anything else is a 400, never sent on."""
     if len(model) > MAX_MODEL_NAME or not model.isprintable():
-        raise BadRequest(
+        raise RequestError(
             f"'model' must be printable text of at most {MAX_MODEL_NAME} characters",
             param="model",
         )
@@ -135,7 +142,7 @@ def _optional(obj: dict[str, Any], key: str, kinds: tuple[type, ...], what: str)
     if value is not None and (
         isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds)
     ):
-        raise BadRequest(f"'{key}' must be {what}", param=key)
+        raise RequestError(f"'{key}' must be {what}", param=key)
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -143,21 +150,21 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         text = body.decode("utf-8")
         obj, spans = _top_level(text)
     except UnicodeDecodeError:
-        raise BadRequest("the body is not UTF-8 text") from None
+        raise RequestError("the body is not UTF-8 text") from None
     except ValueError as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+        raise RequestError(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise BadRequest("the body is not valid JSON: nested too deeply") from None
+        raise RequestError("the body is not valid JSON: nested too deeply") from None
     model = obj.get("model")
     if not isinstance(model, str) or not model:
-        raise BadRequest("'model' is required and must be a non-empty string", param="model")
+        raise RequestError("'model' is required and must be a non-empty string", param="model")
     check_model_name(model)
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' is required and must be a non-empty list", param="messages")
+        raise RequestError("'messages' is required and must be a non-empty list", param="messages")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest(
+            raise RequestError(
                 f"'messages[{i}]' must be an object with a string 'role'", param=f"messages[{i}]"
             )
     _optional(obj, "stream", (bool,), "a boolean")
@@ -169,15 +176,15 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     ):
         _optional(obj, key, (int,), "an integer")
         if key in obj and obj[key] is not None and not 1 <= obj[key] <= top:
-            raise BadRequest(f"'{key}' must be from 1 to {top}", param=key)
+            raise RequestError(f"'{key}' must be from 1 to {top}", param=key)
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         _optional(obj, key, (int, float), "a number")
         if key in obj and obj[key] is not None and not math.isfinite(obj[key]):
-            raise BadRequest(f"'{key}' must be a finite number", param=key)
+            raise RequestError(f"'{key}' must be a finite number", param=key)
     stream = bool(obj.get("stream"))
     options = obj.get("stream_options") or {}
     if options and not stream:
-        raise BadRequest(
+        raise RequestError(
             "'stream_options' is only allowed with 'stream': true", param="stream_options"
         )
     return ChatRequest(

@@ -13,11 +13,10 @@ import logging
 import math
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import attrs
 import trio
 import trio.lowlevel
 
@@ -29,12 +28,13 @@ from actors.messages import (
     StreamEvents,
     StreamStart,
 )
-from actors.provider import ProviderActor
-from router.cascade.dispatcher import CascadeError, ChatJob, Dispatcher, Winner
+from router.cascade.dispatcher import CascadeError, ChatJob, Winner
 from router.config import Config, ConfigError
 from router.dialects import openai
+from router.errors import RequestError
+from router.face.asgi import ClientGone, Message, Receive, Scope, Send, header, lifespan, read_body
+from router.ops.gateway import Gateway
 from router.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from router.ops.metrics import Metrics
 from router.units import parse_duration
 
 if TYPE_CHECKING:
@@ -42,23 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cascade.request")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _JSON = b"application/json"
-
-
-@attrs.define
-class Gateway:
-    """Everything a request needs, swapped as a whole on reload (requests keep their snapshot)."""
-
-    config: Config
-    actors: Mapping[str, ProviderActor]
-    dispatcher: Dispatcher
-    metrics: Metrics
 
 
 class App:
@@ -105,21 +90,21 @@ class App:
                 _check_admin(gateway.config, scope)
             if path == "/v1/chat/completions":
                 if method != "POST":
-                    raise openai.BadRequest("use POST", status=405, type="invalid_request_error")
+                    raise RequestError("use POST", status=405, type="invalid_request_error")
                 await self._chat(gateway, scope, receive, send, request_id)
             elif path == "/admin/reload":
                 if method != "POST":
-                    raise openai.BadRequest("use POST", status=405, type="invalid_request_error")
+                    raise RequestError("use POST", status=405, type="invalid_request_error")
                 await self._reload(send, request_id)
             elif method != "GET" or path not in _GET_ROUTES:
-                raise openai.BadRequest(
+                raise RequestError(
                     f"no such endpoint: {method} {path}", status=404, code="not_found"
                 )
             else:
                 await _GET_ROUTES[path](self, gateway, send, request_id)
-        except _ClientGone:
+        except ClientGone:
             return  # nobody is left to answer
-        except openai.BadRequest as exc:
+        except RequestError as exc:
             body = openai.error_body(exc.message, exc.type, exc.code, exc.param)
             await _respond(send, exc.status, body, request_id)
 
@@ -135,7 +120,7 @@ class App:
         with trio.move_on_after(server.body_timeout):
             body = await read_body(scope, receive, server.max_body)
         if body is None:
-            raise openai.BadRequest(
+            raise RequestError(
                 f"the request body did not arrive within {server.body_timeout:g} s",
                 status=408,
                 code="request_timeout",
@@ -143,7 +128,7 @@ class App:
         chat = openai.parse_chat_request(body)
         resolved = gateway.config.resolve(chat.model)
         if resolved is None:
-            raise openai.BadRequest(
+            raise RequestError(
                 f"the model {chat.model!r} does not exist on this gateway",
                 status=404,
                 param="model",
@@ -151,12 +136,12 @@ class App:
             )
         route_name, route = resolved
         deadline = route.deadline or gateway.config.server.deadline
-        header = _header(scope, b"x-cascade-deadline")
-        if header is not None:
+        asked = header(scope, b"x-cascade-deadline")
+        if asked is not None:
             try:
-                deadline = min(deadline, parse_duration(header.decode()))
+                deadline = min(deadline, parse_duration(asked.decode()))
             except (ValueError, UnicodeDecodeError):
-                raise openai.BadRequest(
+                raise RequestError(
                     'x-cascade-deadline must be a duration like "30s"', param="x-cascade-deadline"
                 ) from None
         job = ChatJob(
@@ -230,7 +215,7 @@ class App:
 
     async def _reload(self, send: Send, request_id: str) -> None:
         if self.reloader is None or self.shutting_down:
-            raise openai.BadRequest("reload is not available now", status=503, code="unavailable")
+            raise RequestError("reload is not available now", status=503, code="unavailable")
         try:
             summary = await self.reloader.reload()
         except ConfigError as exc:
@@ -269,20 +254,20 @@ def _check_admin(config: Config, scope: Scope) -> None:
     if env is None:
         client = scope.get("client")
         if client is None or not _is_loopback(client[0]):
-            raise openai.BadRequest(
+            raise RequestError(
                 "the admin API answers only loopback clients unless server.admin_token_env is set",
                 status=403,
                 type="permission_error",
             )
         return
     token = os.environ.get(env)
-    scheme, _, given = (_header(scope, b"authorization") or b"").partition(b" ")
+    scheme, _, given = (header(scope, b"authorization") or b"").partition(b" ")
     if (
         not token
         or scheme.lower() != b"bearer"  # the scheme is case-insensitive (RFC 9110 11.1)
         or not hmac.compare_digest(given.strip(), token.encode())
     ):
-        raise openai.BadRequest(
+        raise RequestError(
             "the admin API needs the admin token", status=401, type="authentication_error"
         )
 
@@ -297,55 +282,13 @@ def _is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
-
-
 def _request_id(scope: Scope) -> str:
-    given = _header(scope, b"x-request-id")
+    given = header(scope, b"x-request-id")
     if given is not None:
         text = given.decode("latin-1")
         if _REQUEST_ID.match(text):
             return text
     return os.urandom(16).hex()  # as random as uuid4().hex, at a fifth of the cost
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body, refusing (413) more than `limit` bytes."""
-    length = _header(scope, b"content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise _too_large(limit)
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        parts.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(parts)
-
-
-def _too_large(limit: int) -> openai.BadRequest:
-    return openai.BadRequest(
-        f"the request body is larger than the {limit}-byte limit",
-        status=413,
-        code="request_too_large",
-    )
-
-
-class _ClientGone(openai.BadRequest):
-    """The client left while sending its body; the answer will not be read by anyone."""
-
-    def __init__(self) -> None:
-        super().__init__("client disconnected", status=499)
 
 
 class _TrackedSend:
@@ -542,14 +485,3 @@ async def _cascade_error(send: Send, exc: CascadeError, request_id: str) -> None
         attempts=[a.to_json() for a in exc.attempts],
     )
     await _respond(send, exc.status, body, request_id, extra=extra)
-
-
-async def lifespan(receive: Receive, send: Send) -> None:
-    """Answer an ASGI lifespan scope: nothing to set up or tear down per server."""
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

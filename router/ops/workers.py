@@ -31,7 +31,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -40,12 +39,13 @@ from typing import Any
 import attrs
 import trio
 
-from router.config import Config, ConfigError, demo_config_text
+from router.config import Config, ConfigError, config_text
+from router.ops.control import SHOWN_AS, WorkerLink, encode
+from router.ops.logs import setup_logging
 
 log = logging.getLogger("cascade.workers")
 
 APPLY_TIMEOUT = 30.0  # seconds a worker may take to confirm a reload
-SHOWN_AS = "the config file"  # how problems name the file: never its path
 
 
 def _reuseport_socket(host: str, port: int) -> socket.socket:
@@ -57,80 +57,7 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message).encode() + b"\n"
-
-
-def read_config_text(source: Path | None) -> str:
-    """The config source's text (the built-in demo when `source` is None); ConfigError if the
-    file cannot be read, naming it as SHOWN_AS."""
-    if source is None:
-        return demo_config_text()
-    try:
-        return source.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{SHOWN_AS}: cannot read ({exc.strerror})"]) from None
-
-
-# --- the worker's side ------------------------------------------------------------------------
-
-
-class WorkerLink:
-    """A worker's end of its control socket: asks the supervisor for reloads and applies the
-    configs it is sent. `apply` is the worker's own reload of an already validated config."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        self._send_lock = trio.Lock()
-        self._ask_lock = trio.Lock()  # one reload question at a time from this worker
-        self._answers, self._answers_in = trio.open_memory_channel[dict[str, Any]](1)
-
-    async def send(self, message: dict[str, Any]) -> None:
-        async with self._send_lock:
-            await self._stream.send_all(_encode(message))
-
-    async def run(
-        self,
-        apply: Callable[[Config], Any],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve the control socket until the supervisor closes it."""
-        buffer = b""
-        task_status.started()
-        async with self._answers:
-            while data := await self._stream.receive_some():
-                buffer += data
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    message = json.loads(line)
-                    if message["type"] == "apply":
-                        await self._apply(apply, message["config"])
-                    else:  # the answer to this worker's own question
-                        await self._answers.send(message)
-
-    async def _apply(self, apply: Callable[[Config], Any], text: str) -> None:
-        try:
-            summary = await apply(Config.from_yaml(text, source=SHOWN_AS))
-        except Exception as exc:  # validated by the supervisor: only a bug lands here
-            log.exception("applying the reloaded config failed")
-            await self.send({"type": "failed", "error": type(exc).__name__})
-            return
-        await self.send({"type": "applied", "summary": summary})
-
-    async def reload(self) -> dict[str, Any]:
-        """Ask the supervisor to reload every worker; ConfigError when the config is invalid."""
-        async with self._ask_lock:
-            await self.send({"type": "reload"})
-            answer = await self._answers_in.receive()
-        if answer["type"] == "invalid":
-            raise ConfigError(answer["problems"])
-        result: dict[str, Any] = answer["result"]
-        return result
-
-
 def _worker(config: Config, index: int, source: Path | None, control: socket.socket) -> None:
-    from router.cli import setup_logging
     from router.ops.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
 
     setup_logging(config.server.log_level)
@@ -165,7 +92,7 @@ class _Child:
 
     def send(self, message: dict[str, Any]) -> None:
         try:
-            self.control.sendall(_encode(message))
+            self.control.sendall(encode(message))
         except OSError:
             self.alive = False
 
@@ -237,7 +164,7 @@ class Supervisor:
     def reload(self, askers: list[_Child]) -> None:
         """Validate the config once; apply it to every worker or to none."""
         try:
-            text = read_config_text(self.source)
+            text = config_text(self.source, shown_as=SHOWN_AS)
             Config.from_yaml(text, source=SHOWN_AS)
         except ConfigError as exc:
             log.error("reload refused, still serving the previous config:\n%s", exc)

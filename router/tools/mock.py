@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from router.config import MockSettings
-from router.face.app import lifespan, read_body
+from router.face.asgi import lifespan, read_body
 
 Scope = MutableMapping[str, Any]
 _MAX_BODY = 64 * 1024 * 1024

@@ -1,0 +1,27 @@
+"""What an upstream dialect tells a provider actor: how to authenticate and how to count tokens.
+
+The actors stay dialect-free: the router's dialect for the provider (router/dialects/) hands the
+actor an `UpstreamWire`, and the dispatcher hands each attempt its path and body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from actors.sse import SSEEvent
+
+
+class UpstreamWire(Protocol):
+    @property
+    def fixed_headers(self) -> Mapping[str, str]:
+        """Headers every call carries (e.g. an API version)."""
+
+    def auth_headers(self, api_key: str) -> Mapping[str, str]:
+        """The headers that carry the provider's key."""
+
+    def tokens(self, body: bytes) -> int | None:
+        """Total tokens from a whole (non-streamed) answer's usage, if it says."""
+
+    def stream_tokens(self, events: Sequence[SSEEvent]) -> int | None:
+        """Total tokens from a batch of stream events, if one carries the usage."""

@@ -1,0 +1,137 @@
+"""Assembling a running gateway from a config: the one place actors are started, reconfigured and
+stopped, and mock upstreams are started for `mock:` providers. Serving and reloading both use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import attrs
+import httpx
+import trio
+
+from actors.messages import Reconfigure
+from actors.provider import ProviderActor
+from actors.settings import ProviderConfig
+from router.cascade.dispatcher import Dispatcher
+from router.config import Config, MockSettings
+from router.dialects import upstream_wire
+from router.face.serving import serve_asgi
+from router.ops.metrics import Metrics
+from router.tools.mock import MockUpstream
+
+log = logging.getLogger("cascade.gateway")
+
+
+@attrs.define
+class Gateway:
+    """Everything a request needs, swapped as a whole on reload (requests keep their snapshot)."""
+
+    config: Config
+    actors: Mapping[str, ProviderActor]
+    dispatcher: Dispatcher
+    metrics: Metrics
+
+
+class MockServers:
+    """The in-process mock upstreams of `mock:` providers, started and stopped as configs change."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        # name -> (settings, url, scope, the longest an attempt on it may last)
+        self._running: dict[str, tuple[MockSettings, str, trio.CancelScope, float]] = {}
+
+    async def resolve(self, config: Config) -> Config:
+        """`config` with every mock provider's base_url pointing at its running mock server.
+
+        A server no longer wanted stops once no attempt can still be using it: attempts never
+        outlive their provider's `timeouts.total`.
+        """
+        providers = dict(config.providers)
+        wanted = config.mocks
+        for name in [n for n in self._running if wanted.get(n) != self._running[n][0]]:
+            _, _, scope, longest = self._running.pop(name)
+            scope.deadline = trio.current_time() + longest
+        for name, settings in wanted.items():
+            if name not in self._running:
+                scope = trio.CancelScope()
+
+                async def run(
+                    name: str = name,
+                    settings: MockSettings = settings,
+                    scope: trio.CancelScope = scope,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+                ) -> None:
+                    with scope:
+                        await serve_asgi(
+                            MockUpstream(settings, name), "127.0.0.1", 0, task_status=task_status
+                        )
+
+                url = await self._nursery.start(run)
+                self._running[name] = (settings, url, scope, config.providers[name].timeouts.total)
+                log.info("mock provider %s listening on %s", name, url)
+            providers[name] = attrs.evolve(providers[name], base_url=self._running[name][1] + "/v1")
+        return attrs.evolve(config, providers=providers)
+
+
+Changes = dict[str, list[str]]
+
+
+class Assembly:
+    """Builds gateways: actors run in `actor_nursery`, mock upstreams in `mocks`' nursery."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        actor_nursery: trio.Nursery,
+        mocks: MockServers,
+        http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.actor_nursery = actor_nursery
+        self.mocks = mocks
+        self.http_transports = http_transports or {}  # tests: a provider's scripted upstream
+
+    async def build(
+        self, config: Config, previous: Gateway | None = None
+    ) -> tuple[Gateway, Changes]:
+        """A gateway for `config`. With `previous`, its actors are kept (unchanged providers),
+        reconfigured in place (changed ones: their blocks, windows and counters survive) or
+        left to `retire` (removed ones); new providers get new actors."""
+        config = await self.mocks.resolve(config)
+        actors: dict[str, ProviderActor] = {}
+        changes: Changes = {"kept": [], "reconfigured": [], "added": [], "removed": []}
+        for name, provider in config.providers.items():
+            actor = previous.actors.get(name) if previous is not None else None
+            if actor is None:
+                actors[name] = await self._start_actor(provider)
+                changes["added"].append(name)
+            else:
+                assert previous is not None
+                actors[name] = actor
+                if previous.config.providers[name] != provider:
+                    await actor.inbox.send(Reconfigure(provider, upstream_wire(provider)))
+                    changes["reconfigured"].append(name)
+                else:
+                    changes["kept"].append(name)
+        return Gateway(
+            config, actors, Dispatcher(config, actors, self.metrics), self.metrics
+        ), changes
+
+    def retire(self, previous: Gateway, current: Gateway) -> list[str]:
+        """Close the actors `current` no longer has: each finishes its running attempts."""
+        removed = [name for name in previous.actors if name not in current.actors]
+        for name in removed:
+            previous.actors[name].close()
+        return removed
+
+    async def _start_actor(self, provider: ProviderConfig) -> ProviderActor:
+        actor = ProviderActor(
+            provider,
+            self.metrics.provider(provider.name),
+            wire=upstream_wire(provider),
+            http_transport=self.http_transports.get(provider.name),
+        )
+        await self.actor_nursery.start(actor.run)
+        return actor
