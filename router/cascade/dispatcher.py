@@ -28,10 +28,10 @@ from actors.messages import (
 )
 from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
-from actors.sse import SSEEvent
 from actors.state import SlidingWindow
 from router.cascade.policy import Action, Plan, backoff_delay, decide
 from router.config import Config, Route, Target
+from router.dialects.base import UpstreamCall
 from router.ops.metrics import Metrics
 
 log = logging.getLogger("cascade.dispatch")
@@ -84,13 +84,11 @@ class ChatJob:
 
     route_name: str
     route: Route
-    body_for: Callable[[str], bytes]
-    path: str
+    call_for: Callable[[Target], UpstreamCall]  # path and body for a target, in its dialect
     stream: bool
     estimated_tokens: int
     request_id: str
     deadline: float  # trio time
-    check_start: Callable[[tuple[SSEEvent, ...]], Failure | None] | None = None
 
 
 @attrs.define
@@ -143,6 +141,11 @@ class _Dispatch:
 
     def __init__(self, run: _Run) -> None:
         self.run = run
+
+    @property
+    def calls(self) -> int:
+        """Upstream calls made so far (refusals are not calls), however the request ends."""
+        return self.run.attempt_count
 
     async def __aenter__(self) -> Winner:
         try:
@@ -356,14 +359,15 @@ class _Run:
         self.plan.mark_tried(target)
         send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
         live = _Live(target, trio.CancelScope(), receive, trio.current_time(), hedge_token)
+        call = job.call_for(target)
         request = UpstreamRequest(
-            path=job.path,
-            body=job.body_for(target.model),
+            path=call.path,
+            body=call.body,
             model=target.model,
             stream=job.stream,
             estimated_tokens=job.estimated_tokens,
             request_id=job.request_id,
-            check_start=job.check_start,
+            check_start=call.check_start,
         )
         self.live.append(live)
         attempt = Attempt(request, send, live.scope, is_retry)

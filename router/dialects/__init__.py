@@ -1,8 +1,6 @@
-"""Dialects: the API shapes Cascade speaks, to clients and to providers.
+"""Dialects: the API shapes Cascade speaks, to clients and to providers (router/dialects/base.py).
 
-A dialect module owns, for its client side, request parsing and validation, answer and error
-bodies and the SSE stream; for its upstream side, the request path, the auth headers and usage
-extraction (the `Wire` a provider actor is handed). Only OpenAI chat completions so far.
+Only OpenAI chat completions so far; a dialect is a module here and an entry in DIALECTS.
 """
 
 from __future__ import annotations
@@ -10,8 +8,12 @@ from __future__ import annotations
 from actors.settings import ProviderConfig
 from actors.wire import UpstreamWire
 from router.dialects import openai
+from router.dialects.base import Dialect
+
+DIALECTS: dict[str, Dialect] = {openai.DIALECT.name: openai.DIALECT}
+BY_CLIENT_PATH: dict[str, Dialect] = {d.client_path: d for d in DIALECTS.values()}
 
 
 def upstream_wire(provider: ProviderConfig) -> UpstreamWire:
     """What the provider's actor needs to know of its dialect."""
-    return openai.WIRE
+    return DIALECTS[provider.dialect].wire(provider)

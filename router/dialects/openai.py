@@ -15,7 +15,10 @@ from typing import Any
 import attrs
 
 from actors.outcome import Failure, Kind
+from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
+from router.dialects.base import Dialect as DialectBase
+from router.dialects.base import UpstreamCall
 from router.errors import RequestError
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -125,6 +128,11 @@ class ChatRequest:
         """The client's body with only the model value replaced."""
         start, end = self.model_span
         return (self.text[:start] + json.dumps(model) + self.text[end:]).encode()
+
+    def call_for(self, upstream: DialectBase, model: str) -> UpstreamCall:
+        if upstream.name != "openai":
+            raise RequestError(f"no translation from openai to {upstream.name} yet")
+        return UpstreamCall(PATH, self.body_for(model), check_start if self.stream else None)
 
 
 def check_model_name(model: str) -> None:
@@ -263,3 +271,62 @@ class StreamFilter:
                 return good, error if isinstance(error, dict) else {"message": str(error)}
             good.append(event)
         return good, None
+
+
+class Stream:
+    """The client's OpenAI stream from an OpenAI upstream: events checked, relayed as they are."""
+
+    __slots__ = ("_filter",)
+
+    def __init__(self) -> None:
+        self._filter = StreamFilter()
+
+    @property
+    def done(self) -> bool:
+        return self._filter.done
+
+    def relay(self, events: Sequence[SSEEvent]) -> tuple[bytes, str | None]:
+        good, error = self._filter.check(tuple(events))
+        return frame(good), None if error is None else str(error.get("message", "upstream error"))
+
+    def finish(self) -> bytes:
+        return DONE_FRAME
+
+    def fail(self, message: str, code: str) -> bytes:
+        return stream_error_frame(message, code)
+
+
+class OpenAI:
+    """The OpenAI chat completions dialect (router/dialects/base.py `Dialect`)."""
+
+    name = "openai"
+    client_path = "/v1/chat/completions"
+    upstream_path = PATH
+
+    def parse(self, body: bytes) -> ChatRequest:
+        return parse_chat_request(body)
+
+    def error_body(
+        self,
+        message: str,
+        type: str,
+        code: str | None = None,
+        param: str | None = None,
+        **extra: Any,
+    ) -> bytes:
+        return error_body(message, type, code, param, **extra)
+
+    def stream_writer(self, upstream: DialectBase) -> Stream:
+        return Stream()
+
+    def answer(self, body: bytes, upstream: DialectBase) -> bytes:
+        return body
+
+    def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
+        return check_start(events)
+
+    def wire(self, provider: ProviderConfig) -> Wire:
+        return WIRE
+
+
+DIALECT = OpenAI()

@@ -14,24 +14,18 @@ import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import trio
 import trio.lowlevel
 
-from actors.messages import (
-    Failed,
-    Reply,
-    Response,
-    StreamEnd,
-    StreamEvents,
-    StreamStart,
-)
-from router.cascade.dispatcher import CascadeError, ChatJob, Winner
-from router.config import Config, ConfigError
-from router.dialects import openai
+from router.cascade.dispatcher import CascadeError, ChatJob
+from router.config import Config, ConfigError, Target
+from router.dialects import BY_CLIENT_PATH, DIALECTS
+from router.dialects.base import Dialect, UpstreamCall
 from router.errors import RequestError
+from router.face.answers import TrackedSend, answer, cascade_error, respond, stream
 from router.face.asgi import ClientGone, Message, Receive, Scope, Send, header, lifespan, read_body
 from router.ops.gateway import Gateway
 from router.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -85,33 +79,50 @@ class App:
         gateway = self.gateway
         path = scope["path"]
         method = scope["method"]
+        dialect = BY_CLIENT_PATH.get(path)
         try:
             if path.startswith("/admin/"):
                 _check_admin(gateway.config, scope)
-            if path == "/v1/chat/completions":
+            if dialect is not None:
                 if method != "POST":
-                    raise RequestError("use POST", status=405, type="invalid_request_error")
-                await self._chat(gateway, scope, receive, send, request_id)
+                    raise RequestError("use POST", status=405)
+                await self._chat(dialect, gateway, scope, receive, send, request_id)
             elif path == "/admin/reload":
                 if method != "POST":
-                    raise RequestError("use POST", status=405, type="invalid_request_error")
+                    raise RequestError("use POST", status=405)
                 await self._reload(send, request_id)
-            elif method != "GET" or path not in _GET_ROUTES:
+            elif method not in ("GET", "HEAD"):
                 raise RequestError(
                     f"no such endpoint: {method} {path}", status=404, code="not_found"
                 )
             else:
-                await _GET_ROUTES[path](self, gateway, send, request_id)
+                if method == "HEAD":  # as GET, without the body (health checkers use HEAD)
+                    send = _without_body(send)
+                if path in _GET_ROUTES:
+                    await _GET_ROUTES[path](self, gateway, send, request_id)
+                elif path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+                    await self._model(gateway, path[len("/v1/models/") :], send, request_id)
+                else:
+                    raise RequestError(
+                        f"no such endpoint: {method} {path}", status=404, code="not_found"
+                    )
         except ClientGone:
             return  # nobody is left to answer
         except RequestError as exc:
-            body = openai.error_body(exc.message, exc.type, exc.code, exc.param)
-            await _respond(send, exc.status, body, request_id)
+            shape = dialect or DIALECTS["openai"]  # not a model endpoint: OpenAI's error shape
+            body = shape.error_body(exc.message, exc.type, exc.code, exc.param)
+            await respond(send, exc.status, body, request_id)
 
     # --- chat completions ---------------------------------------------------------------------
 
     async def _chat(
-        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
+        self,
+        dialect: Dialect,
+        gateway: Gateway,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
     ) -> None:
         started = trio.current_time()
         server = gateway.config.server
@@ -125,53 +136,58 @@ class App:
                 status=408,
                 code="request_timeout",
             )
-        chat = openai.parse_chat_request(body)
-        resolved = gateway.config.resolve(chat.model)
+        request = dialect.parse(body)
+        resolved = gateway.config.resolve(request.model)
         if resolved is None:
             raise RequestError(
-                f"the model {chat.model!r} does not exist on this gateway",
+                f"the model {request.model!r} does not exist on this gateway",
                 status=404,
                 param="model",
                 code="model_not_found",
             )
         route_name, route = resolved
-        deadline = route.deadline or gateway.config.server.deadline
+        deadline = route.deadline or server.deadline
         asked = header(scope, b"x-cascade-deadline")
         if asked is not None:
             try:
                 deadline = min(deadline, parse_duration(asked.decode()))
             except (ValueError, UnicodeDecodeError):
                 raise RequestError(
-                    'x-cascade-deadline must be a duration like "30s"', param="x-cascade-deadline"
+                    'x-cascade-deadline must be a duration like "30s" or a number of seconds',
+                    param="x-cascade-deadline",
                 ) from None
+        providers = gateway.config.providers
+
+        def call_for(target: Target) -> UpstreamCall:
+            upstream = DIALECTS[providers[target.provider].dialect]
+            return request.call_for(upstream, target.model)
+
         job = ChatJob(
             route_name=route_name,
             route=route,
-            body_for=chat.body_for,
-            path="/chat/completions",
-            stream=chat.stream,
-            estimated_tokens=chat.estimated_tokens,
+            call_for=call_for,
+            stream=request.stream,
+            estimated_tokens=request.estimated_tokens,
             request_id=request_id,
             deadline=started + deadline,
-            check_start=openai.check_start if chat.stream else None,
         )
-        tracked = _TrackedSend(send)
+        tracked = TrackedSend(send)
         served_by = "-"
-        attempts = 0
+        dispatch = gateway.dispatcher.dispatch(job)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tracked.watch_disconnect, receive, nursery.cancel_scope)
                 try:
-                    async with gateway.dispatcher.dispatch(job) as winner:
+                    async with dispatch as winner:
                         served_by = str(winner.target)
-                        attempts = winner.attempt_count
-                        if chat.stream:
-                            await _stream(tracked, winner, request_id, self._tracked_stream)
+                        upstream = DIALECTS[providers[winner.target.provider].dialect]
+                        if request.stream:
+                            writer = dialect.stream_writer(upstream)
+                            await stream(tracked, winner, request_id, writer, self._tracked_stream)
                         else:
-                            await _answer(tracked, winner, request_id)
+                            await answer(tracked, winner, request_id, dialect, upstream)
                 except CascadeError as exc:
-                    attempts = exc.calls
-                    await _cascade_error(tracked, exc, request_id)
+                    await cascade_error(tracked, exc, request_id, dialect)
                 # The answer is complete, so the server now reports http.disconnect (the ASGI
                 # spec's answer to any receive() after a response; hypercorn queues it during the
                 # last send) and the watcher returns on it by itself. Cancelling it instead would
@@ -183,33 +199,41 @@ class App:
             log.info(
                 "request %s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
                 request_id,
-                chat.model,
+                request.model,
                 route_name,
                 status,
                 served_by,
-                attempts,
+                dispatch.calls,  # upstream calls made, whether it was answered, failed or left
                 elapsed * 1000,
             )
 
     # --- operations endpoints -------------------------------------------------------------------
 
     async def _healthz(self, gateway: Gateway, send: Send, request_id: str) -> None:
-        await _respond(send, 200, b'{"status":"ok"}', request_id)
+        await respond(send, 200, b'{"status":"ok"}', request_id)
 
     async def _readyz(self, gateway: Gateway, send: Send, request_id: str) -> None:
         ready = not self.shutting_down
         body = b'{"status":"ready"}' if ready else b'{"status":"not ready"}'
-        await _respond(send, 200 if ready else 503, body, request_id)
+        await respond(send, 200 if ready else 503, body, request_id)
 
     async def _models(self, gateway: Gateway, send: Send, request_id: str) -> None:
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "cascade"}
-            for name in gateway.config.model_names()
-        ]
-        await _respond(send, 200, json.dumps({"object": "list", "data": data}).encode(), request_id)
+        data = [_model(name) for name in gateway.config.model_names()]
+        await respond(send, 200, json.dumps({"object": "list", "data": data}).encode(), request_id)
+
+    async def _model(self, gateway: Gateway, name: str, send: Send, request_id: str) -> None:
+        """GET /v1/models/{id} (the SDKs' models.retrieve): any model a route or provider serves."""
+        if gateway.config.resolve(name) is None:
+            raise RequestError(
+                f"the model {name!r} does not exist on this gateway",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+        await respond(send, 200, json.dumps(_model(name)).encode(), request_id)
 
     async def _metrics(self, gateway: Gateway, send: Send, request_id: str) -> None:
-        await _respond(
+        await respond(
             send, 200, gateway.metrics.render(), request_id, METRICS_CONTENT_TYPE.encode()
         )
 
@@ -219,20 +243,20 @@ class App:
         try:
             summary = await self.reloader.reload()
         except ConfigError as exc:
-            body = openai.error_body(
+            body = DIALECTS["openai"].error_body(
                 "the new config is invalid; still serving the previous one",
                 "invalid_config",
                 "invalid_config",
                 problems=exc.problems,
             )
-            await _respond(send, 400, body, request_id)
+            await respond(send, 400, body, request_id)
             return
-        await _respond(send, 200, json.dumps(summary).encode(), request_id)
+        await respond(send, 200, json.dumps(summary).encode(), request_id)
 
     async def _providers(self, gateway: Gateway, send: Send, request_id: str) -> None:
         snapshots = [await actor.ask_snapshot() for actor in gateway.actors.values()]
         body = json.dumps({"providers": [s.to_json() for s in snapshots]}).encode()
-        await _respond(send, 200, body, request_id)
+        await respond(send, 200, body, request_id)
 
 
 _GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
@@ -245,6 +269,19 @@ _GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _model(name: str) -> dict[str, object]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "cascade"}
+
+
+def _without_body(send: Send) -> Send:
+    async def send_head(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
 
 
 def _check_admin(config: Config, scope: Scope) -> None:
@@ -289,199 +326,3 @@ def _request_id(scope: Scope) -> str:
         if _REQUEST_ID.match(text):
             return text
     return os.urandom(16).hex()  # as random as uuid4().hex, at a fifth of the cost
-
-
-class _TrackedSend:
-    """Wraps ASGI `send` to know the status sent and whether the response is complete."""
-
-    __slots__ = ("finished", "send", "status")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.status = 0
-        self.finished = False
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        elif not message.get("more_body"):
-            self.finished = True
-        await self.send(message)
-
-    async def watch_disconnect(self, receive: Receive, scope: trio.CancelScope) -> None:
-        """Cancel the request when the client goes away, even while nothing is being written.
-
-        The server also reports a disconnect once a response is complete; that one is ignored.
-        """
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not self.finished:
-                    scope.cancel()
-                return
-
-
-def _base_headers(request_id: str, content_type: bytes = _JSON) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", content_type), (b"x-request-id", request_id.encode())]
-
-
-def _served_headers(winner: Winner) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"x-cascade-provider", winner.target.provider.encode()),
-        (b"x-cascade-model", winner.target.model.encode()),
-        (b"x-cascade-attempts", str(winner.attempt_count).encode()),
-    ]
-
-
-async def _respond(
-    send: Send,
-    status: int,
-    body: bytes,
-    request_id: str,
-    content_type: bytes = _JSON,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    headers = _base_headers(request_id, content_type)
-    headers.append((b"content-length", str(len(body)).encode()))
-    if extra:
-        headers.extend(extra)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _answer(send: Send, winner: Winner, request_id: str) -> None:
-    reply = winner.reply
-    assert isinstance(reply, Response)
-    content_type = reply.headers.get("content-type", "application/json").encode()
-    extra = _served_headers(winner)
-    encoding = reply.headers.get("content-encoding")
-    if encoding:  # asked for identity, but an upstream may compress anyway: say so
-        extra.append((b"content-encoding", encoding.encode()))
-    await _respond(send, reply.status, reply.body, request_id, content_type, extra)
-
-
-async def _stream(
-    send: Send,
-    winner: Winner,
-    request_id: str,
-    tracked: Callable[[], AbstractContextManager[trio.CancelScope]],
-) -> None:
-    """Relay a committed stream; it ends with [DONE] or, on any failure, an in-band error."""
-    start = winner.reply
-    assert isinstance(start, StreamStart)
-    headers = _base_headers(request_id, b"text/event-stream")
-    headers += [(b"cache-control", b"no-cache"), *_served_headers(winner)]
-    await send({"type": "http.response.start", "status": start.status, "headers": headers})
-    sse = openai.StreamFilter()
-    good, _ = sse.check(start.events)
-    tail = [openai.frame(good)]
-    upstream_done = False
-    if sse.done:
-        ending = openai.DONE_FRAME
-    else:
-        await send({"type": "http.response.body", "body": tail.pop(), "more_body": True})
-        with tracked() as cutoff:
-            ending, upstream_done = await _relay(send, sse, winner.replies, tail)
-        if cutoff.cancelled_caught:
-            ending = openai.stream_error_frame("the gateway is shutting down", "shutting_down")
-            upstream_done = True  # nothing more to wait for: the attempt is cancelled
-    await send(
-        {"type": "http.response.body", "body": b"".join([*tail, ending]), "more_body": False}
-    )
-    if not upstream_done:
-        # The client has its [DONE]. Let the upstream finish its body, so the attempt ends as the
-        # success it was (the actor learns its latency, closes a probing circuit) instead of as a
-        # cancellation. Upstreams close right after [DONE]; the bound covers those that do not.
-        with trio.move_on_after(_UPSTREAM_END_GRACE):
-            while not isinstance(await winner.replies.receive(), StreamEnd | Failed):
-                pass
-
-
-_UPSTREAM_END_GRACE = 2.0
-
-
-async def _relay(
-    send: Send,
-    sse: openai.StreamFilter,
-    replies: trio.MemoryReceiveChannel[Reply],
-    tail: list[bytes],
-) -> tuple[bytes, bool]:
-    """Forward events until the stream ends.
-
-    Returns the closing frame ([DONE] or an in-band error) and whether the upstream attempt has
-    ended too (it has not when its [DONE] arrived before the end of its body). Events already
-    queued when one arrives go out in the same write (coalescing); the events that belong with the
-    ending are left in `tail`, to be written together with it.
-    """
-    while True:
-        batch = [await replies.receive()]
-        await _gather_burst(replies, batch)
-        upstream_done = isinstance(batch[-1], StreamEnd | Failed)
-        out: list[bytes] = []
-        for reply in batch:
-            if isinstance(reply, StreamEvents):
-                good, error = sse.check(reply.events)
-                out.append(openai.frame(good))
-                if error is not None:
-                    tail.extend(out)
-                    message = str(error.get("message", "upstream error"))
-                    return openai.stream_error_frame(
-                        message, "upstream_stream_error"
-                    ), upstream_done
-                if sse.done:
-                    tail.extend(out)
-                    return openai.DONE_FRAME, upstream_done
-            elif isinstance(reply, StreamEnd):
-                tail.extend(out)
-                return openai.DONE_FRAME, True  # finalise even when upstream sent no [DONE]
-            elif isinstance(reply, Failed):
-                tail.extend(out)
-                failure = reply.failure
-                message = f"the upstream stream failed after it began: {failure.message}"
-                return openai.stream_error_frame(message, failure.error_type), True
-        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-
-
-_BURST_ROUNDS = 4
-
-
-async def _gather_burst(replies: trio.MemoryReceiveChannel[Reply], batch: list[Reply]) -> None:
-    """Coalescing: add the replies that arrive while the scheduler runs a few rounds.
-
-    A burst of upstream events lands in several socket reads; one scheduling round each lets the
-    actor read the rest, so the burst leaves in one write instead of one write per event. It stops
-    at the first round that brings nothing, so a lone event waits only one round (microseconds).
-    """
-    for _ in range(_BURST_ROUNDS):
-        await trio.lowlevel.checkpoint()
-        before = len(batch)
-        while True:
-            try:
-                batch.append(replies.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-        if len(batch) == before or isinstance(batch[-1], StreamEnd | Failed):
-            return
-
-
-async def _cascade_error(send: Send, exc: CascadeError, request_id: str) -> None:
-    extra = [(b"x-cascade-attempts", str(exc.calls).encode())]
-    if exc.retry_after is None:
-        # Cascade has retried what could be retried: the SDKs' own retries (two by default, on
-        # 408/409/429/5xx) would only run the whole cascade again. Every target rate limited,
-        # with a known end, is the exception: waiting Retry-After and trying again is right.
-        extra.append((b"x-should-retry", b"false"))
-    if exc.upstream is not None:
-        upstream = exc.upstream
-        content_type = upstream.headers.get("content-type", "application/json").encode()
-        await _respond(send, upstream.status, upstream.body, request_id, content_type, extra)
-        return
-    if exc.retry_after is not None:
-        extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
-    body = openai.error_body(
-        exc.message,
-        exc.error_type,
-        exc.error_type,
-        attempts=[a.to_json() for a in exc.attempts],
-    )
-    await _respond(send, exc.status, body, request_id, extra=extra)

@@ -1,0 +1,92 @@
+"""What a dialect is, for the face and the cascade: the protocol every dialect module implements.
+
+A dialect is one API shape (OpenAI chat completions; Anthropic messages next). Its client side
+parses requests and writes answers, errors and streams in that shape; its upstream side knows the
+request path under a provider's base URL, how an upstream stream's first events are judged, and
+what a provider actor needs (`wire`). The face maps a path to a dialect; the dispatcher asks a
+request for the call to make on each target, whatever dialect the target's provider speaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+from actors.outcome import Failure
+from actors.settings import ProviderConfig
+from actors.sse import SSEEvent
+from actors.wire import UpstreamWire
+
+
+@attrs.frozen
+class UpstreamCall:
+    """What to send one target: the path under its base URL, the body, and (for a stream) the
+    judge of its first events."""
+
+    path: str
+    body: bytes
+    check_start: Callable[[tuple[SSEEvent, ...]], Failure | None] | None = None
+
+
+class ClientRequest(Protocol):
+    """A parsed, validated client request."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def estimated_tokens(self) -> int: ...
+
+    def call_for(self, upstream: Dialect, model: str) -> UpstreamCall:
+        """The call to make to a provider speaking `upstream`, asking it for `model`. A
+        same-dialect body is the client's bytes with only `model` replaced."""
+
+
+class StreamWriter(Protocol):
+    """Writes the client's stream from an upstream's events (translating them if need be)."""
+
+    @property
+    def done(self) -> bool:
+        """The upstream has said its stream is complete."""
+
+    def relay(self, events: Sequence[SSEEvent]) -> tuple[bytes, str | None]:
+        """Client bytes for these upstream events, and the upstream's in-band error message when
+        one arrived (the stream then ends with `fail`)."""
+
+    def finish(self) -> bytes:
+        """The end of a complete stream (e.g. `data: [DONE]`)."""
+
+    def fail(self, message: str, code: str) -> bytes:
+        """The in-band error that ends a stream which failed after it began."""
+
+
+class Dialect(Protocol):
+    name: str
+    client_path: str  # the endpoint clients of this dialect call, e.g. /v1/chat/completions
+    upstream_path: str  # under a provider's base_url
+
+    def parse(self, body: bytes) -> ClientRequest: ...
+
+    def error_body(
+        self,
+        message: str,
+        type: str,
+        code: str | None = None,
+        param: str | None = None,
+        **extra: Any,
+    ) -> bytes: ...
+
+    def stream_writer(self, upstream: Dialect) -> StreamWriter: ...
+
+    def answer(self, body: bytes, upstream: Dialect) -> bytes:
+        """A provider's non-streamed answer, in this dialect."""
+
+    def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
+        """Upstream side: a stream that opens with an error event or garbage is a failure."""
+
+    def wire(self, provider: ProviderConfig) -> UpstreamWire: ...

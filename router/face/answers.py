@@ -1,0 +1,213 @@
+"""Writing what a client gets back: plain answers, relayed streams, and the cascade's errors, in
+the client's dialect (router/dialects/), whatever dialect the provider that served spoke.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import trio
+import trio.lowlevel
+
+from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, StreamStart
+from router.cascade.dispatcher import CascadeError, Winner
+from router.dialects.base import Dialect, StreamWriter
+from router.face.asgi import Message, Receive, Send
+
+JSON = b"application/json"
+_UPSTREAM_END_GRACE = 2.0
+_BURST_ROUNDS = 4
+
+
+class TrackedSend:
+    """Wraps ASGI `send` to know the status sent and whether the response is complete."""
+
+    __slots__ = ("finished", "send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 0
+        self.finished = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif not message.get("more_body"):
+            self.finished = True
+        await self.send(message)
+
+    async def watch_disconnect(self, receive: Receive, scope: trio.CancelScope) -> None:
+        """Cancel the request when the client goes away, even while nothing is being written.
+
+        The server also reports a disconnect once a response is complete; that one is ignored.
+        """
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.finished:
+                    scope.cancel()
+                return
+
+
+def base_headers(request_id: str, content_type: bytes = JSON) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", content_type), (b"x-request-id", request_id.encode())]
+
+
+def served_headers(winner: Winner) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"x-cascade-provider", winner.target.provider.encode()),
+        (b"x-cascade-model", winner.target.model.encode()),
+        (b"x-cascade-attempts", str(winner.attempt_count).encode()),
+    ]
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str,
+    content_type: bytes = JSON,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    head_only: bool = False,
+) -> None:
+    headers = base_headers(request_id, content_type)
+    headers.append((b"content-length", str(len(body)).encode()))
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head_only else body})
+
+
+async def answer(
+    send: Send, winner: Winner, request_id: str, client: Dialect, upstream: Dialect
+) -> None:
+    reply = winner.reply
+    assert isinstance(reply, Response)
+    content_type = reply.headers.get("content-type", "application/json").encode()
+    extra = served_headers(winner)
+    encoding = reply.headers.get("content-encoding")
+    if encoding:  # asked for identity, but an upstream may compress anyway: say so
+        extra.append((b"content-encoding", encoding.encode()))
+    body = reply.body if client is upstream else client.answer(reply.body, upstream)
+    await respond(send, reply.status, body, request_id, content_type, extra)
+
+
+async def stream(
+    send: Send,
+    winner: Winner,
+    request_id: str,
+    writer: StreamWriter,
+    tracked: Callable[[], AbstractContextManager[trio.CancelScope]],
+) -> None:
+    """Relay a committed stream; it ends complete or, on any failure, with an in-band error."""
+    start = winner.reply
+    assert isinstance(start, StreamStart)
+    headers = base_headers(request_id, b"text/event-stream")
+    headers += [(b"cache-control", b"no-cache"), *served_headers(winner)]
+    await send({"type": "http.response.start", "status": start.status, "headers": headers})
+    first, _ = writer.relay(start.events)  # check_start has already refused an in-band error
+    tail = [first]
+    upstream_done = False
+    if writer.done:
+        ending = writer.finish()
+    else:
+        await send({"type": "http.response.body", "body": tail.pop(), "more_body": True})
+        with tracked() as cutoff:
+            ending, upstream_done = await _relay(send, writer, winner.replies, tail)
+        if cutoff.cancelled_caught:
+            ending = writer.fail("the gateway is shutting down", "shutting_down")
+            upstream_done = True  # nothing more to wait for: the attempt is cancelled
+    await send(
+        {"type": "http.response.body", "body": b"".join([*tail, ending]), "more_body": False}
+    )
+    if not upstream_done:
+        # The client has its end. Let the upstream finish its body, so the attempt ends as the
+        # success it was (the actor learns its latency, closes a probing circuit) instead of as a
+        # cancellation. Upstreams close right after their end; the bound covers those that do not.
+        with trio.move_on_after(_UPSTREAM_END_GRACE):
+            while not isinstance(await winner.replies.receive(), StreamEnd | Failed):
+                pass
+
+
+async def _relay(
+    send: Send,
+    writer: StreamWriter,
+    replies: trio.MemoryReceiveChannel[Reply],
+    tail: list[bytes],
+) -> tuple[bytes, bool]:
+    """Forward events until the stream ends.
+
+    Returns the closing frame (the dialect's end, or an in-band error) and whether the upstream
+    attempt has ended too (it has not when its end arrived before the end of its body). Events
+    already queued when one arrives go out in the same write (coalescing); the events that belong
+    with the ending are left in `tail`, to be written together with it.
+    """
+    while True:
+        batch = [await replies.receive()]
+        await _gather_burst(replies, batch)
+        upstream_done = isinstance(batch[-1], StreamEnd | Failed)
+        out: list[bytes] = []
+        for reply in batch:
+            if isinstance(reply, StreamEvents):
+                data, error = writer.relay(reply.events)
+                out.append(data)
+                if error is not None:
+                    tail.extend(out)
+                    return writer.fail(error, "upstream_stream_error"), upstream_done
+                if writer.done:
+                    tail.extend(out)
+                    return writer.finish(), upstream_done
+            elif isinstance(reply, StreamEnd):
+                tail.extend(out)
+                return writer.finish(), True  # finalise even when upstream sent no end event
+            elif isinstance(reply, Failed):
+                tail.extend(out)
+                failure = reply.failure
+                message = f"the upstream stream failed after it began: {failure.message}"
+                return writer.fail(message, failure.error_type), True
+        await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+
+
+async def _gather_burst(replies: trio.MemoryReceiveChannel[Reply], batch: list[Reply]) -> None:
+    """Coalescing: add the replies that arrive while the scheduler runs a few rounds.
+
+    A burst of upstream events lands in several socket reads; one scheduling round each lets the
+    actor read the rest, so the burst leaves in one write instead of one write per event. It stops
+    at the first round that brings nothing, so a lone event waits only one round (microseconds).
+    """
+    for _ in range(_BURST_ROUNDS):
+        await trio.lowlevel.checkpoint()
+        before = len(batch)
+        while True:
+            try:
+                batch.append(replies.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        if len(batch) == before or isinstance(batch[-1], StreamEnd | Failed):
+            return
+
+
+async def cascade_error(send: Send, exc: CascadeError, request_id: str, client: Dialect) -> None:
+    extra = [(b"x-cascade-attempts", str(exc.calls).encode())]
+    if exc.retry_after is None:
+        # Cascade has retried what could be retried: the SDKs' own retries (two by default, on
+        # 408/409/429/5xx) would only run the whole cascade again. Every target rate limited,
+        # with a known end, is the exception: waiting Retry-After and trying again is right.
+        extra.append((b"x-should-retry", b"false"))
+    if exc.upstream is not None:
+        upstream = exc.upstream
+        content_type = upstream.headers.get("content-type", "application/json").encode()
+        await respond(send, upstream.status, upstream.body, request_id, content_type, extra)
+        return
+    if exc.retry_after is not None:
+        extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    body = client.error_body(
+        exc.message,
+        exc.error_type,
+        exc.error_type,
+        attempts=[a.to_json() for a in exc.attempts],
+    )
+    await respond(send, exc.status, body, request_id, extra=extra)
