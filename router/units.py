@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?\s*(?:ms|s|m|h|d)\s*)+$")
+_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 _DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$")
 _SIZE_FACTORS = {
@@ -20,20 +22,26 @@ _SIZE_FACTORS = {
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from `250ms`, `30s`, `5m`, `48h`, `1d` or a bare non-negative number of seconds.
+    """Seconds from `250ms`, `30s`, `5m`, `48h`, `1d`, a combination such as `1h30m` or `1m30s`
+    (the form Go and OpenAI's reset headers use), or a bare non-negative number of seconds (also
+    as text: `"10"`, as an `x-cascade-deadline` header gives it).
 
-    Raises ValueError on anything else (including booleans and negative numbers).
+    Raises ValueError on anything else (including booleans, negative and non-finite numbers).
     """
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, int | float):
-        if value < 0:
+        if not 0 <= value < float("inf"):
             raise ValueError(value)
         return float(value)
     if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _DURATION_FACTORS[m.group(2)]
+        text = value.strip()
+        if _NUMBER.match(text):
+            return float(text)
+        if _DURATION.match(text):
+            return sum(
+                float(n) * _DURATION_FACTORS[unit] for n, unit in _DURATION_PART.findall(text)
+            )
     raise ValueError(value)
 
 

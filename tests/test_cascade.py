@@ -501,3 +501,14 @@ async def test_every_target_rate_limited_past_the_deadline_is_429_not_504(
             assert r.json()["error"]["type"] == "retry_exhausted"
             assert r.headers["retry-after"] == "200"
     assert len(a.calls) == len(b.calls) == 1
+
+
+async def test_deadline_header_takes_a_bare_number_of_seconds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    a = Upstream(ok("late", delay=30))
+    async with gateway(config(["a"], route("a/m")), {"a": a}) as gw:
+        r = await post(gw, chat(), headers={"x-cascade-deadline": "10"})
+        bad = await post(gw, chat(), headers={"x-cascade-deadline": "soon"})
+    assert r.status_code == 504 and trio.current_time() == 10.0
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-cascade-deadline"

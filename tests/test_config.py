@@ -40,13 +40,19 @@ def with_provider(**fields: object) -> dict[str, object]:
         ("1d", 86400),
         (2, 2.0),
         ("1.5s", 1.5),
+        ("10", 10.0),  # a bare number of seconds, as text too (an x-cascade-deadline header)
+        ("1h30m", 5400),  # combined, as the Retry-After parser and Go durations write them
+        ("1m30s", 90),
+        ("2h 15m", 8100),
     ],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["fast", "-1s", "10", "s", True, -3, None, "1 hour"])
+@pytest.mark.parametrize(
+    "bad", ["fast", "-1s", "-10", "s", True, -3, None, "1 hour", "1h-30m", float("inf")]
+)
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(bad)

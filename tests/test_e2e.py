@@ -193,7 +193,16 @@ async def test_operational_endpoints() -> None:
             providers = await client.get("/admin/providers")
             missing = await client.get("/nope")
             wrong_method = await client.get("/v1/chat/completions")
+            head = await client.head("/healthz")
+            one_model = await client.get("/v1/models/gpt")
+            direct_model = await client.get("/v1/models/a/anything")
+            no_model = await client.get("/v1/models/nope")
     assert (health.status_code, ready.status_code) == (200, 200)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(health.content))
+    assert one_model.json() == {"id": "gpt", "object": "model", "created": 0, "owned_by": "cascade"}
+    assert direct_model.json()["id"] == "a/anything"
+    assert no_model.status_code == 404 and no_model.json()["error"]["code"] == "model_not_found"
     assert [m["id"] for m in models.json()["data"]] == ["gpt"]
     assert 'cascade_requests_total{route="gpt",status="200"} 1.0' in metrics.text
     assert 'cascade_upstream_attempts_total{outcome="ok",provider="a"} 1.0' in metrics.text

@@ -43,6 +43,7 @@ async def test_openai_sdk_non_stream_and_stream() -> None:
                         pieces.append(event.choices[0].delta.content or "")
                     usage = event.usage or usage
             models = await client.models.list()
+            retrieved = await client.models.retrieve("gpt")
             with pytest.raises(openai.NotFoundError) as missing:
                 await client.chat.completions.create(
                     model="no-such-model", messages=[{"role": "user", "content": "hi"}]
@@ -51,6 +52,7 @@ async def test_openai_sdk_non_stream_and_stream() -> None:
     assert answer.choices[0].message.content == "answer from m"
     assert "".join(pieces) == "one two three"
     assert [m.id for m in models.data] == ["gpt"]
+    assert retrieved.id == "gpt"
     assert missing.value.status_code == 404
 
 
