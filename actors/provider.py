@@ -508,6 +508,14 @@ class ProviderActor:
                 )
             until = self._rate_limits.block(model, now, retry_after)
             self._metrics.blocked("rate_limited")
+            log.warning(
+                "provider %s: %s rate limited (%s); blocked for %.1f s (%s)",
+                self.name,
+                self._rate_limits.key(model),
+                failure.error_type,
+                until - now,
+                "Retry-After" if retry_after is not None else "backoff",
+            )
         elif failure is not None and failure.kind in (Kind.TRANSIENT, Kind.SLOW, Kind.PROTOCOL):
             if self._circuits.failure(model, now):
                 self._metrics.blocked("circuit_open")

@@ -7,8 +7,10 @@ virtual times under trio's autojump clock.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
+import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -512,3 +514,26 @@ async def test_deadline_header_takes_a_bare_number_of_seconds(
         bad = await post(gw, chat(), headers={"x-cascade-deadline": "soon"})
     assert r.status_code == 504 and trio.current_time() == 10.0
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-cascade-deadline"
+
+
+async def test_the_log_says_what_the_cascade_did(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 block is logged at WARNING with its length and source; a target skipped because it
+    is blocked is logged at INFO; the last failure says nothing follows (issue 10.7)."""
+    caplog.set_level(logging.INFO)
+    a = Upstream(status(429, headers={"retry-after": "30"}))
+    b = Upstream(status(503))
+    cfg = config({"a": {}, "b": {"max_retries": 0}}, route("a/m", "b/m"))
+    async with gateway(cfg, {"a": a, "b": b}) as gw:
+        first = await post(gw, chat(), headers={"x-request-id": "first"})
+        second = await post(gw, chat(), headers={"x-request-id": "second"})
+    assert first.status_code == second.status_code == 502
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("cascade")]
+    assert (
+        "WARNING",
+        "provider a: m rate limited (http_429); blocked for 30.0 s (Retry-After)",
+    ) in lines
+    assert ("INFO", "request first: a/m failed (http_429), failing over") in lines
+    assert ("INFO", "request first: b/m failed (http_503), no attempt left") in lines
+    assert ("INFO", "request second: a/m skipped (rate_limited for 30.0 s)") in lines

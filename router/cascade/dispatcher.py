@@ -397,11 +397,9 @@ class _Run:
             live.scope.cancel()
             self._record(target, None, f"refused:{reply.reason}", live.started)
             self.failures.append(reply)
-            log.debug(
-                "request %s: %s refused (%s), failing over",
-                self.job.request_id,
-                target,
-                reply.reason,
+            until = "" if reply.until is None else f" for {reply.until - trio.current_time():.1f} s"
+            log.info(
+                "request %s: %s skipped (%s%s)", self.job.request_id, target, reply.reason, until
             )
             return None
         self.attempt_count += 1
@@ -421,24 +419,33 @@ class _Run:
         if decision.max_attempts is not None:
             self.max_attempts = min(self.max_attempts, decision.max_attempts)
         action = decision.action
+        if action is Action.RETURN or (
+            action is Action.CONTEXT_OVERFLOW and not self.job.route.on_context_overflow
+        ):
+            self._log_failure(target, failure, "returned to the client")
+            raise self._returned(failure, reply)
+        if action is Action.CONTEXT_OVERFLOW:
+            self.plan.replace(self.job.route.on_context_overflow)
+            self._log_failure(target, failure, "going to the larger-context targets")
+            return None
+        retried = action is Action.RETRY and self.plan.retry(
+            target, decision.strategy, self.d.config.providers[target.provider].max_retries
+        )
+        if not self.plan or self.attempt_count >= self.max_attempts:
+            next_step = "no attempt left"  # what the log says is what happens next
+        else:
+            next_step = "will retry it" if retried else "failing over"
+        self._log_failure(target, failure, next_step)
+        return None
+
+    def _log_failure(self, target: Target, failure: Failure, next_step: str) -> None:
         log.info(
             "request %s: %s failed (%s), %s",
             self.job.request_id,
             target,
             failure.error_type,
-            action.value,
+            next_step,
         )
-        if action is Action.RETURN:
-            raise self._returned(failure, reply)
-        if action is Action.CONTEXT_OVERFLOW:
-            overflow = self.job.route.on_context_overflow
-            if not overflow:
-                raise self._returned(failure, reply)
-            self.plan.replace(overflow)
-        elif action is Action.RETRY:
-            max_retries = self.d.config.providers[target.provider].max_retries
-            self.plan.retry(target, decision.strategy, max_retries)
-        return None
 
     def _win(self, live: _Live, reply: Response | StreamStart) -> Winner:
         job = self.job
