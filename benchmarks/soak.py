@@ -166,7 +166,10 @@ def start_gateway(path: Path, log: Path, port: int) -> tuple[subprocess.Popen[by
             raise SystemExit(f"the gateway did not start:\n{text}")
         time.sleep(0.05)
     ports = {
-        int(m) for m in re.findall(r"mock provider \S+ listening on http://127.0.0.1:(\d+)", text)
+        int(m)
+        for m in re.findall(
+            r"mock provider \S+ \(an upstream, not the gateway\) on http://127.0.0.1:(\d+)", text
+        )
     }
     return proc, ports
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -35,21 +36,45 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("cascade").info(
             "no --config given: serving the built-in demo (local mock providers, no API keys)"
         )
-    if config.server.workers > 1:
-        from router.ops.workers import run_workers
-
-        return run_workers(
-            config, config.server.workers, Path(args.config) if args.config else None
-        )
     source = Path(args.config) if args.config else None
-    raise_fd_limit()
-    freeze_startup_objects()
-    trio.run(
-        partial(
-            serve, config, shutdown_trigger=wait_for_signal, source=source, reload_on_sighup=True
+    try:
+        if config.server.workers > 1:
+            from router.ops.workers import run_workers
+
+            return run_workers(config, config.server.workers, source)
+        raise_fd_limit()
+        freeze_startup_objects()
+        trio.run(
+            partial(
+                serve,
+                config,
+                shutdown_trigger=wait_for_signal,
+                source=source,
+                reload_on_sighup=True,
+            )
         )
-    )
+    except (OSError, BaseExceptionGroup) as exc:
+        if (reason := _bind_failure(exc)) is None:
+            raise
+        host, port = config.server.host, config.server.port
+        print(
+            f"cascade: cannot listen on {host}:{port}: {reason}."
+            " Choose another port with --port N (or server.port in the config).",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _bind_failure(exc: BaseException) -> str | None:
+    """Why listening failed, when `exc` (or one inside an exception group) says so."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        return "the port is already in use" if exc.errno == errno.EADDRINUSE else "not allowed"
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (reason := _bind_failure(inner)) is not None:
+                return reason
+    return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:

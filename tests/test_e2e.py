@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -212,7 +217,8 @@ async def test_operational_endpoints() -> None:
     assert wrong_method.status_code == 405
 
 
-async def test_demo_config_serves_offline() -> None:
+async def test_demo_config_serves_offline(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     cfg = Config.from_yaml(demo_config_text())
     cfg = Config.from_mapping(
         {
@@ -234,6 +240,32 @@ async def test_demo_config_serves_offline() -> None:
                 r = await client.post("/v1/chat/completions", json=chat("anything", stream=True))
             nursery.cancel_scope.cancel()
     assert "[demo-flaky]" in r.text and sse_data(r.text)[-1] == "[DONE]"
+    # One address is the gateway, and the log says which and what to try (issue 10.6).
+    text = caplog.text
+    assert "Running on" not in text  # hypercorn's banner for every server, mocks included
+    assert text.count(" listening on http") == 1
+    assert text.count("(an upstream, not the gateway)") == len(cfg.mocks) == 3
+    assert f"the gateway is {running.url}" in text and f"curl -s {running.url}/v1/chat" in text
+
+
+def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "router", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = [ln for ln in done.stderr.splitlines() if ln.startswith("cascade:")]
+    assert line == (
+        f"cascade: cannot listen on 127.0.0.1:{port}: the port is already in use."
+        " Choose another port with --port N (or server.port in the config)."
+    )
 
 
 def test_check_command(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:

@@ -70,7 +70,7 @@ class MockServers:
 
                 url = await self._nursery.start(run)
                 self._running[name] = (settings, url, scope, config.providers[name].timeouts.total)
-                log.info("mock provider %s listening on %s", name, url)
+                log.info("mock provider %s (an upstream, not the gateway) on %s", name, url)
             providers[name] = attrs.evolve(providers[name], base_url=self._running[name][1] + "/v1")
         return attrs.evolve(config, providers=providers)
 

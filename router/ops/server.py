@@ -130,6 +130,15 @@ async def serve(
                     )
                 )
                 log.info("cascade listening on %s (pid %d)", url, os.getpid())
+                if source is None and gateway.config.mocks:
+                    log.info(
+                        "the gateway is %s (the mock providers above are its upstreams); try:\n"
+                        "  curl -s %s/v1/chat/completions -H 'content-type: application/json'"
+                        ' -d \'{"model": "gpt-4o-mini", "messages": [{"role": "user",'
+                        ' "content": "Hello"}]}\'',
+                        url,
+                        url,
+                    )
                 task_status.started(Running(url, app))
             control.cancel()
             # hypercorn has finished its graceful shutdown: no request uses the actors any more.
