@@ -13,6 +13,7 @@ import time
 from collections.abc import MutableMapping
 from typing import Any
 
+import attrs
 import trio
 
 from router.config import MockSettings
@@ -48,18 +49,18 @@ class MockUpstream:
             return
         try:
             request = json.loads(body)
-            model = str(request.get("model", "mock"))
-            stream = bool(request.get("stream"))
-            include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-        except (ValueError, AttributeError):
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+            answer = _Planned.from_request(request, self.name, self.settings.chunks)
+        except (ValueError, AttributeError, TypeError):
             await _json(
-                send, 400, {"error": {"message": "bad json", "type": "invalid_request_error"}}
+                send, 400, {"error": {"message": "bad request", "type": "invalid_request_error"}}
             )
             return
         self.requests += 1
-        await self._answer(send, model, stream, include_usage)
+        await self._answer(send, answer)
 
-    async def _answer(self, send: Any, model: str, stream: bool, include_usage: bool) -> None:
+    async def _answer(self, send: Any, plan: _Planned) -> None:
         s = self.settings
         roll = self.rng.random()
         if s.latency:
@@ -82,65 +83,187 @@ class MockUpstream:
             await trio.sleep_forever()
         roll -= s.stall_rate
         cut = roll < s.cut_rate
-        created = int(time.time())
         ident = f"chatcmpl-mock{self.requests}"
-        words = [f"word{i} " for i in range(s.chunks)]
-        usage = {"prompt_tokens": 10, "completion_tokens": s.chunks, "total_tokens": 10 + s.chunks}
-        if not stream:
-            answer = {
-                "id": ident,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": f"[{self.name}] " + "".join(words),
-                        },
-                        "finish_reason": "stop",
-                    }
-                ],
-                "usage": usage,
-            }
+        created = int(time.time())
+        if not plan.stream:
             if cut:
                 await send(_start(200, {"content-type": "application/json"}))
                 await send({"type": "http.response.body", "body": b'{"id": "', "more_body": True})
                 raise _Cut()
-            await _json(send, 200, answer)
+            await _json(send, 200, plan.completion(ident, created))
             return
         await send(_start(200, {"content-type": "text/event-stream", "cache-control": "no-cache"}))
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            event = {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            return b"data: " + json.dumps(event).encode() + b"\n\n"
-
-        await _more(send, chunk({"role": "assistant", "content": f"[{self.name}] "}))
-        for i, word in enumerate(words):
-            if s.chunk_interval:
+        deltas = plan.deltas()
+        for i, (index, delta, finish) in enumerate(deltas):
+            if s.chunk_interval and i:
                 await trio.sleep(s.chunk_interval)
-            if cut and i == len(words) // 2:
+            if cut and i == len(deltas) // 2:
                 raise _Cut()
-            await _more(send, chunk({"content": word}))
-        tail = chunk({}, "stop")
-        if include_usage:
-            event = {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage,
-            }
-            tail += b"data: " + json.dumps(event).encode() + b"\n\n"
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
+            await _more(send, _sse(plan.chunk(ident, created, [choice])))
+        tail = b""
+        if plan.include_usage:
+            tail = _sse({**plan.chunk(ident, created, []), "usage": plan.usage()})
         await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
+
+
+@attrs.frozen
+class _Planned:
+    """What the mock will answer to one request: text, JSON or a tool call, n choices, at most
+    max_tokens words (one word is one token here)."""
+
+    model: str
+    name: str
+    stream: bool
+    include_usage: bool
+    words: int  # the answer's length before max_tokens
+    choices: int
+    max_tokens: int | None
+    tool: dict[str, Any] | None  # the function to call, when tools were given
+    json_schema: dict[str, Any] | None  # response_format: json_object ({}) or json_schema
+
+    @classmethod
+    def from_request(cls, request: dict[str, Any], name: str, words: int) -> _Planned:
+        options = request.get("stream_options") or {}
+        fmt = request.get("response_format") or {}
+        schema: dict[str, Any] | None = None
+        if fmt.get("type") == "json_object":
+            schema = {}
+        elif fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema") or {}
+        return cls(
+            model=str(request.get("model", "mock")),
+            name=name,
+            stream=bool(request.get("stream")),
+            include_usage=bool(options.get("include_usage")),
+            words=words,
+            choices=max(1, int(request.get("n") or 1)),
+            max_tokens=request.get("max_completion_tokens") or request.get("max_tokens"),
+            tool=_chosen_tool(request.get("tools"), request.get("tool_choice")),
+            json_schema=schema,
+        )
+
+    @property
+    def finish(self) -> str:
+        if self.tool is not None:
+            return "tool_calls"
+        return "length" if self.truncated else "stop"
+
+    @property
+    def truncated(self) -> bool:
+        return self.max_tokens is not None and self.max_tokens < self.words
+
+    def text(self, index: int) -> str:
+        count = self.words if self.max_tokens is None else min(self.words, self.max_tokens)
+        words = " ".join(f"word{i}" for i in range(count))
+        prefix = f"[{self.name}]" + (f"[{index}]" if self.choices > 1 else "")
+        if self.json_schema is not None:
+            return json.dumps(_example(self.json_schema, f"{prefix} {words}"))
+        return f"{prefix} {words}"
+
+    def arguments(self) -> str:
+        assert self.tool is not None
+        return json.dumps(_example(self.tool.get("parameters") or {}, f"[{self.name}]"))
+
+    def usage(self) -> dict[str, int]:
+        completion = self.choices * min(self.words, self.max_tokens or self.words)
+        return {
+            "prompt_tokens": 10,
+            "completion_tokens": completion,
+            "total_tokens": 10 + completion,
+        }
+
+    def message(self, index: int) -> dict[str, Any]:
+        if self.tool is None:
+            return {"role": "assistant", "content": self.text(index)}
+        call = {
+            "id": f"call_mock{index}",
+            "type": "function",
+            "function": {"name": self.tool["name"], "arguments": self.arguments()},
+        }
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+    def completion(self, ident: str, created: int) -> dict[str, Any]:
+        return {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model,
+            "choices": [
+                {"index": i, "message": self.message(i), "finish_reason": self.finish}
+                for i in range(self.choices)
+            ],
+            "usage": self.usage(),
+        }
+
+    def chunk(self, ident: str, created: int, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def deltas(self) -> list[tuple[int, dict[str, Any], str | None]]:
+        """(choice index, delta, finish_reason) in stream order: each choice in turn, a word
+        per content delta; a tool call's arguments in several pieces, as real providers send."""
+        out: list[tuple[int, dict[str, Any], str | None]] = []
+        for i in range(self.choices):
+            if self.tool is None:
+                text = self.text(i)
+                pieces = [p + " " for p in text.split(" ")[:-1]] + [text.split(" ")[-1]]
+                out.append((i, {"role": "assistant", "content": pieces[0]}, None))
+                out += [(i, {"content": p}, None) for p in pieces[1:]]
+            else:
+                head = {
+                    "index": 0,
+                    "id": f"call_mock{i}",
+                    "type": "function",
+                    "function": {"name": self.tool["name"], "arguments": ""},
+                }
+                out.append((i, {"role": "assistant", "content": None, "tool_calls": [head]}, None))
+                arguments = self.arguments()
+                step = max(1, len(arguments) // 4)
+                for start in range(0, len(arguments), step):
+                    piece = {"index": 0, "function": {"arguments": arguments[start : start + step]}}
+                    out.append((i, {"tool_calls": [piece]}, None))
+            out.append((i, {}, self.finish))
+        return out
+
+
+def _chosen_tool(tools: Any, choice: Any) -> dict[str, Any] | None:
+    """The function the mock calls: the one tool_choice names, else the first (none: none)."""
+    functions = [t["function"] for t in tools or [] if isinstance(t, dict) and "function" in t]
+    if not functions or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        return next((f for f in functions if f.get("name") == wanted), functions[0])
+    return functions[0]
+
+
+def _example(schema: dict[str, Any], text: str) -> Any:
+    """A value that fits a JSON schema's shape (types and required properties), for the mock."""
+    kind = schema.get("type")
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if kind == "object" or (kind is None and "properties" in schema) or schema == {}:
+        properties = schema.get("properties") or {"answer": {"type": "string"}}
+        return {key: _example(sub, text) for key, sub in properties.items()}
+    if kind == "array":
+        return [_example(schema.get("items") or {"type": "string"}, text)]
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return text
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
 def _start(status: int, headers: dict[str, str]) -> dict[str, Any]:
