@@ -127,6 +127,7 @@ class Snapshot:
     name: str
     now: float
     in_flight: int
+    phases: tuple[tuple[str, int], ...]  # in-flight calls by phase (connect, headers, …)
     max_in_flight: int
     blocks: tuple[Block, ...]
     circuits: tuple[CircuitView, ...]
@@ -144,6 +145,7 @@ class Snapshot:
         return {
             "name": self.name,
             "in_flight": self.in_flight,
+            "in_flight_phases": dict(self.phases),
             "max_in_flight": self.max_in_flight,
             "blocks": [
                 {"key": b.key, "reason": b.reason, "seconds_left": rel(b.until)}

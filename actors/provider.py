@@ -8,6 +8,7 @@ concurrently and never by anyone outside the actor.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -274,6 +275,7 @@ class ProviderActor:
         self._rpm = SlidingWindow(60.0)
         self._tpm = SlidingWindow(60.0)
         self._nursery: trio.Nursery | None = None
+        self._calls: set[_Call] = set()  # the running attempts (their phases, for snapshots)
         self.config: ProviderConfig = config
         self.wire = wire
         self._apply(config, wire, first=True)
@@ -436,6 +438,7 @@ class ProviderActor:
 
     async def _attempt(self, attempt: Attempt, tpm_entry: list[float]) -> None:
         call = _Call(self, attempt)
+        self._calls.add(call)
         terminal: Reply | None = None
         try:
             try:
@@ -461,6 +464,7 @@ class ProviderActor:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the dispatcher stopped listening: its cancel_all closes the channel
         finally:
+            self._calls.discard(call)
             self.in_flight -= 1
             self._metrics.in_flight(-1)
             if terminal is None:  # cancelled before the attempt ended
@@ -538,6 +542,7 @@ class ProviderActor:
             name=self.name,
             now=now,
             in_flight=self.in_flight,
+            phases=tuple(sorted(collections.Counter(c.phase for c in self._calls).items())),
             max_in_flight=self.config.max_in_flight,
             blocks=tuple(blocks),
             circuits=tuple(CircuitView(*c) for c in self._circuits.states(now)),

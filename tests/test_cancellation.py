@@ -14,10 +14,24 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
+from actors.provider import ProviderActor
 from router.ops.server import Running
-from tests.helpers import chat, eventually
+from tests.helpers import Upstream, asgi_client, chat, config, eventually, gateway, status
 from tests.live import Exchange, FakeUpstream, chunk_event, live_gateway
+
+
+async def in_phase(actor: ProviderActor, phase: str) -> bool:
+    """Whether the actor's one call in flight is in `phase` (its own snapshot says)."""
+    return dict((await actor.ask_snapshot()).phases) == {phase: 1}
+
+
+async def eventually_async(predicate: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    """`eventually` for a predicate that must ask (an actor's snapshot is a message away)."""
+    with trio.fail_after(seconds):
+        while not await predicate():  # noqa: ASYNC110 (the state has no event; see eventually)
+            await trio.sleep(0.01)
 
 
 def cancelled(gw: Running, provider: str, phase: str) -> float:
@@ -83,9 +97,8 @@ async def test_client_disconnect_closes_the_upstream_call(
             actor = gw.actors["a"]
 
             async def upstream_in_phase() -> None:
-                await eventually(lambda: len(up.exchanges) == 1)
-                await trio.sleep(0.2)  # let the upstream's headers / first bytes reach the gateway
-                assert actor.in_flight == 1
+                # The actor's own view of its call (headers sent, or read, or a first body byte).
+                await eventually_async(lambda: in_phase(actor, phase))
 
             await client_leaves(gw, chat(stream=stream), upstream_in_phase)
             with trio.fail_after(2):
@@ -119,8 +132,7 @@ async def test_disconnect_while_connecting() -> None:
                     actor = gw.actors["full"]
 
                     async def connecting() -> None:
-                        await eventually(lambda: actor.in_flight == 1)
-                        await trio.sleep(0.3)
+                        await eventually_async(lambda: in_phase(actor, "connect"))
 
                     await client_leaves(gw, chat(), connecting)
                     await eventually(lambda: actor.in_flight == 0)
@@ -130,24 +142,25 @@ async def test_disconnect_while_connecting() -> None:
                 s.close()
 
 
-async def test_disconnect_during_backoff_starts_no_further_attempt() -> None:
-    async def fails(exchange: Exchange) -> None:
-        await exchange.json_answer(503, {"error": {"message": "down"}})
-
-    up = FakeUpstream(fails)
+async def test_disconnect_during_backoff_starts_no_further_attempt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """In virtual time: the client leaves 10 s into a 30 s backoff; at 100 s there has still
+    been one upstream call, and the backoff was counted as the cancelled phase."""
+    up = Upstream(status(503))
     retry = {"strategy": "same_model", "backoff": {"base": "30s", "max": "30s", "jitter": "none"}}
-    with trio.fail_after(15):
-        async with live_gateway({"a": up}, retry=retry) as gw:
-
-            async def in_backoff() -> None:
-                await eventually(lambda: len(up.exchanges) == 1)
-                await trio.sleep(0.2)
-
-            await client_leaves(gw, chat(), in_backoff)
-            await eventually(lambda: cancelled(gw, "a", "backoff") == 1)
-            await trio.sleep(0.2)
-            assert len(up.exchanges) == 1
-            assert gw.actors["a"].in_flight == 0
+    async with gateway(config(["a"], [{"match": "gpt", "targets": ["a/m"]}], retry=retry),
+                       {"a": up}) as gw:  # fmt: skip
+        async with asgi_client(gw) as client:
+            with trio.move_on_after(10):
+                await client.post("/v1/chat/completions", json=chat())
+        await trio.sleep_until(100)
+        assert gw.actors["a"].in_flight == 0
+        backoff = gw.metrics.registry.get_sample_value(
+            "cascade_upstream_cancelled_total", {"provider": "a", "phase": "backoff"}
+        )
+    assert up.times == [0.0]
+    assert backoff == 1
 
 
 def task_count() -> int:

@@ -16,6 +16,7 @@ import trio
 import trio.lowlevel
 
 from actors.http1 import HTTP1Transport, _readable
+from tests.helpers import eventually
 
 # An answer: the bytes to send, then whether to close the connection afterwards.
 Script = Callable[[int], tuple[bytes, bool]]
@@ -233,7 +234,7 @@ async def test_max_connections_queues_the_rest() -> None:
                 for _ in range(3):
                     nursery.start_soon(hold)
                 await two_open.wait()
-                await trio.sleep(0.05)
+                await eventually(lambda: pool._slots.statistics().tasks_waiting == 1)
                 assert len(opened) == 2  # the third waits for a slot
                 release.set()
         await pool.aclose()

@@ -19,7 +19,7 @@ from router.config import Config
 from router.face.app import App
 from router.face.serving import serve_asgi
 from router.ops.server import Running, serve
-from tests.helpers import Upstream, asgi_client, chat, config, gateway
+from tests.helpers import Upstream, asgi_client, chat, config, eventually, gateway
 from tests.live import Exchange, FakeUpstream, answers
 
 
@@ -134,7 +134,7 @@ async def test_a_request_in_flight_finishes_on_its_snapshot(tmp_path: Path) -> N
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(in_flight)
-                await trio.sleep(0.2)
+                await eventually(lambda: gw.actors["slow"].in_flight == 1)
                 write(path, {"other": {"mock": {}}}, [{"match": "other", "targets": ["other/x"]}])
                 assert (await reload(client)).json()["providers"]["removed"] == ["slow"]
             assert results[0].status_code == 200 and "[slow]" in results[0].text
