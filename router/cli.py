@@ -19,7 +19,7 @@ from router.units import parse_duration
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from router.ops.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
+    from router.ops.server import run, wait_for_signal
 
     try:
         config = Config.load(Path(args.config) if args.config else None)
@@ -42,17 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from router.ops.workers import run_workers
 
             return run_workers(config, config.server.workers, source)
-        raise_fd_limit()
-        freeze_startup_objects()
-        trio.run(
-            partial(
-                serve,
-                config,
-                shutdown_trigger=wait_for_signal,
-                source=source,
-                reload_on_sighup=True,
-            )
-        )
+        run(config, shutdown_trigger=wait_for_signal, source=source, reload_on_sighup=True)
     except (OSError, BaseExceptionGroup) as exc:
         if (reason := _bind_failure(exc)) is None:
             raise

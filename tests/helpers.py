@@ -10,11 +10,13 @@ import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
 import httpx
 import trio
+import trustme
 
 from actors.provider import ProviderActor
 from router.cascade.dispatcher import Dispatcher
@@ -240,3 +242,14 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> Non
     with trio.fail_after(seconds):
         while not predicate():  # noqa: ASYNC110
             await trio.sleep(0.01)
+
+
+def tls_files(tmp_path: Path, *hosts: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for `hosts`: (certfile, keyfile, the CA's file)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert(*hosts)
+    certfile, keyfile, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return certfile, keyfile, ca_file

@@ -16,12 +16,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
-import trustme
 
 from actors.transport import proxy_for
 from router.config import Config, ConfigError
 from router.face.serving import serve_asgi
-from tests.helpers import chat
+from tests.helpers import chat, tls_files
 from tests.live import FakeUpstream, answers, live_gateway
 
 
@@ -109,12 +108,7 @@ async def test_a_provider_proxy_carries_plain_http_in_absolute_form() -> None:
 async def test_https_goes_through_a_connect_tunnel_from_https_proxy_env(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    certfile, keyfile, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.cert_chain_pems[0].write_to_path(str(certfile))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    ca.cert_pem.write_to_path(str(ca_file))
+    certfile, keyfile, ca_file = tls_files(tmp_path, "127.0.0.1")
     upstream = FakeUpstream(answers)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery, proxy_server() as proxy:

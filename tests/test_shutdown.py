@@ -110,20 +110,8 @@ async def test_two_workers_share_a_port_and_stop_together(tmp_path: Path) -> Non
         )
     )
     with trio.fail_after(40):
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "router", "serve", "--config", str(config)],
-            stderr=subprocess.PIPE,
-        )
-        assert proc.stderr is not None
-        log = b""
-        while len(re.findall(rb"cascade listening on (http://\S+) \(pid (\d+)\)", log)) < 2:
-            chunk = await proc.stderr.receive_some()
-            assert chunk, log.decode()
-            log += chunk
-        listening = re.findall(rb"cascade listening on (http://\S+) \(pid (\d+)\)", log)
-        urls, pids = {u for u, _ in listening}, {p for _, p in listening}
-        assert len(urls) == 1 and len(pids) == 2  # one port, two processes
-        url = urls.pop().decode()
+        proc, url, pids = await start_workers(config)
+        assert len(pids) == 2  # one port, two processes
         for _ in range(10):
             async with httpx.AsyncClient(base_url=url) as client:  # a new connection each time
                 r = await client.post("/v1/chat/completions", json=chat())
@@ -132,19 +120,22 @@ async def test_two_workers_share_a_port_and_stop_together(tmp_path: Path) -> Non
         assert await proc.wait() == 0
 
 
-async def start_workers(config: Path) -> tuple[trio.Process, str]:
+async def start_workers(config: Path) -> tuple[trio.Process, str, set[bytes]]:
+    """`cascade serve` with two workers: the process, the one URL both listen on, their pids."""
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "router", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
     log = b""
-    while len(re.findall(rb"cascade listening on (http://\S+) \(pid (\d+)\)", log)) < 2:
+    pattern = rb"cascade listening on (http://\S+) \(pid (\d+)\)"
+    while len(re.findall(pattern, log)) < 2:
         chunk = await proc.stderr.receive_some()
         assert chunk, log.decode()
         log += chunk
-    url = re.findall(rb"cascade listening on (http://\S+) \(pid", log)[0].decode()
-    return proc, url
+    listening = re.findall(pattern, log)
+    [url] = {u for u, _ in listening}
+    return proc, url.decode(), {p for _, p in listening}
 
 
 def workers_config(path: Path, route: str, **mock: Any) -> None:
@@ -175,7 +166,7 @@ async def test_workers_reload_together_from_the_operators_file(tmp_path: Path) -
     config = tmp_path / "workers.yaml"
     workers_config(config, "first")
     with trio.fail_after(60):
-        proc, url = await start_workers(config)
+        proc, url, _ = await start_workers(config)
         try:
             assert await served(url, "first") == {200}
             workers_config(config, "second")

@@ -7,20 +7,14 @@ from pathlib import Path
 
 import httpx
 import trio
-import trustme
 
 from router.face.serving import serve_asgi
-from tests.helpers import chat
+from tests.helpers import chat, tls_files
 from tests.live import FakeUpstream, answers, live_gateway
 
 
 async def test_https_upstream_is_verified(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certfile, keyfile, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.cert_chain_pems[0].write_to_path(str(certfile))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    ca.cert_pem.write_to_path(str(ca_file))
+    certfile, keyfile, ca_file = tls_files(tmp_path, "127.0.0.1", "localhost")
     upstream = FakeUpstream(answers)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
@@ -145,6 +146,14 @@ async def serve(
             for actor in app.gateway.actors.values():
                 actor.close()
         mock_nursery.cancel_scope.cancel()
+
+
+def run(config: Config, **serve_options: Any) -> None:
+    """Run the gateway as this process's whole job (`cascade serve`, each worker): raise the fd
+    limit, freeze what start-up made out of the GC's way, then `serve` until it returns."""
+    raise_fd_limit()
+    freeze_startup_objects()
+    trio.run(partial(serve, config, **serve_options))
 
 
 async def wait_for_signal(*which: signal.Signals) -> None:

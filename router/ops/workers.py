@@ -37,7 +37,6 @@ from types import FrameType
 from typing import Any
 
 import attrs
-import trio
 
 from router.config import Config, ConfigError, config_text
 from router.ops.control import SHOWN_AS, WorkerLink, encode
@@ -58,24 +57,19 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 def _worker(config: Config, index: int, source: Path | None, control: socket.socket) -> None:
-    from router.ops.server import freeze_startup_objects, raise_fd_limit, serve, wait_for_signal
+    from router.ops.server import run, wait_for_signal
 
     setup_logging(config.server.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the supervisor
     sock = _reuseport_socket(config.server.host, config.server.port)
     log.info("worker %d (pid %d) starting", index, os.getpid())
-    raise_fd_limit()
-    freeze_startup_objects()
-    trio.run(
-        partial(
-            serve,
-            config,
-            shutdown_trigger=partial(wait_for_signal, signal.SIGTERM),
-            sock=sock,
-            source=source,
-            link=WorkerLink(control),
-        )
+    run(
+        config,
+        shutdown_trigger=partial(wait_for_signal, signal.SIGTERM),
+        sock=sock,
+        source=source,
+        link=WorkerLink(control),
     )
 
 
