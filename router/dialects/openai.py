@@ -7,7 +7,6 @@ order, whitespace and unknown fields survive (upstream prompt caches key on the 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,27 +18,16 @@ from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
 from router.dialects.base import Dialect as DialectBase
 from router.dialects.base import UpstreamCall
+from router.dialects.jsonbody import (
+    MAX_OUTPUT_TOKENS,
+    bounded_int,
+    finite_number,
+    optional,
+    parse_object,
+    required_model,
+    swap,
+)
 from router.errors import RequestError
-
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _skip_ws(text: str, i: int) -> int:
-    """The first offset at or after `i` that is not JSON whitespace."""
-    m = _WS.match(text, i)
-    assert m is not None  # the pattern matches the empty string
-    return m.end()
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# Python's JSON reader takes NaN and Infinity; JSON, and every provider, does not.
-_DECODER = json.JSONDecoder(parse_constant=_no_constant)
-MAX_MODEL_NAME = 256
-MAX_OUTPUT_TOKENS = 1_000_000  # above any model's output limit; bounds the tpm estimate
-_scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 
 DONE = b"[DONE]"
 PATH = "/chat/completions"  # under the provider's base_url, which ends in /v1 (OpenAI's convention)
@@ -78,41 +66,6 @@ def error_body(
     return json.dumps({"error": error}).encode()
 
 
-def _top_level(text: str) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
-    """Parse a JSON object, also returning each top-level value's (start, end) offsets."""
-    ws = _skip_ws
-    i = ws(text, 0)
-    if text[i : i + 1] != "{":
-        raise ValueError("the body must be a JSON object")
-    i = ws(text, i + 1)
-    obj: dict[str, Any] = {}
-    spans: dict[str, tuple[int, int]] = {}
-    if text[i : i + 1] == "}":
-        i += 1
-    else:
-        while True:
-            if text[i : i + 1] != '"':
-                raise ValueError(f"expected a key at offset {i}")
-            key, i = _scanstring(text, i + 1)
-            i = ws(text, i)
-            if text[i : i + 1] != ":":
-                raise ValueError(f"expected ':' at offset {i}")
-            start = ws(text, i + 1)
-            value, end = _DECODER.raw_decode(text, start)
-            obj[key] = value
-            spans[key] = (start, end)  # a repeated key: the last one wins, as in json.loads
-            i = ws(text, end)
-            sep = text[i : i + 1]
-            i = ws(text, i + 1)
-            if sep == "}":
-                break
-            if sep != ",":
-                raise ValueError(f"expected ',' or '}}' at offset {i}")
-    if ws(text, i) != len(text):
-        raise ValueError("extra data after the JSON object")
-    return obj, spans
-
-
 @attrs.frozen
 class ChatRequest:
     """A validated chat completion request and what the cascade needs from it."""
@@ -126,8 +79,7 @@ class ChatRequest:
 
     def body_for(self, model: str) -> bytes:
         """The client's body with only the model value replaced."""
-        start, end = self.model_span
-        return (self.text[:start] + json.dumps(model) + self.text[end:]).encode()
+        return swap(self.text, self.model_span, model)
 
     def call_for(self, upstream: DialectBase, model: str) -> UpstreamCall:
         if upstream.name != "openai":
@@ -135,38 +87,9 @@ class ChatRequest:
         return UpstreamCall(PATH, self.body_for(model), check_start if self.stream else None)
 
 
-def check_model_name(model: str) -> None:
-    """A model name goes into upstream bodies, logs and headers: printable text only (no control
-    characters, no lone surrogates), of a sane length. Anything else is a 400, never sent on."""
-    if len(model) > MAX_MODEL_NAME or not model.isprintable():
-        raise RequestError(
-            f"'model' must be printable text of at most {MAX_MODEL_NAME} characters",
-            param="model",
-        )
-
-
-def _optional(obj: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> None:
-    value = obj.get(key)
-    if value is not None and (
-        isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds)
-    ):
-        raise RequestError(f"'{key}' must be {what}", param=key)
-
-
 def parse_chat_request(body: bytes) -> ChatRequest:
-    try:
-        text = body.decode("utf-8")
-        obj, spans = _top_level(text)
-    except UnicodeDecodeError:
-        raise RequestError("the body is not UTF-8 text") from None
-    except ValueError as exc:
-        raise RequestError(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise RequestError("the body is not valid JSON: nested too deeply") from None
-    model = obj.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required and must be a non-empty string", param="model")
-    check_model_name(model)
+    text, obj, spans = parse_object(body)
+    model = required_model(obj)
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required and must be a non-empty list", param="messages")
@@ -175,20 +98,16 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             raise RequestError(
                 f"'messages[{i}]' must be an object with a string 'role'", param=f"messages[{i}]"
             )
-    _optional(obj, "stream", (bool,), "a boolean")
-    _optional(obj, "stream_options", (dict,), "an object")
+    optional(obj, "stream", (bool,), "a boolean")
+    optional(obj, "stream_options", (dict,), "an object")
     for key, top in (
         ("max_tokens", MAX_OUTPUT_TOKENS),
         ("max_completion_tokens", MAX_OUTPUT_TOKENS),
         ("n", 128),
     ):
-        _optional(obj, key, (int,), "an integer")
-        if key in obj and obj[key] is not None and not 1 <= obj[key] <= top:
-            raise RequestError(f"'{key}' must be from 1 to {top}", param=key)
+        bounded_int(obj, key, top)
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        _optional(obj, key, (int, float), "a number")
-        if key in obj and obj[key] is not None and not math.isfinite(obj[key]):
-            raise RequestError(f"'{key}' must be a finite number", param=key)
+        finite_number(obj, key)
     stream = bool(obj.get("stream"))
     options = obj.get("stream_options") or {}
     if options and not stream:
