@@ -217,7 +217,7 @@ class _Call:
             chunk = await response.read_chunk()
             events = decoder.feed(chunk) if chunk else decoder.finish()
             if events:
-                tokens = stream_tokens(events) or tokens
+                tokens = stream_tokens(events, tokens)
                 message = StreamEvents(tuple(events))
                 try:
                     reply.send_nowait(message)

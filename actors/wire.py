@@ -23,5 +23,7 @@ class UpstreamWire(Protocol):
     def tokens(self, body: bytes) -> int | None:
         """Total tokens from a whole (non-streamed) answer's usage, if it says."""
 
-    def stream_tokens(self, events: Sequence[SSEEvent]) -> int | None:
-        """Total tokens from a batch of stream events, if one carries the usage."""
+    def stream_tokens(self, events: Sequence[SSEEvent], so_far: int | None) -> int | None:
+        """Total tokens once this batch of stream events is counted, given the total so far
+        (None: no usage seen yet). Usage may come in parts (Anthropic: input tokens at the
+        start, output tokens at the end)."""

@@ -74,12 +74,17 @@ class Dialect(Protocol):
 
     def error_body(
         self,
+        status: int,
         message: str,
         type: str,
         code: str | None = None,
         param: str | None = None,
+        *,
+        request_id: str | None = None,
         **extra: Any,
-    ) -> bytes: ...
+    ) -> bytes:
+        """An error in this dialect's shape. `type` and `code` are Cascade's (OpenAI's names);
+        a dialect with other names maps them, by `status` where it must."""
 
     def stream_writer(self, upstream: Dialect) -> StreamWriter: ...
 

@@ -46,12 +46,12 @@ class Wire:
         m = _TOTAL_TOKENS.search(body)
         return int(m.group(1)) if m else None
 
-    def stream_tokens(self, events: Sequence[SSEEvent]) -> int | None:
-        """The usage chunk comes last but for [DONE] after it."""
+    def stream_tokens(self, events: Sequence[SSEEvent], so_far: int | None) -> int | None:
+        """The usage chunk comes last but for [DONE] after it, and holds the whole total."""
         for event in events[-2:]:
             if (tokens := self.tokens(event.data)) is not None:
                 return tokens
-        return None
+        return so_far
 
 
 WIRE = Wire()
@@ -227,13 +227,16 @@ class OpenAI:
 
     def error_body(
         self,
+        status: int,
         message: str,
         type: str,
         code: str | None = None,
         param: str | None = None,
+        *,
+        request_id: str | None = None,
         **extra: Any,
     ) -> bytes:
-        return error_body(message, type, code, param, **extra)
+        return error_body(message, type, code, param, **extra)  # the id is in x-request-id
 
     def stream_writer(self, upstream: DialectBase) -> Stream:
         return Stream()

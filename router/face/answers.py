@@ -205,9 +205,11 @@ async def cascade_error(send: Send, exc: CascadeError, request_id: str, client: 
     if exc.retry_after is not None:
         extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
     body = client.error_body(
+        exc.status,
         exc.message,
         exc.error_type,
         exc.error_type,
+        request_id=request_id,
         attempts=[a.to_json() for a in exc.attempts],
     )
     await respond(send, exc.status, body, request_id, extra=extra)

@@ -110,7 +110,9 @@ class App:
             return  # nobody is left to answer
         except RequestError as exc:
             shape = dialect or DIALECTS["openai"]  # not a model endpoint: OpenAI's error shape
-            body = shape.error_body(exc.message, exc.type, exc.code, exc.param)
+            body = shape.error_body(
+                exc.status, exc.message, exc.type, exc.code, exc.param, request_id=request_id
+            )
             await respond(send, exc.status, body, request_id)
 
     # --- chat completions ---------------------------------------------------------------------
@@ -244,6 +246,7 @@ class App:
             summary = await self.reloader.reload()
         except ConfigError as exc:
             body = DIALECTS["openai"].error_body(
+                400,
                 "the new config is invalid; still serving the previous one",
                 "invalid_config",
                 "invalid_config",
