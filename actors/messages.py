@@ -29,6 +29,7 @@ class UpstreamRequest:
     stream: bool
     estimated_tokens: int = 0
     request_id: str = ""
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # from the client, for this call only
     # The dialect's verdict on a stream's first events (an in-band error, garbage): a Failure
     # makes the attempt a failed one, which the actor counts against the provider.
     check_start: Callable[[tuple[SSEEvent, ...]], Failure | None] | None = None

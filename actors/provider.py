@@ -208,8 +208,7 @@ class _Call:
 
     async def pump(self, response: UpstreamResponse, decoder: SSEDecoder) -> tuple[_Outcome, Reply]:
         """Relay the stream's events until its end."""
-        tokens = None
-        stream_tokens = self.actor.wire.stream_tokens
+        usage = self.actor.wire.stream_usage()
         reply = self.attempt.reply
         timer = self.timer
         while True:
@@ -217,7 +216,7 @@ class _Call:
             chunk = await response.read_chunk()
             events = decoder.feed(chunk) if chunk else decoder.finish()
             if events:
-                tokens = stream_tokens(events, tokens)
+                usage.feed(events)
                 message = StreamEvents(tuple(events))
                 try:
                     reply.send_nowait(message)
@@ -227,7 +226,7 @@ class _Call:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     raise _DispatcherGone() from None
             if not chunk:
-                return _Outcome(None, self.ttfb, self.elapsed(), tokens), StreamEnd()
+                return _Outcome(None, self.ttfb, self.elapsed(), usage.total), StreamEnd()
 
     async def send(self, message: Reply) -> None:
         try:
@@ -476,6 +475,8 @@ class ProviderActor:
         headers.append((b"accept", b"text/event-stream" if request.stream else b"application/json"))
         if request.request_id:
             headers.append((b"x-request-id", request.request_id.encode("latin-1")))
+        if request.headers:
+            headers.extend(request.headers)
         return headers
 
     # --- learning from an attempt ---------------------------------------------------------------

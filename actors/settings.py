@@ -75,7 +75,7 @@ class ProviderConfig:
 
     name: str
     base_url: str
-    dialect: Literal["openai"] = "openai"
+    dialect: Literal["openai", "anthropic"] = "openai"
     api_key_env: str | None = None
     timeouts: Timeouts = Timeouts()
     max_retries: int = 2
@@ -89,6 +89,7 @@ class ProviderConfig:
     headers: Mapping[str, str] = attrs.field(factory=dict)
     ca_file: str | None = None  # PEM bundle to verify the upstream's TLS certificate
     proxy: str | None = None  # an http:// proxy URL, "none", or None: from HTTP(S)_PROXY
+    anthropic_version: str = "2023-06-01"  # the anthropic-version header (dialect: anthropic)
 
     def api_key(self) -> str | None:
         """The key from the environment; read at use so it never sits in a config object or log."""

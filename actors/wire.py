@@ -23,7 +23,15 @@ class UpstreamWire(Protocol):
     def tokens(self, body: bytes) -> int | None:
         """Total tokens from a whole (non-streamed) answer's usage, if it says."""
 
-    def stream_tokens(self, events: Sequence[SSEEvent], so_far: int | None) -> int | None:
-        """Total tokens once this batch of stream events is counted, given the total so far
-        (None: no usage seen yet). Usage may come in parts (Anthropic: input tokens at the
-        start, output tokens at the end)."""
+    def stream_usage(self) -> StreamUsage:
+        """A counter for one streamed answer's usage, fed its events as they pass."""
+
+
+class StreamUsage(Protocol):
+    """Usage may come in parts (Anthropic: input at the start, cumulative output at the end)."""
+
+    @property
+    def total(self) -> int | None:
+        """Total tokens seen so far (None: no usage yet)."""
+
+    def feed(self, events: Sequence[SSEEvent]) -> None: ...

@@ -346,6 +346,12 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
     ca_file = f.optional_string("ca_file")
     if ca_file is not None and not Path(ca_file).is_file():
         f.error("ca_file", f"no such file: {ca_file!r}")
+    dialect = f.choice("dialect", d.dialect, ("openai", "anthropic"))
+    anthropic_version = f.string("anthropic_version", d.anthropic_version)
+    if f.has("anthropic_version") and dialect != "anthropic":
+        f.error("anthropic_version", "only a provider with dialect: anthropic sends it")
+    elif header_problem("anthropic-version", anthropic_version) is not None:
+        f.error("anthropic_version", "not a valid header value")
     proxy = f.optional_string("proxy")
     if mock is not None:
         if proxy is not None:
@@ -362,7 +368,8 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
     provider = ProviderConfig(
         name=name,
         base_url=base_url.rstrip("/"),
-        dialect=f.choice("dialect", d.dialect, ("openai",)),
+        dialect=dialect,
+        anthropic_version=anthropic_version,
         api_key_env=api_key_env,
         timeouts=_parse_timeouts(f.sub("timeouts")),
         max_retries=f.integer("max_retries", d.max_retries, maximum=100),

@@ -367,6 +367,7 @@ class _Run:
             stream=job.stream,
             estimated_tokens=job.estimated_tokens,
             request_id=job.request_id,
+            headers=call.headers,
             check_start=call.check_start,
         )
         self.live.append(live)

@@ -1,16 +1,17 @@
 """Dialects: the API shapes Cascade speaks, to clients and to providers (router/dialects/base.py).
 
-Only OpenAI chat completions so far; a dialect is a module here and an entry in DIALECTS.
+OpenAI chat completions and Anthropic messages; a dialect is a module here and an entry in
+DIALECTS. Translation between them is not built yet (docs/dialects.md).
 """
 
 from __future__ import annotations
 
 from actors.settings import ProviderConfig
 from actors.wire import UpstreamWire
-from router.dialects import openai
+from router.dialects import anthropic, openai
 from router.dialects.base import Dialect
 
-DIALECTS: dict[str, Dialect] = {openai.DIALECT.name: openai.DIALECT}
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (openai.DIALECT, anthropic.DIALECT)}
 BY_CLIENT_PATH: dict[str, Dialect] = {d.client_path: d for d in DIALECTS.values()}
 
 

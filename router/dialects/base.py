@@ -27,6 +27,7 @@ class UpstreamCall:
 
     path: str
     body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
     check_start: Callable[[tuple[SSEEvent, ...]], Failure | None] | None = None
 
 
@@ -44,7 +45,8 @@ class ClientRequest(Protocol):
 
     def call_for(self, upstream: Dialect, model: str) -> UpstreamCall:
         """The call to make to a provider speaking `upstream`, asking it for `model`. A
-        same-dialect body is the client's bytes with only `model` replaced."""
+        same-dialect body is the client's bytes with only `model` replaced. RequestError when
+        the request cannot be said in `upstream`'s dialect."""
 
 
 class StreamWriter(Protocol):
@@ -69,6 +71,8 @@ class Dialect(Protocol):
     name: str
     client_path: str  # the endpoint clients of this dialect call, e.g. /v1/chat/completions
     upstream_path: str  # under a provider's base_url
+    # Client headers passed on to providers of the same dialect (never credentials).
+    forwarded_headers: tuple[bytes, ...]
 
     def parse(self, body: bytes) -> ClientRequest: ...
 

@@ -46,12 +46,24 @@ class Wire:
         m = _TOTAL_TOKENS.search(body)
         return int(m.group(1)) if m else None
 
-    def stream_tokens(self, events: Sequence[SSEEvent], so_far: int | None) -> int | None:
-        """The usage chunk comes last but for [DONE] after it, and holds the whole total."""
+    def stream_usage(self) -> _StreamUsage:
+        return _StreamUsage(self)
+
+
+class _StreamUsage:
+    """The usage chunk comes last but for [DONE] after it, and holds the whole total."""
+
+    __slots__ = ("_wire", "total")
+
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+        self.total: int | None = None
+
+    def feed(self, events: Sequence[SSEEvent]) -> None:
         for event in events[-2:]:
-            if (tokens := self.tokens(event.data)) is not None:
-                return tokens
-        return so_far
+            if (tokens := self._wire.tokens(event.data)) is not None:
+                self.total = tokens
+                return
 
 
 WIRE = Wire()
@@ -84,7 +96,9 @@ class ChatRequest:
     def call_for(self, upstream: DialectBase, model: str) -> UpstreamCall:
         if upstream.name != "openai":
             raise RequestError(f"no translation from openai to {upstream.name} yet")
-        return UpstreamCall(PATH, self.body_for(model), check_start if self.stream else None)
+        return UpstreamCall(
+            PATH, self.body_for(model), check_start=check_start if self.stream else None
+        )
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -221,6 +235,7 @@ class OpenAI:
     name = "openai"
     client_path = "/v1/chat/completions"
     upstream_path = PATH
+    forwarded_headers: tuple[bytes, ...] = ()
 
     def parse(self, body: bytes) -> ChatRequest:
         return parse_chat_request(body)

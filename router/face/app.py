@@ -13,16 +13,18 @@ import logging
 import math
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 import trio.lowlevel
 
+from actors.settings import ProviderConfig
 from router.cascade.dispatcher import CascadeError, ChatJob
-from router.config import Config, ConfigError, Target
-from router.dialects import BY_CLIENT_PATH, DIALECTS
+from router.config import Config, ConfigError, Route, Target
+from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
 from router.dialects.base import Dialect, UpstreamCall
 from router.errors import RequestError
 from router.face.answers import TrackedSend, answer, cascade_error, respond, stream
@@ -87,6 +89,10 @@ class App:
                 if method != "POST":
                     raise RequestError("use POST", status=405)
                 await self._chat(dialect, gateway, scope, receive, send, request_id)
+            elif path == "/v1/messages/count_tokens":
+                if method != "POST":
+                    raise RequestError("use POST", status=405)
+                await self._count_tokens(gateway, scope, receive, send, request_id)
             elif path == "/admin/reload":
                 if method != "POST":
                     raise RequestError("use POST", status=405)
@@ -109,7 +115,10 @@ class App:
         except ClientGone:
             return  # nobody is left to answer
         except RequestError as exc:
-            shape = dialect or DIALECTS["openai"]  # not a model endpoint: OpenAI's error shape
+            # Not a model endpoint: Anthropic's shape on its paths, else OpenAI's.
+            shape = (
+                dialect or DIALECTS["anthropic" if path.startswith("/v1/messages") else "openai"]
+            )
             body = shape.error_body(
                 exc.status, exc.message, exc.type, exc.code, exc.param, request_id=request_id
             )
@@ -159,10 +168,14 @@ class App:
                     param="x-cascade-deadline",
                 ) from None
         providers = gateway.config.providers
+        _check_dialects(route, providers, dialect)
+        forwarded = tuple(
+            (name, value) for name, value in scope["headers"] if name in dialect.forwarded_headers
+        )
 
         def call_for(target: Target) -> UpstreamCall:
-            upstream = DIALECTS[providers[target.provider].dialect]
-            return request.call_for(upstream, target.model)
+            call = request.call_for(DIALECTS[providers[target.provider].dialect], target.model)
+            return attrs.evolve(call, headers=forwarded) if forwarded else call
 
         job = ChatJob(
             route_name=route_name,
@@ -208,6 +221,18 @@ class App:
                 dispatch.calls,  # upstream calls made, whether it was answered, failed or left
                 elapsed * 1000,
             )
+
+    async def _count_tokens(
+        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        """POST /v1/messages/count_tokens: an estimate (characters / 4), never a provider call."""
+        body = None
+        with trio.move_on_after(gateway.config.server.body_timeout):
+            body = await read_body(scope, receive, gateway.config.server.max_body)
+        if body is None:
+            raise RequestError("the request body did not arrive in time", status=408)
+        tokens = anthropic.count_tokens(body)
+        await respond(send, 200, json.dumps({"input_tokens": tokens}).encode(), request_id)
 
     # --- operations endpoints -------------------------------------------------------------------
 
@@ -272,6 +297,19 @@ _GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _check_dialects(route: Route, providers: Mapping[str, ProviderConfig], client: Dialect) -> None:
+    """A 400 before anything is sent when the route's providers speak another dialect:
+    translation between dialects is not built yet (docs/dialects.md)."""
+    targets = route.targets + route.alternatives + route.on_context_overflow
+    others = sorted({providers[t.provider].dialect for t in targets} - {client.name})
+    if others:
+        raise RequestError(
+            f"the route {route.match!r} is served by {' and '.join(others)} providers; "
+            f"translating {client.name} requests to another dialect is not available yet",
+            param="model",
+        )
 
 
 def _model(name: str) -> dict[str, object]:

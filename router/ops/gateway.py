@@ -71,7 +71,10 @@ class MockServers:
                 url = await self._nursery.start(run)
                 self._running[name] = (settings, url, scope, config.providers[name].timeouts.total)
                 log.info("mock provider %s (an upstream, not the gateway) on %s", name, url)
-            providers[name] = attrs.evolve(providers[name], base_url=self._running[name][1] + "/v1")
+            # OpenAI's base URLs end in /v1; Anthropic's are the API root (requests go to /v1/…)
+            root = self._running[name][1]
+            base_url = root if providers[name].dialect == "anthropic" else root + "/v1"
+            providers[name] = attrs.evolve(providers[name], base_url=base_url)
         return attrs.evolve(config, providers=providers)
 
 

@@ -44,21 +44,21 @@ class MockUpstream:
         if scope["method"] == "GET" and scope["path"].endswith("/models"):
             await _json(send, 200, {"object": "list", "data": [{"id": "mock", "object": "model"}]})
             return
-        if not scope["path"].endswith("/chat/completions"):
+        path = scope["path"]
+        anthropic = path.endswith("/v1/messages")
+        if not anthropic and not path.endswith("/chat/completions"):
             await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
             return
         try:
             request = json.loads(body)
             if not isinstance(request, dict):
                 raise ValueError("not an object")
-            answer = _Planned.from_request(request, self.name, self.settings.chunks)
+            plan = _Planned.from_request(request, self.name, self.settings.chunks, anthropic)
         except (ValueError, AttributeError, TypeError):
-            await _json(
-                send, 400, {"error": {"message": "bad request", "type": "invalid_request_error"}}
-            )
+            await _error(send, 400, "bad request", "invalid_request_error", anthropic)
             return
         self.requests += 1
-        await self._answer(send, answer)
+        await self._answer(send, plan)
 
     async def _answer(self, send: Any, plan: _Planned) -> None:
         s = self.settings
@@ -67,44 +67,57 @@ class MockUpstream:
             await trio.sleep(s.latency)
         if roll < s.rate_429:
             headers = {} if s.retry_after is None else {"retry-after": f"{s.retry_after:g}"}
-            error = {
-                "message": "mock rate limit",
-                "type": "rate_limit_error",
-                "code": "rate_limit_exceeded",
-            }
-            await _json(send, 429, {"error": error}, headers)
+            await _error(send, 429, "mock rate limit", "rate_limit_error", plan.anthropic, headers)
             return
         roll -= s.rate_429
         if roll < s.error_rate:
-            await _json(send, 500, {"error": {"message": "mock failure", "type": "server_error"}})
+            kind = "api_error" if plan.anthropic else "server_error"
+            await _error(send, 500, "mock failure", kind, plan.anthropic)
             return
         roll -= s.error_rate
         if roll < s.stall_rate:
             await trio.sleep_forever()
         roll -= s.stall_rate
         cut = roll < s.cut_rate
-        ident = f"chatcmpl-mock{self.requests}"
+        ident = f"{'msg' if plan.anthropic else 'chatcmpl'}_mock{self.requests}"
         created = int(time.time())
         if not plan.stream:
             if cut:
                 await send(_start(200, {"content-type": "application/json"}))
                 await send({"type": "http.response.body", "body": b'{"id": "', "more_body": True})
                 raise _Cut()
-            await _json(send, 200, plan.completion(ident, created))
+            answer = (
+                plan.message_answer(ident) if plan.anthropic else plan.completion(ident, created)
+            )
+            await _json(send, 200, answer)
             return
         await send(_start(200, {"content-type": "text/event-stream", "cache-control": "no-cache"}))
-        deltas = plan.deltas()
-        for i, (index, delta, finish) in enumerate(deltas):
+        frames = (
+            plan.anthropic_events(ident) if plan.anthropic else plan.openai_frames(ident, created)
+        )
+        for i, data in enumerate(frames):
             if s.chunk_interval and i:
                 await trio.sleep(s.chunk_interval)
-            if cut and i == len(deltas) // 2:
+            if cut and i == len(frames) // 2:
                 raise _Cut()
-            choice = {"index": index, "delta": delta, "finish_reason": finish}
-            await _more(send, _sse(plan.chunk(ident, created, [choice])))
-        tail = b""
-        if plan.include_usage:
-            tail = _sse({**plan.chunk(ident, created, []), "usage": plan.usage()})
-        await send({"type": "http.response.body", "body": tail + b"data: [DONE]\n\n"})
+            await _more(send, data)
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _error(
+    send: Any,
+    status: int,
+    message: str,
+    kind: str,
+    anthropic: bool,
+    headers: dict[str, str] | None = None,
+) -> None:
+    if anthropic:
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        code = "rate_limit_exceeded" if status == 429 else None
+        body = {"error": {"message": message, "type": kind, "code": code}}
+    await _json(send, status, body, headers)
 
 
 @attrs.frozen
@@ -121,9 +134,25 @@ class _Planned:
     max_tokens: int | None
     tool: dict[str, Any] | None  # the function to call, when tools were given
     json_schema: dict[str, Any] | None  # response_format: json_object ({}) or json_schema
+    anthropic: bool = False  # the request came to /v1/messages: answer in Anthropic's shape
 
     @classmethod
-    def from_request(cls, request: dict[str, Any], name: str, words: int) -> _Planned:
+    def from_request(
+        cls, request: dict[str, Any], name: str, words: int, anthropic: bool = False
+    ) -> _Planned:
+        if anthropic:
+            return cls(
+                model=str(request.get("model", "mock")),
+                name=name,
+                stream=bool(request.get("stream")),
+                include_usage=True,
+                words=words,
+                choices=1,
+                max_tokens=request.get("max_tokens"),
+                tool=_chosen_anthropic_tool(request.get("tools"), request.get("tool_choice")),
+                json_schema=None,
+                anthropic=True,
+            )
         options = request.get("stream_options") or {}
         fmt = request.get("response_format") or {}
         schema: dict[str, Any] | None = None
@@ -205,6 +234,101 @@ class _Planned:
             "choices": choices,
         }
 
+    def openai_frames(self, ident: str, created: int) -> list[bytes]:
+        frames = [
+            _sse(self.chunk(ident, created, [{"index": i, "delta": d, "finish_reason": f}]))
+            for i, d, f in self.deltas()
+        ]
+        if self.include_usage:
+            frames.append(_sse({**self.chunk(ident, created, []), "usage": self.usage()}))
+        frames.append(b"data: [DONE]\n\n")
+        return frames
+
+    @property
+    def stop_reason(self) -> str:
+        if self.tool is not None:
+            return "tool_use"
+        return "max_tokens" if self.truncated else "end_turn"
+
+    def message_answer(self, ident: str) -> dict[str, Any]:
+        """A Messages API answer."""
+        if self.tool is None:
+            content: list[dict[str, Any]] = [{"type": "text", "text": self.text(0)}]
+        else:
+            arguments = json.loads(self.arguments())
+            content = [
+                {
+                    "type": "tool_use",
+                    "id": "toolu_mock0",
+                    "name": self.tool["name"],
+                    "input": arguments,
+                }
+            ]
+        usage = self.usage()
+        return {
+            "id": ident,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": self.stop_reason,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": usage["prompt_tokens"],
+                "output_tokens": usage["completion_tokens"],
+            },
+        }
+
+    def anthropic_events(self, ident: str) -> list[bytes]:
+        """A Messages API stream, every event Anthropic sends (ping included)."""
+        usage = self.usage()
+        start = {**self.message_answer(ident), "content": [], "stop_reason": None}
+        start["usage"] = {"input_tokens": usage["prompt_tokens"], "output_tokens": 1}
+        events = [_event("message_start", {"type": "message_start", "message": start})]
+        if self.tool is None:
+            block: dict[str, Any] = {"type": "text", "text": ""}
+            text = self.text(0)
+            parts = [p + " " for p in text.split(" ")[:-1]] + [text.split(" ")[-1]]
+            deltas = [{"type": "text_delta", "text": p} for p in parts]
+        else:
+            block = {
+                "type": "tool_use",
+                "id": "toolu_mock0",
+                "name": self.tool["name"],
+                "input": {},
+            }
+            arguments = self.arguments()
+            step = max(1, len(arguments) // 4)
+            deltas = [
+                {"type": "input_json_delta", "partial_json": arguments[i : i + step]}
+                for i in range(0, len(arguments), step)
+            ]
+        events.append(
+            _event(
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": block},
+            )
+        )
+        events.append(_event("ping", {"type": "ping"}))
+        events += [
+            _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
+            for d in deltas
+        ]
+        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        delta = {"stop_reason": self.stop_reason, "stop_sequence": None}
+        events.append(
+            _event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": delta,
+                    "usage": {"output_tokens": usage["completion_tokens"]},
+                },
+            )
+        )
+        events.append(_event("message_stop", {"type": "message_stop"}))
+        return events
+
     def deltas(self) -> list[tuple[int, dict[str, Any], str | None]]:
         """(choice index, delta, finish_reason) in stream order: each choice in turn, a word
         per content delta; a tool call's arguments in several pieces, as real providers send."""
@@ -241,6 +365,25 @@ def _chosen_tool(tools: Any, choice: Any) -> dict[str, Any] | None:
         wanted = (choice.get("function") or {}).get("name")
         return next((f for f in functions if f.get("name") == wanted), functions[0])
     return functions[0]
+
+
+def _chosen_anthropic_tool(tools: Any, choice: Any) -> dict[str, Any] | None:
+    """Anthropic's tools ({name, input_schema}) as the function the mock calls, or None."""
+    functions = [
+        {"name": t["name"], "parameters": t.get("input_schema") or {}}
+        for t in tools or []
+        if isinstance(t, dict) and "name" in t
+    ]
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if not functions or kind == "none":
+        return None
+    if kind == "tool":
+        return next((f for f in functions if f["name"] == choice.get("name")), functions[0])
+    return functions[0]
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\n" + _sse(data)
 
 
 def _example(schema: dict[str, Any], text: str) -> Any:

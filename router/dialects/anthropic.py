@@ -1,0 +1,319 @@
+"""The Anthropic Messages dialect: `POST /v1/messages` for clients, `{base_url}/v1/messages` upstream.
+
+As with OpenAI, a same-dialect attempt sends the client's bytes with only the top-level `model`
+replaced. Streams keep their `event:` lines. Errors take Anthropic's shape,
+`{"type": "error", "error": {"type", "message"}, "request_id"}`, with Anthropic's error types
+(529 is `overloaded_error`). Translation to and from the OpenAI dialect is not built yet: a
+route that would need it is refused with a 400 naming the dialects (docs/dialects.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from actors.outcome import Failure, Kind
+from actors.settings import ProviderConfig
+from actors.sse import SSEEvent
+from router.dialects.base import Dialect as DialectBase
+from router.dialects.base import UpstreamCall
+from router.dialects.jsonbody import (
+    MAX_OUTPUT_TOKENS,
+    bounded_int,
+    finite_number,
+    optional,
+    parse_object,
+    required_model,
+    swap,
+)
+from router.errors import RequestError
+
+PATH = "/v1/messages"  # under the provider's base_url: the API root, as Anthropic documents it
+DEFAULT_VERSION = "2023-06-01"
+_ROLES = ("user", "assistant")
+
+# Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+_INPUT = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
+_OUTPUT = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
+_CACHE = re.compile(rb'"cache_(?:creation|read)_input_tokens"\s*:\s*(\d+)')
+
+
+def _usage_parts(data: bytes) -> tuple[int | None, int | None]:
+    """(input incl. cache reads and writes, output) from a body or event's usage, where given.
+
+    Anthropic's `input_tokens` excludes cached tokens; both cache counts are added to it."""
+    i = _INPUT.search(data)
+    o = _OUTPUT.search(data)
+    inputs = None
+    if i is not None:
+        inputs = int(i.group(1)) + sum(int(m) for m in _CACHE.findall(data))
+    return inputs, None if o is None else int(o.group(1))
+
+
+@attrs.frozen
+class Wire:
+    """The upstream side for a provider actor: x-api-key, anthropic-version, usage's parts."""
+
+    version: str = DEFAULT_VERSION
+
+    @property
+    def fixed_headers(self) -> Mapping[str, str]:
+        return {"anthropic-version": self.version}
+
+    def auth_headers(self, api_key: str) -> Mapping[str, str]:
+        return {"x-api-key": api_key}
+
+    def tokens(self, body: bytes) -> int | None:
+        inputs, outputs = _usage_parts(body)
+        if inputs is None and outputs is None:
+            return None
+        return (inputs or 0) + (outputs or 0)
+
+    def stream_usage(self) -> _StreamUsage:
+        return _StreamUsage()
+
+
+class _StreamUsage:
+    """message_start carries the input (and a first output count), message_delta the
+    cumulative output: the total is the start's input plus the latest output."""
+
+    __slots__ = ("_input", "_output")
+
+    def __init__(self) -> None:
+        self._input: int | None = None
+        self._output: int | None = None
+
+    @property
+    def total(self) -> int | None:
+        if self._input is None and self._output is None:
+            return None
+        return (self._input or 0) + (self._output or 0)
+
+    def feed(self, events: Sequence[SSEEvent]) -> None:
+        for event in events:
+            if event.event in (b"message_start", b"message_delta"):
+                inputs, outputs = _usage_parts(event.data)
+                self._input = inputs if inputs is not None else self._input
+                self._output = outputs if outputs is not None else self._output
+
+
+def error_type(status: int) -> str:
+    if status in _TYPE_BY_STATUS:
+        return _TYPE_BY_STATUS[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+def error_body(status: int, message: str, request_id: str | None = None, **extra: Any) -> bytes:
+    error: dict[str, Any] = {"type": error_type(status), "message": message, **extra}
+    body: dict[str, Any] = {"type": "error", "error": error}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return json.dumps(body).encode()
+
+
+@attrs.frozen
+class MessagesRequest:
+    """A validated Messages request and what the cascade needs from it."""
+
+    text: str
+    model_span: tuple[int, int]
+    model: str
+    stream: bool
+    estimated_tokens: int
+
+    def body_for(self, model: str) -> bytes:
+        """The client's body with only the model value replaced."""
+        return swap(self.text, self.model_span, model)
+
+    def call_for(self, upstream: DialectBase, model: str) -> UpstreamCall:
+        if upstream.name != "anthropic":
+            raise RequestError(f"no translation from anthropic to {upstream.name} yet")
+        return UpstreamCall(
+            PATH, self.body_for(model), check_start=check_start if self.stream else None
+        )
+
+
+def _validate(obj: dict[str, Any], *, counting: bool = False) -> None:
+    messages = obj.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' is required and must be a non-empty list", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            raise RequestError(
+                f"'messages[{i}]' must be an object with role 'user' or 'assistant'",
+                param=f"messages[{i}]",
+            )
+        content = message.get("content")
+        if not isinstance(content, str | list):
+            raise RequestError(
+                f"'messages[{i}].content' must be a string or a list of content blocks",
+                param=f"messages[{i}].content",
+            )
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str | list):
+        raise RequestError("'system' must be a string or a list of text blocks", param="system")
+    if counting:
+        return
+    if "max_tokens" not in obj:
+        raise RequestError("'max_tokens' is required", param="max_tokens")
+    bounded_int(obj, "max_tokens", MAX_OUTPUT_TOKENS)
+    optional(obj, "stream", (bool,), "a boolean")
+    optional(obj, "stop_sequences", (list,), "a list of strings")
+    bounded_int(obj, "top_k", 1_000_000)
+    for key in ("temperature", "top_p"):
+        finite_number(obj, key)
+
+
+def parse_messages_request(body: bytes) -> MessagesRequest:
+    text, obj, spans = parse_object(body)
+    model = required_model(obj)
+    _validate(obj)
+    return MessagesRequest(
+        text=text,
+        model_span=spans["model"],
+        model=model,
+        stream=bool(obj.get("stream")),
+        estimated_tokens=len(body) // 4 + int(obj["max_tokens"]),
+    )
+
+
+def count_tokens(body: bytes) -> int:
+    """An estimate of a request's input tokens (`/v1/messages/count_tokens`): the characters of
+    its text, system prompt and tool definitions, four to a token. Not the provider's tokenizer:
+    close for English prose, off for code and other languages (docs/dialects.md)."""
+    _, obj, _ = parse_object(body)
+    required_model(obj)
+    _validate(obj, counting=True)
+    parts = [obj.get("system"), obj["messages"], obj.get("tools")]
+    characters = sum(len(json.dumps(p, ensure_ascii=False)) for p in parts if p is not None)
+    return max(1, characters // 4)
+
+
+# --- streams ------------------------------------------------------------------------------------
+
+
+def frame(event: SSEEvent) -> bytes:
+    """One event for the client, with its `event:` line."""
+    head = b"event: " + event.event + b"\n" if event.event else b""
+    lines = event.data.split(b"\n")
+    return head + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+
+
+def _error_event(status: int, message: str) -> bytes:
+    return frame(SSEEvent(error_body(status, message), b"error"))
+
+
+def check_start(events: tuple[SSEEvent, ...]) -> Failure | None:
+    """Before commit: a stream that opens with an `error` event, or with no valid event, fails."""
+    writer = Stream()
+    data, error = writer.relay(events)
+    if error is not None:
+        kind = (
+            Kind.RATE_LIMITED if "overloaded" in error or "rate_limit" in error else Kind.PROTOCOL
+        )
+        return Failure(kind, "stream_error", error)
+    if not data:
+        return Failure(Kind.PROTOCOL, "malformed_stream", "the stream opened with no valid event")
+    return None
+
+
+class Stream:
+    """The client's Anthropic stream from an Anthropic upstream: events checked, relayed with
+    their `event:` lines; `message_stop` is the end."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def relay(self, events: Sequence[SSEEvent]) -> tuple[bytes, str | None]:
+        out: list[bytes] = []
+        for event in events:
+            try:
+                parsed = json.loads(event.data)
+            except ValueError:
+                continue  # malformed: never relayed
+            if not isinstance(parsed, dict):
+                continue
+            if event.event == b"error" or parsed.get("type") == "error":
+                error = parsed.get("error")
+                detail = error if isinstance(error, dict) else {"message": str(error)}
+                kind = str(detail.get("type", "api_error"))
+                return b"".join(out), f"{kind}: {detail.get('message', 'upstream error')}"
+            out.append(frame(event))
+            if event.event == b"message_stop" or parsed.get("type") == "message_stop":
+                self.done = True
+                break
+        return b"".join(out), None
+
+    def finish(self) -> bytes:
+        """A stream whose body ended cleanly without message_stop is closed as complete, as an
+        OpenAI stream without [DONE] is (docs/failure-semantics.md)."""
+        return b"" if self.done else frame(SSEEvent(b'{"type":"message_stop"}', b"message_stop"))
+
+    def fail(self, message: str, code: str) -> bytes:
+        status = 529 if code.startswith("overloaded") else 502
+        return _error_event(status, f"{message} ({code})")
+
+
+class Anthropic:
+    """The Anthropic Messages dialect (router/dialects/base.py `Dialect`)."""
+
+    name = "anthropic"
+    client_path = "/v1/messages"
+    upstream_path = PATH
+    forwarded_headers: tuple[bytes, ...] = (b"anthropic-beta",)  # never credentials
+
+    def parse(self, body: bytes) -> MessagesRequest:
+        return parse_messages_request(body)
+
+    def error_body(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        code: str | None = None,
+        param: str | None = None,
+        *,
+        request_id: str | None = None,
+        **extra: Any,
+    ) -> bytes:
+        if code is not None and code != error_type(status):
+            extra = {"cascade_code": code, **extra}  # e.g. retry_exhausted, with `attempts`
+        return error_body(status, message, request_id, **extra)
+
+    def stream_writer(self, upstream: DialectBase) -> Stream:
+        return Stream()
+
+    def answer(self, body: bytes, upstream: DialectBase) -> bytes:
+        return body
+
+    def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
+        return check_start(events)
+
+    def wire(self, provider: ProviderConfig) -> Wire:
+        return Wire(provider.anthropic_version)
+
+
+DIALECT = Anthropic()
