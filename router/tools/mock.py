@@ -79,7 +79,7 @@ class MockUpstream:
             await trio.sleep_forever()
         roll -= s.stall_rate
         cut = roll < s.cut_rate
-        ident = f"{'msg' if plan.anthropic else 'chatcmpl'}_mock{self.requests}"
+        ident = f"msg_mock{self.requests}" if plan.anthropic else f"chatcmpl-mock{self.requests}"
         created = int(time.time())
         if not plan.stream:
             if cut:
