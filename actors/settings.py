@@ -90,6 +90,7 @@ class ProviderConfig:
     ca_file: str | None = None  # PEM bundle to verify the upstream's TLS certificate
     proxy: str | None = None  # an http:// proxy URL, "none", or None: from HTTP(S)_PROXY
     anthropic_version: str = "2023-06-01"  # the anthropic-version header (dialect: anthropic)
+    default_max_tokens: int = 4096  # (anthropic) for translated requests that name no max_tokens
 
     def api_key(self) -> str | None:
         """The key from the environment; read at use so it never sits in a config object or log."""

@@ -370,6 +370,7 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
         base_url=base_url.rstrip("/"),
         dialect=dialect,
         anthropic_version=anthropic_version,
+        default_max_tokens=f.integer("default_max_tokens", d.default_max_tokens, minimum=1),
         api_key_env=api_key_env,
         timeouts=_parse_timeouts(f.sub("timeouts")),
         max_retries=f.integer("max_retries", d.max_retries, maximum=100),

@@ -177,12 +177,24 @@ async def test_a_stream_that_opens_with_an_error_event_fails_over() -> None:
     assert text.startswith("[m] ")
 
 
-async def test_clients_of_one_dialect_are_refused_a_route_of_the_other() -> None:
-    """Translation between dialects is not built yet: a 400 in the client's own shape, before
-    anything is sent upstream."""
+async def test_what_cannot_be_translated_is_a_400_naming_the_field() -> None:
+    """Before anything is sent: n=2 cannot be said to an Anthropic provider, top_k to an
+    OpenAI one; the 400 names the field, in the client's own error shape."""
     up = FakeUpstream()
     async with claude({"a": up}) as (gw, _), httpx.AsyncClient(base_url=gw.url) as client:
-        r = await client.post("/v1/chat/completions", json={"model": "claude", "messages": HELLO})
-    assert r.status_code == 400
-    assert "served by anthropic providers" in r.json()["error"]["message"]
+        r = await client.post(
+            "/v1/chat/completions", json={"model": "claude", "messages": HELLO, "n": 2}
+        )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     assert up.exchanges == []
+    with trio.fail_after(20):
+        async with live_gateway({}, extra_providers={"o": {"mock": {}}},
+                                routes=[{"match": "gpt", "targets": ["o/m"]}]) as gw:  # fmt: skip
+            sdk = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+            with pytest.raises(anthropic.BadRequestError) as bad:
+                await sdk.messages.create(
+                    model="gpt", max_tokens=5, messages=HELLO, extra_body={"top_k": 3}
+                )
+            await sdk.close()
+    assert bad.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "'top_k' cannot be translated" in bad.value.body["error"]["message"]  # type: ignore[index]

@@ -3,8 +3,8 @@
 As with OpenAI, a same-dialect attempt sends the client's bytes with only the top-level `model`
 replaced. Streams keep their `event:` lines. Errors take Anthropic's shape,
 `{"type": "error", "error": {"type", "message"}, "request_id"}`, with Anthropic's error types
-(529 is `overloaded_error`). Translation to and from the OpenAI dialect is not built yet: a
-route that would need it is refused with a 400 naming the dialects (docs/dialects.md).
+(529 is `overloaded_error`). An attempt on an OpenAI-dialect provider is translated both ways
+(router/dialects/translate.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import attrs
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
+from router.dialects import translate
+from router.dialects.base import ClientRequest, StreamWriter, UpstreamCall
 from router.dialects.base import Dialect as DialectBase
-from router.dialects.base import UpstreamCall
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
@@ -141,17 +142,19 @@ class MessagesRequest:
     model: str
     stream: bool
     estimated_tokens: int
+    obj: dict[str, Any] = attrs.field(eq=False, repr=False)  # the parsed body, for translation
 
     def body_for(self, model: str) -> bytes:
         """The client's body with only the model value replaced."""
         return swap(self.text, self.model_span, model)
 
-    def call_for(self, upstream: DialectBase, model: str) -> UpstreamCall:
-        if upstream.name != "anthropic":
-            raise RequestError(f"no translation from anthropic to {upstream.name} yet")
-        return UpstreamCall(
-            PATH, self.body_for(model), check_start=check_start if self.stream else None
-        )
+    def call_for(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> UpstreamCall:
+        if upstream.name == "anthropic":
+            start = check_start if self.stream else None
+            return UpstreamCall(PATH, self.body_for(model), check_start=start)
+        body = translate.anthropic_to_openai(self.obj, model, self.stream)
+        start = upstream.check_start if self.stream else None
+        return UpstreamCall(upstream.upstream_path, body, check_start=start)
 
 
 def _validate(obj: dict[str, Any], *, counting: bool = False) -> None:
@@ -195,6 +198,7 @@ def parse_messages_request(body: bytes) -> MessagesRequest:
         model=model,
         stream=bool(obj.get("stream")),
         estimated_tokens=len(body) // 4 + int(obj["max_tokens"]),
+        obj=obj,
     )
 
 
@@ -303,11 +307,11 @@ class Anthropic:
             extra = {"cascade_code": code, **extra}  # e.g. retry_exhausted, with `attempts`
         return error_body(status, message, request_id, **extra)
 
-    def stream_writer(self, upstream: DialectBase) -> Stream:
-        return Stream()
+    def stream_writer(self, upstream: DialectBase, request: ClientRequest) -> StreamWriter:
+        return Stream() if upstream.name == "anthropic" else translate.OpenAIToAnthropicStream()
 
     def answer(self, body: bytes, upstream: DialectBase) -> bytes:
-        return body
+        return body if upstream.name == "anthropic" else translate.openai_answer_to_anthropic(body)
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)

@@ -43,7 +43,7 @@ class ClientRequest(Protocol):
     @property
     def estimated_tokens(self) -> int: ...
 
-    def call_for(self, upstream: Dialect, model: str) -> UpstreamCall:
+    def call_for(self, upstream: Dialect, model: str, provider: ProviderConfig) -> UpstreamCall:
         """The call to make to a provider speaking `upstream`, asking it for `model`. A
         same-dialect body is the client's bytes with only `model` replaced. RequestError when
         the request cannot be said in `upstream`'s dialect."""
@@ -90,7 +90,7 @@ class Dialect(Protocol):
         """An error in this dialect's shape. `type` and `code` are Cascade's (OpenAI's names);
         a dialect with other names maps them, by `status` where it must."""
 
-    def stream_writer(self, upstream: Dialect) -> StreamWriter: ...
+    def stream_writer(self, upstream: Dialect, request: ClientRequest) -> StreamWriter: ...
 
     def answer(self, body: bytes, upstream: Dialect) -> bytes:
         """A provider's non-streamed answer, in this dialect."""

@@ -16,8 +16,9 @@ import attrs
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
+from router.dialects import translate
+from router.dialects.base import ClientRequest, StreamWriter, UpstreamCall
 from router.dialects.base import Dialect as DialectBase
-from router.dialects.base import UpstreamCall
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
@@ -88,17 +89,19 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     estimated_tokens: int
+    obj: dict[str, Any] = attrs.field(eq=False, repr=False)  # the parsed body, for translation
 
     def body_for(self, model: str) -> bytes:
         """The client's body with only the model value replaced."""
         return swap(self.text, self.model_span, model)
 
-    def call_for(self, upstream: DialectBase, model: str) -> UpstreamCall:
-        if upstream.name != "openai":
-            raise RequestError(f"no translation from openai to {upstream.name} yet")
-        return UpstreamCall(
-            PATH, self.body_for(model), check_start=check_start if self.stream else None
-        )
+    def call_for(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> UpstreamCall:
+        if upstream.name == "openai":
+            start = check_start if self.stream else None
+            return UpstreamCall(PATH, self.body_for(model), check_start=start)
+        body = translate.openai_to_anthropic(self.obj, model, provider.default_max_tokens)
+        start = upstream.check_start if self.stream else None
+        return UpstreamCall(upstream.upstream_path, body, check_start=start)
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -134,6 +137,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         model=model,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
+        obj=obj,
         estimated_tokens=len(body) // 4
         + int(obj.get("max_completion_tokens") or obj.get("max_tokens") or 0),
     )
@@ -253,11 +257,14 @@ class OpenAI:
     ) -> bytes:
         return error_body(message, type, code, param, **extra)  # the id is in x-request-id
 
-    def stream_writer(self, upstream: DialectBase) -> Stream:
-        return Stream()
+    def stream_writer(self, upstream: DialectBase, request: ClientRequest) -> StreamWriter:
+        if upstream.name == "openai":
+            return Stream()
+        assert isinstance(request, ChatRequest)
+        return translate.AnthropicToOpenAIStream(request.include_usage)
 
     def answer(self, body: bytes, upstream: DialectBase) -> bytes:
-        return body
+        return body if upstream.name == "openai" else translate.anthropic_answer_to_openai(body)
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)

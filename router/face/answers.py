@@ -13,6 +13,7 @@ import trio.lowlevel
 
 from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, StreamStart
 from router.cascade.dispatcher import CascadeError, Winner
+from router.dialects import translate
 from router.dialects.base import Dialect, StreamWriter
 from router.face.asgi import Message, Receive, Send
 
@@ -190,17 +191,25 @@ async def _gather_burst(replies: trio.MemoryReceiveChannel[Reply], batch: list[R
             return
 
 
-async def cascade_error(send: Send, exc: CascadeError, request_id: str, client: Dialect) -> None:
+async def cascade_error(
+    send: Send, exc: CascadeError, request_id: str, client: Dialect, upstream: Dialect
+) -> None:
     extra = [(b"x-cascade-attempts", str(exc.calls).encode())]
     if exc.retry_after is None:
         # Cascade has retried what could be retried: the SDKs' own retries (two by default, on
         # 408/409/429/5xx) would only run the whole cascade again. Every target rate limited,
         # with a known end, is the exception: waiting Retry-After and trying again is right.
         extra.append((b"x-should-retry", b"false"))
-    if exc.upstream is not None:
-        upstream = exc.upstream
-        content_type = upstream.headers.get("content-type", "application/json").encode()
-        await respond(send, upstream.status, upstream.body, request_id, content_type, extra)
+    if exc.upstream is not None and upstream is client:  # the provider's own error, as it is
+        answer = exc.upstream
+        content_type = answer.headers.get("content-type", "application/json").encode()
+        await respond(send, answer.status, answer.body, request_id, content_type, extra)
+        return
+    if exc.upstream is not None:  # from a provider of the other dialect: in the client's shape
+        status = exc.upstream.status
+        message = translate.error_message(exc.upstream.body)
+        body = client.error_body(status, message, exc.error_type, request_id=request_id)
+        await respond(send, status, body, request_id, extra=extra)
         return
     if exc.retry_after is not None:
         extra.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))

@@ -25,7 +25,7 @@ from actors.settings import ProviderConfig
 from router.cascade.dispatcher import CascadeError, ChatJob
 from router.config import Config, ConfigError, Route, Target
 from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
-from router.dialects.base import Dialect, UpstreamCall
+from router.dialects.base import ClientRequest, Dialect, UpstreamCall
 from router.errors import RequestError
 from router.face.answers import TrackedSend, answer, cascade_error, respond, stream
 from router.face.asgi import ClientGone, Message, Receive, Scope, Send, header, lifespan, read_body
@@ -168,14 +168,18 @@ class App:
                     param="x-cascade-deadline",
                 ) from None
         providers = gateway.config.providers
-        _check_dialects(route, providers, dialect)
+        _check_translation(request, route, providers, dialect)
         forwarded = tuple(
             (name, value) for name, value in scope["headers"] if name in dialect.forwarded_headers
         )
 
         def call_for(target: Target) -> UpstreamCall:
-            call = request.call_for(DIALECTS[providers[target.provider].dialect], target.model)
-            return attrs.evolve(call, headers=forwarded) if forwarded else call
+            provider = providers[target.provider]
+            upstream = DIALECTS[provider.dialect]
+            call = request.call_for(upstream, target.model, provider)
+            if forwarded and upstream is dialect:  # to providers of the client's dialect only
+                return attrs.evolve(call, headers=forwarded)
+            return call
 
         job = ChatJob(
             route_name=route_name,
@@ -197,12 +201,14 @@ class App:
                         served_by = str(winner.target)
                         upstream = DIALECTS[providers[winner.target.provider].dialect]
                         if request.stream:
-                            writer = dialect.stream_writer(upstream)
+                            writer = dialect.stream_writer(upstream, request)
                             await stream(tracked, winner, request_id, writer, self._tracked_stream)
                         else:
                             await answer(tracked, winner, request_id, dialect, upstream)
                 except CascadeError as exc:
-                    await cascade_error(tracked, exc, request_id, dialect)
+                    failed_on = exc.attempts[-1].provider if exc.attempts else None
+                    upstream = DIALECTS[providers[failed_on].dialect] if failed_on else dialect
+                    await cascade_error(tracked, exc, request_id, dialect, upstream)
                 # The answer is complete, so the server now reports http.disconnect (the ASGI
                 # spec's answer to any receive() after a response; hypercorn queues it during the
                 # last send) and the watcher returns on it by itself. Cancelling it instead would
@@ -299,17 +305,20 @@ _GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _check_dialects(route: Route, providers: Mapping[str, ProviderConfig], client: Dialect) -> None:
-    """A 400 before anything is sent when the route's providers speak another dialect:
-    translation between dialects is not built yet (docs/dialects.md)."""
-    targets = route.targets + route.alternatives + route.on_context_overflow
-    others = sorted({providers[t.provider].dialect for t in targets} - {client.name})
-    if others:
-        raise RequestError(
-            f"the route {route.match!r} is served by {' and '.join(others)} providers; "
-            f"translating {client.name} requests to another dialect is not available yet",
-            param="model",
-        )
+def _check_translation(
+    request: ClientRequest,
+    route: Route,
+    providers: Mapping[str, ProviderConfig],
+    client: Dialect,
+) -> None:
+    """Before anything is sent: what the request says must be sayable in the dialect of every
+    provider it may go to (a RequestError, 400, names the field that is not)."""
+    seen: set[str] = {client.name}
+    for target in route.targets + route.alternatives + route.on_context_overflow:
+        provider = providers[target.provider]
+        if provider.dialect not in seen:
+            seen.add(provider.dialect)
+            request.call_for(DIALECTS[provider.dialect], target.model, provider)
 
 
 def _model(name: str) -> dict[str, object]:
