@@ -97,6 +97,7 @@ async def test_client_disconnect_closes_the_upstream_call(
             actor = gw.actors["a"]
 
             async def upstream_in_phase() -> None:
+                await eventually(lambda: len(up.exchanges) == 1)  # the upstream has the request
                 # The actor's own view of its call (headers sent, or read, or a first body byte).
                 await eventually_async(lambda: in_phase(actor, phase))
 

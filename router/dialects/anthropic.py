@@ -19,7 +19,6 @@ import attrs
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
-from router.dialects import translate
 from router.dialects.base import ClientRequest, StreamWriter, UpstreamCall
 from router.dialects.base import Dialect as DialectBase
 from router.dialects.jsonbody import (
@@ -30,6 +29,11 @@ from router.dialects.jsonbody import (
     parse_object,
     required_model,
     swap,
+)
+from router.dialects.translate import (
+    OpenAIToAnthropicStream,
+    anthropic_to_openai,
+    openai_answer_to_anthropic,
 )
 from router.errors import RequestError
 
@@ -152,7 +156,7 @@ class MessagesRequest:
         if upstream.name == "anthropic":
             start = check_start if self.stream else None
             return UpstreamCall(PATH, self.body_for(model), check_start=start)
-        body = translate.anthropic_to_openai(self.obj, model, self.stream)
+        body = anthropic_to_openai(self.obj, model, self.stream)
         start = upstream.check_start if self.stream else None
         return UpstreamCall(upstream.upstream_path, body, check_start=start)
 
@@ -308,10 +312,10 @@ class Anthropic:
         return error_body(status, message, request_id, **extra)
 
     def stream_writer(self, upstream: DialectBase, request: ClientRequest) -> StreamWriter:
-        return Stream() if upstream.name == "anthropic" else translate.OpenAIToAnthropicStream()
+        return Stream() if upstream.name == "anthropic" else OpenAIToAnthropicStream()
 
     def answer(self, body: bytes, upstream: DialectBase) -> bytes:
-        return body if upstream.name == "anthropic" else translate.openai_answer_to_anthropic(body)
+        return body if upstream.name == "anthropic" else openai_answer_to_anthropic(body)
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)

@@ -16,7 +16,6 @@ import attrs
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
-from router.dialects import translate
 from router.dialects.base import ClientRequest, StreamWriter, UpstreamCall
 from router.dialects.base import Dialect as DialectBase
 from router.dialects.jsonbody import (
@@ -27,6 +26,11 @@ from router.dialects.jsonbody import (
     parse_object,
     required_model,
     swap,
+)
+from router.dialects.translate import (
+    AnthropicToOpenAIStream,
+    anthropic_answer_to_openai,
+    openai_to_anthropic,
 )
 from router.errors import RequestError
 
@@ -99,7 +103,7 @@ class ChatRequest:
         if upstream.name == "openai":
             start = check_start if self.stream else None
             return UpstreamCall(PATH, self.body_for(model), check_start=start)
-        body = translate.openai_to_anthropic(self.obj, model, provider.default_max_tokens)
+        body = openai_to_anthropic(self.obj, model, provider.default_max_tokens)
         start = upstream.check_start if self.stream else None
         return UpstreamCall(upstream.upstream_path, body, check_start=start)
 
@@ -261,10 +265,10 @@ class OpenAI:
         if upstream.name == "openai":
             return Stream()
         assert isinstance(request, ChatRequest)
-        return translate.AnthropicToOpenAIStream(request.include_usage)
+        return AnthropicToOpenAIStream(request.include_usage)
 
     def answer(self, body: bytes, upstream: DialectBase) -> bytes:
-        return body if upstream.name == "openai" else translate.anthropic_answer_to_openai(body)
+        return body if upstream.name == "openai" else anthropic_answer_to_openai(body)
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)
