@@ -168,9 +168,12 @@ class App:
                     param="x-cascade-deadline",
                 ) from None
         providers = gateway.config.providers
-        _check_translation(request, route, providers, dialect)
-        forwarded = tuple(
-            (name, value) for name, value in scope["headers"] if name in dialect.forwarded_headers
+        if gateway.dialects_of(route) != {dialect.name}:  # translation: is it all sayable?
+            _check_translation(request, route, providers, dialect)
+        forwarded = (
+            tuple((k, v) for k, v in scope["headers"] if k in dialect.forwarded_headers)
+            if dialect.forwarded_headers
+            else ()
         )
 
         def call_for(target: Target) -> UpstreamCall:

@@ -15,7 +15,7 @@ from actors.messages import Reconfigure
 from actors.provider import ProviderActor
 from actors.settings import ProviderConfig
 from router.cascade.dispatcher import Dispatcher
-from router.config import Config, MockSettings
+from router.config import Config, MockSettings, Route
 from router.dialects import upstream_wire
 from router.face.serving import serve_asgi
 from router.ops.metrics import Metrics
@@ -32,6 +32,18 @@ class Gateway:
     actors: Mapping[str, ProviderActor]
     dispatcher: Dispatcher
     metrics: Metrics
+    _dialects: dict[int, frozenset[str]] = attrs.field(factory=dict, init=False, repr=False)
+
+    def dialects_of(self, route: Route) -> frozenset[str]:
+        """The dialects of the providers a route may use (remembered for configured routes)."""
+        known = self._dialects.get(id(route))
+        if known is not None:
+            return known
+        targets = route.targets + route.alternatives + route.on_context_overflow
+        found = frozenset(self.config.providers[t.provider].dialect for t in targets)
+        if any(r is route for r in self.config.routes):  # not a direct address's route
+            self._dialects[id(route)] = found
+        return found
 
 
 class MockServers:
