@@ -13,13 +13,15 @@ from functools import partial
 from typing import Any
 
 import attrs
+import httpx
+import pytest
 import trio
 
 from router.config import Config
 from router.face.asgi import lifespan, read_body
 from router.face.serving import serve_asgi
 from router.ops.server import Running, serve
-from tests.helpers import completion
+from tests.helpers import chat, completion, sse_data
 
 Handler = Callable[["Exchange"], Awaitable[None]]
 
@@ -38,6 +40,7 @@ class Exchange:
     receive: Callable[[], Awaitable[dict[str, Any]]]
     started: float
     closed: trio.Event = attrs.field(factory=trio.Event)
+    path: str = ""
 
     @property
     def json(self) -> Any:
@@ -78,7 +81,7 @@ class FakeUpstream:
             return
         body = await read_body(scope, receive, 1 << 30)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        exchange = Exchange(body, headers, send, receive, trio.current_time())
+        exchange = Exchange(body, headers, send, receive, trio.current_time(), path=scope["path"])
         self.exchanges.append(exchange)
         handler = self.handlers.pop(0) if len(self.handlers) > 1 else self.handlers[0]
         await handler(exchange)
@@ -108,6 +111,60 @@ async def answers(exchange: Exchange) -> None:
     await exchange.json_answer(
         200, answer(f"answer from {exchange.json['model']}", exchange.json["model"])
     )
+
+
+def message(text: str, model: str) -> dict[str, Any]:
+    """An Anthropic Messages answer."""
+    return {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+        "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 4},
+    }  # fmt: skip
+
+
+def anthropic_events(words: list[str], model: str) -> list[bytes]:
+    """An Anthropic Messages stream, every event of it."""
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\n".encode() + sse(data)
+
+    start = {**message("", model), "content": [], "stop_reason": None}
+    out = [event("message_start", {"type": "message_start", "message": start})]
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    out += [event("content_block_start", block), event("ping", {"type": "ping"})]
+    for word in words:
+        delta = {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": word},
+        }
+        out.append(event("content_block_delta", delta))
+    out.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    end = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn"},
+        "usage": {"output_tokens": 4},
+    }
+    out += [event("message_delta", end), event("message_stop", {"type": "message_stop"})]
+    return out
+
+
+async def healthy(exchange: Exchange) -> None:
+    """A healthy provider of whichever dialect was asked (by the path), streamed or not."""
+    model = exchange.json["model"]
+    if not exchange.path.endswith("/messages"):
+        await (streams if exchange.json.get("stream") else answers)(exchange)
+    elif not exchange.json.get("stream"):
+        await exchange.json_answer(200, message(f"answer from {model}", model))
+    else:
+        await exchange.start(200, "text/event-stream")
+        for part in anthropic_events(["one ", "two ", "three"], model):
+            await exchange.body_part(part)
+        await exchange.body_part(b"", more=False)
 
 
 async def streams(exchange: Exchange) -> None:
@@ -142,3 +199,34 @@ async def live_gateway(
         running = await nursery.start(partial(serve, cfg))
         yield running
         nursery.cancel_scope.cancel()
+
+
+@attrs.frozen
+class Face:
+    """A dialect as the table's tests use it: both the client's and the providers'."""
+
+    name: str
+    endpoint: str
+
+    def body(self, stream: bool) -> dict[str, Any]:
+        if self.name == "openai":
+            return chat(stream=stream)
+        return {
+            "model": "gpt",
+            "max_tokens": 50,
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+
+    def served_ok(self, r: httpx.Response, stream: bool) -> bool:
+        if r.status_code != 200:
+            return False
+        if self.name == "openai":
+            return sse_data(r.text)[-1] == "[DONE]" if stream else bool(r.json()["choices"])
+        return '"message_stop"' in sse_data(r.text)[-1] if stream else bool(r.json()["content"])
+
+
+OPENAI = Face("openai", "/v1/chat/completions")
+ANTHROPIC = Face("anthropic", "/v1/messages")
+# The rows that mean the same in both dialects run for each: clients and providers of one dialect.
+faces = pytest.mark.parametrize("face", [OPENAI, ANTHROPIC], ids=["openai", "anthropic"])

@@ -19,7 +19,7 @@ import trio.testing
 from actors.provider import ProviderActor
 from router.ops.server import Running
 from tests.helpers import Upstream, asgi_client, chat, config, eventually, gateway, status
-from tests.live import Exchange, FakeUpstream, chunk_event, live_gateway
+from tests.live import Exchange, Face, FakeUpstream, chunk_event, faces, live_gateway
 
 
 async def in_phase(actor: ProviderActor, phase: str) -> bool:
@@ -42,13 +42,16 @@ def cancelled(gw: Running, provider: str, phase: str) -> float:
 
 
 async def client_leaves(
-    gw: Running, body: dict[str, Any], ready: Callable[[], Awaitable[None]]
+    gw: Running,
+    body: dict[str, Any],
+    ready: Callable[[], Awaitable[None]],
+    endpoint: str = "/v1/chat/completions",
 ) -> None:
     """Send `body`, wait until `ready()` returns, then drop the client connection."""
     async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=gw.url) as client:
 
         async def request() -> None:
-            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async with client.stream("POST", endpoint, json=body) as response:
                 async for _ in response.aiter_raw():
                     pass
 
@@ -88,12 +91,13 @@ async def mid_body(exchange: Exchange) -> None:
         (mid_body, True, "streaming"),
     ],
 )
+@faces
 async def test_client_disconnect_closes_the_upstream_call(
-    handler: Any, stream: bool, phase: str
+    handler: Any, stream: bool, phase: str, face: Face
 ) -> None:
     up = FakeUpstream(handler)
     with trio.fail_after(15):
-        async with live_gateway({"a": up}) as gw:
+        async with live_gateway({"a": up}, providers={"a": {"dialect": face.name}}) as gw:
             actor = gw.actors["a"]
 
             async def upstream_in_phase() -> None:
@@ -101,7 +105,7 @@ async def test_client_disconnect_closes_the_upstream_call(
                 # The actor's own view of its call (headers sent, or read, or a first body byte).
                 await eventually_async(lambda: in_phase(actor, phase))
 
-            await client_leaves(gw, chat(stream=stream), upstream_in_phase)
+            await client_leaves(gw, face.body(stream), upstream_in_phase, face.endpoint)
             with trio.fail_after(2):
                 await up.exchanges[0].closed.wait()  # the upstream saw its connection close
             await eventually(lambda: actor.in_flight == 0)

@@ -14,14 +14,19 @@ import pytest
 import trio
 
 from tests.helpers import chat, sse_data
-from tests.live import Exchange, FakeUpstream, answers, chunk_event, live_gateway, streams
+from tests.live import (
+    OPENAI,
+    Exchange,
+    Face,
+    FakeUpstream,
+    chunk_event,
+    faces,
+    healthy,
+    live_gateway,
+)
 
 FAST = {"timeouts": {"first_byte": "300ms", "idle": "300ms"}, "max_retries": 1}
 RETRY = {"backoff": {"base": "10ms", "max": "10ms", "jitter": "none"}}
-
-
-async def healthy(exchange: Exchange) -> None:
-    await (streams if exchange.json.get("stream") else answers)(exchange)
 
 
 def failing(status: int, body: Any = None, **headers: str) -> Any:
@@ -37,29 +42,31 @@ async def stalls(exchange: Exchange) -> None:
     await trio.sleep(30)
 
 
-async def run(a: FakeUpstream, b: FakeUpstream, stream: bool, **extra: Any) -> httpx.Response:
-    providers = {"a": FAST, "b": FAST}
+async def run(
+    a: FakeUpstream, b: FakeUpstream, stream: bool, face: Face = OPENAI, **extra: Any
+) -> httpx.Response:
+    dialect = {"dialect": face.name}
+    providers = {"a": {**FAST, **dialect}, "b": {**FAST, **dialect}}
     extra.setdefault("retry", RETRY)
     with trio.fail_after(15):
         async with live_gateway({"a": a, "b": b}, providers=providers, **extra) as gw:
             async with httpx.AsyncClient(base_url=gw.url) as client:
-                return await client.post("/v1/chat/completions", json=chat(stream=stream))
+                return await client.post(face.endpoint, json=face.body(stream))
 
 
 def served_ok(r: httpx.Response, stream: bool) -> bool:
-    if r.status_code != 200:
-        return False
-    return sse_data(r.text)[-1] == "[DONE]" if stream else bool(r.json()["choices"])
+    return OPENAI.served_ok(r, stream)
 
 
 both = pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 
 
+@faces
 @both
-async def test_2xx_is_returned(stream: bool) -> None:
+async def test_2xx_is_returned(stream: bool, face: Face) -> None:
     a, b = FakeUpstream(healthy), FakeUpstream(healthy)
-    r = await run(a, b, stream)
-    assert served_ok(r, stream) and r.headers["x-cascade-provider"] == "a"
+    r = await run(a, b, stream, face)
+    assert face.served_ok(r, stream) and r.headers["x-cascade-provider"] == "a"
 
 
 @both
@@ -73,24 +80,30 @@ async def test_2xx_is_returned(stream: bool) -> None:
     ],
     ids=["429-retry-after", "429-bare", "529", "403-rate-limit"],
 )
-async def test_rate_limits_fail_over_at_once_and_block(stream: bool, handler: Any) -> None:
+@faces
+async def test_rate_limits_fail_over_at_once_and_block(
+    stream: bool, handler: Any, face: Face
+) -> None:
     a, b = FakeUpstream(handler), FakeUpstream(healthy)
-    providers = {"a": FAST, "b": FAST}
+    provider = {**FAST, "dialect": face.name}
     with trio.fail_after(15):
-        async with live_gateway({"a": a, "b": b}, providers=providers, retry=RETRY) as gw:
+        async with live_gateway(
+            {"a": a, "b": b}, providers={"a": provider, "b": provider}, retry=RETRY
+        ) as gw:
             async with httpx.AsyncClient(base_url=gw.url) as client:
-                first = await client.post("/v1/chat/completions", json=chat(stream=stream))
-                second = await client.post("/v1/chat/completions", json=chat(stream=stream))
-    assert served_ok(first, stream) and served_ok(second, stream)
+                first = await client.post(face.endpoint, json=face.body(stream))
+                second = await client.post(face.endpoint, json=face.body(stream))
+    assert face.served_ok(first, stream) and face.served_ok(second, stream)
     assert first.headers["x-cascade-provider"] == second.headers["x-cascade-provider"] == "b"
     assert len(a.exchanges) == 1  # blocked after the first: the second request skipped it
 
 
+@faces
 @both
-async def test_5xx_fails_over_at_once_by_default(stream: bool) -> None:
+async def test_5xx_fails_over_at_once_by_default(stream: bool, face: Face) -> None:
     a, b = FakeUpstream(failing(503)), FakeUpstream(healthy)
-    r = await run(a, b, stream)  # strategy different_provider: the other provider first
-    assert served_ok(r, stream) and r.headers["x-cascade-provider"] == "b"
+    r = await run(a, b, stream, face)  # strategy different_provider: the other provider first
+    assert face.served_ok(r, stream) and r.headers["x-cascade-provider"] == "b"
     assert len(a.exchanges) == 1
 
 
@@ -165,11 +178,12 @@ async def test_connection_refused_fails_over() -> None:
     assert r.status_code == 200 and r.headers["x-cascade-provider"] == "b"
 
 
+@faces
 @both
-async def test_no_first_byte_fails_over(stream: bool) -> None:
+async def test_no_first_byte_fails_over(stream: bool, face: Face) -> None:
     a, b = FakeUpstream(stalls), FakeUpstream(healthy)
-    r = await run(a, b, stream)
-    assert served_ok(r, stream) and r.headers["x-cascade-provider"] == "b"
+    r = await run(a, b, stream, face)
+    assert face.served_ok(r, stream) and r.headers["x-cascade-provider"] == "b"
     assert len(a.exchanges) == 1  # a silent provider is not retried
 
 
@@ -196,13 +210,17 @@ async def test_stream_stall_after_commit_is_an_in_band_error() -> None:
     assert len(b.exchanges) == 0
 
 
+@faces
 @both
-async def test_context_overflow_goes_to_the_larger_target(stream: bool) -> None:
-    overflow = failing(400, {"error": {"message": "too long", "code": "context_length_exceeded"}})
-    a, b = FakeUpstream(overflow), FakeUpstream(healthy)
+async def test_context_overflow_goes_to_the_larger_target(stream: bool, face: Face) -> None:
+    # OpenAI says context_length_exceeded; Anthropic "prompt is too long"
+    body = {
+        "error": {"message": "prompt is too long: 250000 tokens", "code": "context_length_exceeded"}
+    }
+    a, b = FakeUpstream(failing(400, body)), FakeUpstream(healthy)
     routes = [{"match": "gpt", "targets": ["a/m"], "on_context_overflow": ["b/large"]}]
-    r = await run(a, b, stream, routes=routes)
-    assert served_ok(r, stream) and r.headers["x-cascade-model"] == "large"
+    r = await run(a, b, stream, face, routes=routes)
+    assert face.served_ok(r, stream) and r.headers["x-cascade-model"] == "large"
 
 
 @both
@@ -213,9 +231,12 @@ async def test_context_overflow_without_target_returns_the_error(stream: bool) -
     assert (r.status_code, r.json()) == (400, body)
 
 
+@faces
 @both
 @pytest.mark.parametrize("status", [400, 404, 422])
-async def test_request_errors_are_returned_as_they_are(stream: bool, status: int) -> None:
+async def test_request_errors_are_returned_as_they_are(
+    stream: bool, status: int, face: Face
+) -> None:
     body = {
         "error": {
             "message": "your request is wrong",
@@ -224,13 +245,16 @@ async def test_request_errors_are_returned_as_they_are(stream: bool, status: int
         }
     }
     a, b = FakeUpstream(failing(status, body)), FakeUpstream(healthy)
-    r = await run(a, b, stream)
+    r = await run(a, b, stream, face)
     assert (r.status_code, r.json()) == (status, body)
     assert len(a.exchanges) == 1 and len(b.exchanges) == 0
 
 
+@faces
 @both
-async def test_auth_failure_answers_502_without_the_providers_body(stream: bool) -> None:
+async def test_auth_failure_answers_502_without_the_providers_body(
+    stream: bool, face: Face
+) -> None:
     body = {
         "error": {
             "message": "Incorrect API key provided: sk-proj-***abcd",
@@ -239,6 +263,8 @@ async def test_auth_failure_answers_502_without_the_providers_body(stream: bool)
         }
     }
     a, b = FakeUpstream(failing(401, body)), FakeUpstream(healthy)
-    r = await run(a, b, stream)
-    assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_auth_error"
+    r = await run(a, b, stream, face)
+    error = r.json()["error"]
+    assert r.status_code == 502
+    assert (error["type"] if face is OPENAI else error["cascade_code"]) == "upstream_auth_error"
     assert "sk-" not in r.text and len(b.exchanges) == 0
