@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.dialects.anthropic import parse_messages_request
 from router.dialects.openai import parse_chat_request
 from router.errors import RequestError
 
@@ -68,3 +69,44 @@ def test_model_swap_changes_only_the_model(
         return  # e.g. a random field that must be an integer is not: refused, fine
     assert request.model == model
     assert request.body_for(new_model) == body_with(new_model)  # every other byte is the client's
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    extra=st.dictionaries(
+        st.text(max_size=10).filter(lambda k: k not in ("model", "messages", "max_tokens")),
+        json_values,
+        max_size=5,
+    ),
+    position=st.integers(min_value=0, max_value=6),
+    model=st.text(min_size=1, max_size=20),
+    new_model=st.text(min_size=1, max_size=20),
+    ws=st.lists(whitespace, min_size=4, max_size=4),
+)
+def test_anthropic_model_swap_changes_only_the_model(
+    extra: dict[str, Any], position: int, model: str, new_model: str, ws: list[str]
+) -> None:
+    """The same for the Anthropic dialect: an attempt on an Anthropic provider sends the client's
+    bytes (cache_control markers, signed thinking blocks, unknown fields) with only `model` new."""
+    fields = list(extra.items())
+    at = min(position, len(fields))
+    thinking = {"type": "thinking", "thinking": "t", "signature": "EqoBCkgIAR"}
+    fields += [
+        ("max_tokens", 64),
+        (
+            "messages",
+            [{"role": "assistant", "content": [thinking]}, {"role": "user", "content": "hi"}],
+        ),
+    ]
+
+    def body_with(value: str) -> bytes:
+        named = [*fields[:at], ("model", value), *fields[at:]]
+        parts = [f"{ws[0]}{json.dumps(k)}{ws[1]}:{ws[2]}{json.dumps(v)}{ws[3]}" for k, v in named]
+        return ("{" + ",".join(parts) + "}").encode()
+
+    try:
+        request = parse_messages_request(body_with(model))
+    except RequestError:
+        return  # a random field that must be a boolean or a number is not: refused, fine
+    assert request.model == model
+    assert request.body_for(new_model) == body_with(new_model)
