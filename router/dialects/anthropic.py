@@ -19,7 +19,7 @@ import attrs
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
-from router.dialects.base import ClientRequest, StreamWriter, UpstreamCall
+from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
 from router.dialects.base import Dialect as DialectBase
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
@@ -28,7 +28,6 @@ from router.dialects.jsonbody import (
     optional,
     parse_object,
     required_model,
-    swap,
 )
 from router.dialects.translate import (
     OpenAIToAnthropicStream,
@@ -138,27 +137,11 @@ def error_body(status: int, message: str, request_id: str | None = None, **extra
 
 
 @attrs.frozen
-class MessagesRequest:
+class MessagesRequest(JSONRequest):
     """A validated Messages request and what the cascade needs from it."""
 
-    text: str
-    model_span: tuple[int, int]
-    model: str
-    stream: bool
-    estimated_tokens: int
-    obj: dict[str, Any] = attrs.field(eq=False, repr=False)  # the parsed body, for translation
-
-    def body_for(self, model: str) -> bytes:
-        """The client's body with only the model value replaced."""
-        return swap(self.text, self.model_span, model)
-
-    def call_for(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> UpstreamCall:
-        if upstream.name == "anthropic":
-            start = check_start if self.stream else None
-            return UpstreamCall(PATH, self.body_for(model), check_start=start)
-        body = anthropic_to_openai(self.obj, model, self.stream)
-        start = upstream.check_start if self.stream else None
-        return UpstreamCall(upstream.upstream_path, body, check_start=start)
+    def translated(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> bytes:
+        return anthropic_to_openai(self.obj, model, self.stream)
 
 
 def _validate(obj: dict[str, Any], *, counting: bool = False) -> None:
@@ -197,6 +180,7 @@ def parse_messages_request(body: bytes) -> MessagesRequest:
     model = required_model(obj)
     _validate(obj)
     return MessagesRequest(
+        dialect="anthropic",
         text=text,
         model_span=spans["model"],
         model=model,

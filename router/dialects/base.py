@@ -18,6 +18,8 @@ from actors.outcome import Failure
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
 from actors.wire import UpstreamWire
+from router.dialects.jsonbody import swap
+from router.errors import RequestError
 
 
 @attrs.frozen
@@ -29,6 +31,36 @@ class UpstreamCall:
     body: bytes
     headers: tuple[tuple[bytes, bytes], ...] = ()
     check_start: Callable[[tuple[SSEEvent, ...]], Failure | None] | None = None
+
+
+@attrs.frozen
+class JSONRequest:
+    """What every dialect's parsed request holds: the client's text (for the byte-exact swap of
+    `model`), the parsed object (for translation), and what the cascade reads."""
+
+    dialect: str  # the client's dialect, by name
+    text: str
+    model_span: tuple[int, int]
+    model: str
+    stream: bool
+    estimated_tokens: int
+    obj: dict[str, Any] = attrs.field(eq=False, repr=False)
+
+    def body_for(self, model: str) -> bytes:
+        """The client's body with only the model value replaced."""
+        return swap(self.text, self.model_span, model)
+
+    def call_for(self, upstream: Dialect, model: str, provider: ProviderConfig) -> UpstreamCall:
+        """Same dialect: the client's bytes, `model` replaced. Another: translated (or a 400)."""
+        if upstream.name == self.dialect:
+            body = self.body_for(model)
+        else:
+            body = self.translated(upstream, model, provider)
+        start = upstream.check_start if self.stream else None
+        return UpstreamCall(upstream.upstream_path, body, check_start=start)
+
+    def translated(self, upstream: Dialect, model: str, provider: ProviderConfig) -> bytes:
+        raise RequestError(f"no translation from {self.dialect} to {upstream.name}")
 
 
 class ClientRequest(Protocol):

@@ -16,7 +16,7 @@ import attrs
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
-from router.dialects.base import ClientRequest, StreamWriter, UpstreamCall
+from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
 from router.dialects.base import Dialect as DialectBase
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
@@ -25,7 +25,6 @@ from router.dialects.jsonbody import (
     optional,
     parse_object,
     required_model,
-    swap,
 )
 from router.dialects.translate import (
     AnthropicToOpenAIStream,
@@ -84,28 +83,13 @@ def error_body(
 
 
 @attrs.frozen
-class ChatRequest:
+class ChatRequest(JSONRequest):
     """A validated chat completion request and what the cascade needs from it."""
 
-    text: str
-    model_span: tuple[int, int]
-    model: str
-    stream: bool
-    include_usage: bool
-    estimated_tokens: int
-    obj: dict[str, Any] = attrs.field(eq=False, repr=False)  # the parsed body, for translation
+    include_usage: bool = False
 
-    def body_for(self, model: str) -> bytes:
-        """The client's body with only the model value replaced."""
-        return swap(self.text, self.model_span, model)
-
-    def call_for(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> UpstreamCall:
-        if upstream.name == "openai":
-            start = check_start if self.stream else None
-            return UpstreamCall(PATH, self.body_for(model), check_start=start)
-        body = openai_to_anthropic(self.obj, model, provider.default_max_tokens)
-        start = upstream.check_start if self.stream else None
-        return UpstreamCall(upstream.upstream_path, body, check_start=start)
+    def translated(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> bytes:
+        return openai_to_anthropic(self.obj, model, provider.default_max_tokens)
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -136,6 +120,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             "'stream_options' is only allowed with 'stream': true", param="stream_options"
         )
     return ChatRequest(
+        dialect="openai",
         text=text,
         model_span=spans["model"],
         model=model,
