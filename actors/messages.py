@@ -4,6 +4,7 @@ channel that the request carries.
     dispatcher ── Attempt ──▶ actor            (reply: Refused | Response | StreamStart …)
     dispatcher ── SnapshotRequest ──▶ actor    (reply: Snapshot)
     dispatcher ── Reconfigure ──▶ actor        (no reply)
+    admin API ── ManualBlock / ManualUnblock ──▶ actor   (no reply)
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ class Attempt:
 @attrs.frozen
 class Block:
     key: str
-    reason: str  # rate_limited | latency
+    reason: str  # rate_limited | latency | manual
     until: float
+    note: str = ""  # for a manual block: the operator's reason
 
 
 @attrs.frozen
@@ -150,6 +152,7 @@ class Snapshot:
             "max_in_flight": self.max_in_flight,
             "blocks": [
                 {"key": b.key, "reason": b.reason, "seconds_left": rel(b.until)}
+                | ({"note": b.note} if b.note else {})
                 for b in self.blocks
             ],
             "circuits": [
@@ -178,4 +181,20 @@ class Reconfigure:
     wire: UpstreamWire
 
 
-Message = Attempt | SnapshotRequest | Reconfigure
+@attrs.frozen
+class ManualBlock:
+    """An operator takes a model (None: the whole provider) out until `until` (trio time)."""
+
+    model: str | None
+    until: float
+    reason: str
+
+
+@attrs.frozen
+class ManualUnblock:
+    """An operator puts a model (None: every manual block of the provider) back."""
+
+    model: str | None
+
+
+Message = Attempt | SnapshotRequest | Reconfigure | ManualBlock | ManualUnblock

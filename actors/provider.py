@@ -24,6 +24,8 @@ from actors.messages import (
     Block,
     CircuitView,
     Failed,
+    ManualBlock,
+    ManualUnblock,
     Message,
     Reconfigure,
     Refused,
@@ -44,6 +46,7 @@ from actors.state import (
     Circuits,
     LatencySamples,
     LatencyTriggers,
+    ManualBlocks,
     RateLimits,
     RetryBudgetState,
     SlidingWindow,
@@ -275,6 +278,7 @@ class ProviderActor:
         self._tpm = SlidingWindow(60.0)
         self._nursery: trio.Nursery | None = None
         self._calls: set[_Call] = set()  # the running attempts (their phases, for snapshots)
+        self._manual = ManualBlocks()  # an operator's, kept across reconfiguration
         self.config: ProviderConfig = config
         self.wire = wire
         self._apply(config, wire, first=True)
@@ -388,11 +392,29 @@ class ProviderActor:
                 pass
         elif isinstance(message, Reconfigure):
             self._apply(message.config, message.wire)
+        elif isinstance(message, ManualBlock):
+            now = trio.current_time()
+            self._manual.block(message.model, message.until, message.reason, now)
+            self._metrics.blocked("manual")
+            log.warning(
+                "provider %s: %s blocked by hand for %.0f s (%s)",
+                self.name,
+                message.model or "every model",
+                message.until - now,
+                message.reason,
+            )
+        elif isinstance(message, ManualUnblock):
+            if self._manual.unblock(message.model):
+                log.warning(
+                    "provider %s: %s unblocked by hand", self.name, message.model or "every model"
+                )
 
     # --- admission ---------------------------------------------------------------------------
 
     def _admit(self, attempt: Attempt, now: float) -> Refused | None:
         model = attempt.request.model
+        if (until := self._manual.blocked_until(model, now)) is not None:
+            return Refused("manual", until)
         if (until := self._rate_limits.blocked_until(model, now)) is not None:
             return Refused("rate_limited", until)
         if self._latency and (until := self._latency.blocked_until(model, now)) is not None:
@@ -534,7 +556,8 @@ class ProviderActor:
     # --- snapshot ------------------------------------------------------------------------------
 
     def snapshot(self, now: float) -> Snapshot:
-        blocks = [Block(k, "rate_limited", u) for k, u in self._rate_limits.active(now)]
+        blocks = [Block(k, "manual", u, note) for k, u, note in self._manual.active(now)]
+        blocks += [Block(k, "rate_limited", u) for k, u in self._rate_limits.active(now)]
         if self._latency is not None:
             blocks += [Block(k, "latency", u) for k, u in self._latency.active(now)]
         self._rpm.expire(now)

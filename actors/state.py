@@ -95,6 +95,42 @@ class RateLimits:
         return [(k, b.until) for k, b in self._blocks.items() if b.until > now]
 
 
+class ManualBlocks:
+    """Blocks an operator set by hand (admin API): a model, or the whole provider ("*"), until a
+    time, with the operator's reason. Unblocking removes them; nothing else does before `until`."""
+
+    def __init__(self, max_size: int = 1024) -> None:
+        self._blocks: BoundedMap[tuple[float, str]] = BoundedMap(max_size)
+
+    def block(self, model: str | None, until: float, reason: str, now: float) -> None:
+        stale = (k for k, (u, _) in self._blocks.items() if u <= now)
+        self._blocks.put(model or "*", (until, reason), stale)
+
+    def unblock(self, model: str | None) -> bool:
+        """Remove the block on `model` (None: every manual block); True if there was one."""
+        if model is None:
+            had = len(self._blocks) > 0
+            for key, _ in self._blocks.items():
+                self._blocks.pop(key)
+            return had
+        had = self._blocks.get(model) is not None
+        self._blocks.pop(model)
+        return had
+
+    def blocked_until(self, model: str, now: float) -> float | None:
+        if not len(self._blocks):  # the common case: no manual block at all
+            return None
+        until = None
+        for key in ("*", model):
+            found = self._blocks.get(key)
+            if found is not None and found[0] > now:
+                until = max(until or 0.0, found[0])
+        return until
+
+    def active(self, now: float) -> list[tuple[str, float, str]]:
+        return [(k, u, r) for k, (u, r) in self._blocks.items() if u > now]
+
+
 class LatencyTriggers:
     """`min_triggers` slow answers within `window` block the target for `block`."""
 

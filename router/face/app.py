@@ -21,11 +21,13 @@ import attrs
 import trio
 import trio.lowlevel
 
+from actors.messages import ManualBlock, ManualUnblock
 from actors.settings import ProviderConfig
 from router.cascade.dispatcher import CascadeError, ChatJob
 from router.config import Config, ConfigError, Route, Target
 from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
 from router.dialects.base import ClientRequest, Dialect, UpstreamCall
+from router.dialects.jsonbody import check_model_name
 from router.errors import RequestError
 from router.face.answers import TrackedSend, answer, cascade_error, respond, stream
 from router.face.asgi import ClientGone, Message, Receive, Scope, Send, header, lifespan, read_body
@@ -97,6 +99,10 @@ class App:
                 if method != "POST":
                     raise RequestError("use POST", status=405)
                 await self._reload(send, request_id)
+            elif path.startswith("/admin/providers/") and path.endswith(("/block", "/unblock")):
+                if method != "POST":
+                    raise RequestError("use POST", status=405)
+                await self._manual_block(gateway, scope, receive, send, request_id)
             elif method not in ("GET", "HEAD"):
                 raise RequestError(
                     f"no such endpoint: {method} {path}", status=404, code="not_found"
@@ -289,6 +295,45 @@ class App:
             await respond(send, 400, body, request_id)
             return
         await respond(send, 200, json.dumps(summary).encode(), request_id)
+
+    async def _manual_block(
+        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        """POST /admin/providers/{name}/block {"duration", "model"?, "reason"?} and /unblock
+        {"model"?}: an operator takes a provider (or one of its models) out, or puts it back."""
+        name, _, action = scope["path"][len("/admin/providers/") :].rpartition("/")
+        actor = gateway.actors.get(name)
+        if actor is None:
+            raise RequestError(f"no provider {name!r}", status=404, code="not_found")
+        body = await read_body(scope, receive, 64 * 1024)
+        try:
+            fields = json.loads(body) if body.strip() else {}
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict):
+            raise RequestError("the body must be a JSON object")
+        model = fields.get("model")
+        if model is not None and not isinstance(model, str):
+            raise RequestError("'model' must be a string", param="model")
+        if model is not None:
+            check_model_name(model)
+        if action == "unblock":
+            await actor.inbox.send(ManualUnblock(model))
+        else:
+            try:
+                duration = parse_duration(fields.get("duration"))
+            except ValueError:
+                raise RequestError(
+                    "'duration' is required: a duration like \"10m\" or a number of seconds",
+                    param="duration",
+                ) from None
+            reason = fields.get("reason", "blocked by an operator")
+            if not isinstance(reason, str) or len(reason) > 200 or not reason.isprintable():
+                raise RequestError("'reason' must be printable text of at most 200 characters")
+            until = trio.current_time() + duration
+            await actor.inbox.send(ManualBlock(model, until, reason))
+        snapshot = await actor.ask_snapshot()  # answered after the message above: it shows it
+        await respond(send, 200, json.dumps(snapshot.to_json()).encode(), request_id)
 
     async def _providers(self, gateway: Gateway, send: Send, request_id: str) -> None:
         snapshots = [await actor.ask_snapshot() for actor in gateway.actors.values()]
