@@ -395,7 +395,7 @@ class ProviderActor:
         elif isinstance(message, ManualBlock):
             now = trio.current_time()
             self._manual.block(message.model, message.until, message.reason, now)
-            self._metrics.blocked("manual")
+            self._metrics.blocked("manual", message.until - now)
             log.warning(
                 "provider %s: %s blocked by hand for %.0f s (%s)",
                 self.name,
@@ -534,7 +534,7 @@ class ProviderActor:
                     self.config.rate_limit.max_retry_after,
                 )
             until = self._rate_limits.block(model, now, retry_after)
-            self._metrics.blocked("rate_limited")
+            self._metrics.blocked("rate_limited", until - now)
             log.warning(
                 "provider %s: %s rate limited (%s); blocked for %.1f s (%s)",
                 self.name,
@@ -545,11 +545,13 @@ class ProviderActor:
             )
         elif failure is not None and failure.kind in (Kind.TRANSIENT, Kind.SLOW, Kind.PROTOCOL):
             if self._circuits.failure(model, now):
-                self._metrics.blocked("circuit_open")
+                self._metrics.blocked("circuit_open", self.config.circuit.open_for)
                 log.warning("provider %s: circuit for %s opened", self.name, model)
         if self._latency is not None and (failure is None or failure.kind is Kind.SLOW):
-            if self._latency.observe(model, now, outcome.ttfb, outcome.total) is not None:
-                self._metrics.blocked("latency")
+            if (
+                block_end := self._latency.observe(model, now, outcome.ttfb, outcome.total)
+            ) is not None:
+                self._metrics.blocked("latency", block_end - now)
                 log.warning("provider %s: latency trigger blocked %s", self.name, model)
         return until
 

@@ -19,8 +19,9 @@ class ProviderMetrics(Protocol):
     def cancelled(self, phase: str) -> None:
         """The dispatcher cancelled an attempt in this phase."""
 
-    def blocked(self, reason: str) -> None:
-        """A target was blocked (rate_limited, latency) or its circuit opened (circuit_open)."""
+    def blocked(self, reason: str, seconds: float) -> None:
+        """A target was blocked for `seconds` (rate_limited, latency, manual) or its circuit
+        opened (circuit_open)."""
 
     def first_byte(self, seconds: float) -> None:
         """Time to the first byte of a successful attempt."""
@@ -41,7 +42,7 @@ class NoMetrics:
     def cancelled(self, phase: str) -> None:
         pass
 
-    def blocked(self, reason: str) -> None:
+    def blocked(self, reason: str, seconds: float) -> None:
         pass
 
     def first_byte(self, seconds: float) -> None:

@@ -464,6 +464,9 @@ class Route:
     on_context_overflow: tuple[Target, ...] = ()
     deadline: float | None = None
     hedge: Hedge | None = None
+    direct: bool = (
+        False  # a `provider/model` address, not a configured route (its model is the client's)
+    )
 
     @property
     def is_glob(self) -> bool:
@@ -705,7 +708,8 @@ class Config:
                 return route.match, route
         provider, sep, upstream_model = model.partition("/")
         if sep and upstream_model and provider in self.providers:
-            return f"{provider}/*", Route(match=model, targets=(Target(provider, upstream_model),))
+            route = Route(match=model, targets=(Target(provider, upstream_model),), direct=True)
+            return f"{provider}/*", route
         return None
 
     def model_names(self) -> list[str]:

@@ -209,7 +209,7 @@ async def test_operational_endpoints() -> None:
     assert direct_model.json()["id"] == "a/anything"
     assert no_model.status_code == 404 and no_model.json()["error"]["code"] == "model_not_found"
     assert [m["id"] for m in models.json()["data"]] == ["gpt"]
-    assert 'cascade_requests_total{route="gpt",status="200"} 1.0' in metrics.text
+    assert 'cascade_requests_total{dialect="openai",route="gpt",status="200"} 1.0' in metrics.text
     assert 'cascade_upstream_attempts_total{outcome="ok",provider="a"} 1.0' in metrics.text
     assert providers.json()["providers"][0]["name"] == "a"
     assert providers.json()["providers"][0]["in_flight"] == 0
@@ -291,7 +291,7 @@ async def test_request_task_ends_with_its_answer_on_a_kept_alive_connection(http
     """The disconnect watcher returns on the server's post-answer http.disconnect: the request's
     task ends (and is counted) while the client keeps its connection open, over HTTP/1.1 and
     HTTP/2 alike."""
-    counted = 'cascade_requests_total{route="gpt",status="200"} 2.0'
+    counted = 'cascade_requests_total{dialect="openai",route="gpt",status="200"} 2.0'
     with trio.fail_after(10):
         async with (
             live_gateway({"a": FakeUpstream(answers, streams)}) as gw,

@@ -110,6 +110,7 @@ class Winner:
     reply: Response | StreamStart
     replies: trio.MemoryReceiveChannel[Reply]
     attempt_count: int  # upstream calls made (refusals are not calls)
+    replied_at: float  # trio time the winning reply (the answer, or a stream's first events) came
 
 
 class Dispatcher:
@@ -412,6 +413,10 @@ class _Run:
         status = failure.status
         self._record(target, status, failure.error_type, live.started)
         self.failures.append(failure)
+        if failure.kind is Kind.RATE_LIMITED:
+            # Label values from the config only: a direct address's model is the client's.
+            model = "*" if self.job.route.direct else target.model
+            self.d.metrics.rate_limits.labels(target.provider, model).inc()
         now = trio.current_time()
         self.last_failure_at[target] = now
         if failure.retry_after is not None:
@@ -458,9 +463,14 @@ class _Run:
             other.scope.cancel()
         if live.target != (job.route.targets[0] if job.route.targets else None):
             self.d.metrics.failovers.labels(route_name).inc()
+            if live.target in job.route.alternatives:
+                primary = job.route.targets[0].provider if job.route.targets else "-"
+                self.d.metrics.alternatives.labels(
+                    primary, live.target.provider, live.target.model
+                ).inc()
         # The winner leaves the live list: its scope is cancelled when the request is done.
         self.winner = live
-        return Winner(live.target, reply, live.replies, self.attempt_count)
+        return Winner(live.target, reply, live.replies, self.attempt_count, trio.current_time())
 
     def _record(self, target: Target, status: int | None, error_type: str, started: float) -> None:
         elapsed = (trio.current_time() - started) * 1000

@@ -84,7 +84,8 @@ async def respond(
 
 async def answer(
     send: Send, winner: Winner, request_id: str, client: Dialect, upstream: Dialect
-) -> None:
+) -> float:
+    """Write a complete answer; returns when its first byte was handed to the server."""
     reply = winner.reply
     assert isinstance(reply, Response)
     content_type = reply.headers.get("content-type", "application/json").encode()
@@ -94,6 +95,7 @@ async def answer(
         extra.append((b"content-encoding", encoding.encode()))
     body = reply.body if client is upstream else client.answer(reply.body, upstream)
     await respond(send, reply.status, body, request_id, content_type, extra)
+    return trio.current_time()
 
 
 async def stream(
@@ -102,13 +104,16 @@ async def stream(
     request_id: str,
     writer: StreamWriter,
     tracked: Callable[[], AbstractContextManager[trio.CancelScope]],
-) -> None:
-    """Relay a committed stream; it ends complete or, on any failure, with an in-band error."""
+) -> float:
+    """Relay a committed stream; it ends complete or, on any failure, with an in-band error.
+
+    Returns when its first byte (the head) was handed to the server."""
     start = winner.reply
     assert isinstance(start, StreamStart)
     headers = base_headers(request_id, b"text/event-stream")
     headers += [(b"cache-control", b"no-cache"), *served_headers(winner)]
     await send({"type": "http.response.start", "status": start.status, "headers": headers})
+    first_byte = trio.current_time()
     first, _ = writer.relay(start.events)  # check_start has already refused an in-band error
     tail = [first]
     upstream_done = False
@@ -131,6 +136,7 @@ async def stream(
         with trio.move_on_after(_UPSTREAM_END_GRACE):
             while not isinstance(await winner.replies.receive(), StreamEnd | Failed):
                 pass
+    return first_byte
 
 
 async def _relay(

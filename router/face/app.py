@@ -201,7 +201,9 @@ class App:
         )
         tracked = TrackedSend(send)
         served_by = "-"
+        overhead: float | None = None
         dispatch = gateway.dispatcher.dispatch(job)
+        before_cascade = trio.current_time() - started
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tracked.watch_disconnect, receive, nursery.cancel_scope)
@@ -211,9 +213,14 @@ class App:
                         upstream = DIALECTS[providers[winner.target.provider].dialect]
                         if request.stream:
                             writer = dialect.stream_writer(upstream, request)
-                            await stream(tracked, winner, request_id, writer, self._tracked_stream)
+                            written = await stream(
+                                tracked, winner, request_id, writer, self._tracked_stream
+                            )
                         else:
-                            await answer(tracked, winner, request_id, dialect, upstream)
+                            written = await answer(tracked, winner, request_id, dialect, upstream)
+                        # Cascade's own time: before the cascade, and from the upstream's first
+                        # byte to the client's (upstream waits and backoffs are not ours).
+                        overhead = before_cascade + written - winner.replied_at
                 except CascadeError as exc:
                     failed_on = exc.attempts[-1].provider if exc.attempts else None
                     upstream = DIALECTS[providers[failed_on].dialect] if failed_on else dialect
@@ -225,7 +232,7 @@ class App:
         finally:
             elapsed = trio.current_time() - started
             status = tracked.status if tracked.finished else 499  # 499: the client left first
-            gateway.metrics.observe_request(route_name, status, elapsed)
+            gateway.metrics.observe_request(route_name, dialect.name, status, elapsed, overhead)
             log.info(
                 "request %s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
                 request_id,

@@ -12,6 +12,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from actors.telemetry import ProviderMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_BLOCK_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200, 86400)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -19,9 +21,41 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
-            "cascade_requests_total", "Client requests answered", ["route", "status"], registry=r
+            "cascade_requests_total",
+            "Client requests answered, by route, the client's dialect and status",
+            ["route", "dialect", "status"],
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "cascade_gateway_overhead_seconds",
+            "Time spent in Cascade itself per answered request: before the cascade starts, and"
+            " from the upstream's first byte to the client's",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.rate_limits = Counter(
+            "cascade_rate_limits_total",
+            "Rate-limit answers from upstreams (429, 529, rate-limit 401/403)",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.alternatives = Counter(
+            "cascade_alternatives_used_total",
+            "Requests served by a route's alternative, with the primary they went around",
+            ["primary_provider", "alternative_provider", "model"],
+            registry=r,
+        )
+        self.block_seconds = Histogram(
+            "cascade_block_seconds",
+            "How long each block was set for, by provider and reason",
+            ["provider", "reason"],
+            buckets=_BLOCK_BUCKETS,
+            registry=r,
+        )
+        self.reloads = Counter(
+            "cascade_config_reloads_total", "Config reloads, by result", ["result"], registry=r
         )
         self.request_seconds = Histogram(
             "cascade_request_duration_seconds",
@@ -78,17 +112,21 @@ class Metrics:
         """The metrics one provider actor reports (actors/telemetry.py), labelled `name`."""
         return _ProviderMetrics(self, name)
 
-    def observe_request(self, route: str, status: int, seconds: float) -> None:
+    def observe_request(
+        self, route: str, dialect: str, status: int, seconds: float, overhead: float | None
+    ) -> None:
         """Count one answered request; label children are cached (a lookup costs ~3 us)."""
-        key = (route, status)
+        key = (route, dialect, status)
         children = self._request_children.get(key)
         if children is None:
             children = self._request_children[key] = (
-                self.requests.labels(route, str(status)),
+                self.requests.labels(route, dialect, str(status)),
                 self.request_seconds.labels(route),
             )
         children[0].inc()
         children[1].observe(seconds)
+        if overhead is not None:
+            self.overhead.observe(overhead)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -119,8 +157,9 @@ class _ProviderMetrics:
     def cancelled(self, phase: str) -> None:
         self._metrics.cancelled.labels(self._name, phase).inc()
 
-    def blocked(self, reason: str) -> None:
+    def blocked(self, reason: str, seconds: float) -> None:
         self._metrics.blocks.labels(self._name, reason).inc()
+        self._metrics.block_seconds.labels(self._name, reason).observe(seconds)
 
     def first_byte(self, seconds: float) -> None:
         self._ttfb.observe(seconds)

@@ -56,9 +56,14 @@ class Reloader:
 
         In a worker, the supervisor validates the source once and applies it to every worker.
         """
-        if self.link is not None:
-            return await self.link.reload()
-        return await self.apply(self.read())
+        try:
+            if self.link is not None:
+                return await self.link.reload()  # counted "ok" by `apply`, in every worker
+            new = self.read()
+        except ConfigError:
+            self.assembly.metrics.reloads.labels("invalid").inc()
+            raise
+        return await self.apply(new)
 
     async def apply(self, new: Config) -> dict[str, Any]:
         """Adopt `new` (already validated); returns what changed."""
@@ -78,6 +83,7 @@ class Reloader:
             if restart:
                 summary["restart_required"] = restart
             log.info("config reloaded: %s", summary)
+            self.assembly.metrics.reloads.labels("ok").inc()
             return summary
 
     async def reload_on_sighup(
