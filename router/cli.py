@@ -31,7 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in pairs if v is not None}
     if overrides:
         config = attrs.evolve(config, server=attrs.evolve(server, **overrides))
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     if args.config is None:
         logging.getLogger("cascade").info(
             "no --config given: serving the built-in demo (local mock providers, no API keys)"

@@ -604,6 +604,7 @@ class ServerConfig:
     workers: int = 1
     admin_token_env: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def from_fields(cls, f: _Fields) -> ServerConfig:
@@ -621,6 +622,7 @@ class ServerConfig:
             workers=f.integer("workers", d.workers, minimum=1, maximum=64),
             admin_token_env=f.optional_string("admin_token_env"),
             log_level=f.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
+            log_format=f.choice("log_format", d.log_format, ("text", "json")),
         )
         f.done()
         return server

@@ -111,6 +111,7 @@ class Winner:
     replies: trio.MemoryReceiveChannel[Reply]
     attempt_count: int  # upstream calls made (refusals are not calls)
     replied_at: float  # trio time the winning reply (the answer, or a stream's first events) came
+    started: float  # trio time the winning attempt started
 
 
 class Dispatcher:
@@ -127,15 +128,15 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self._hedge_budgets: dict[str, HedgeBudget] = {}
 
-    def dispatch(self, job: ChatJob) -> _Dispatch:
+    def dispatch(self, job: ChatJob) -> Dispatch:
         """`async with dispatcher.dispatch(job) as winner:` (see the module docstring)."""
-        return _Dispatch(_Run(self, job))
+        return Dispatch(_Run(self, job))
 
     def hedge_budget(self, route_name: str) -> HedgeBudget:
         return self._hedge_budgets.setdefault(route_name, HedgeBudget())
 
 
-class _Dispatch:
+class Dispatch:
     """The context manager `Dispatcher.dispatch` returns (a class: it runs once per request)."""
 
     __slots__ = ("run",)
@@ -147,6 +148,11 @@ class _Dispatch:
     def calls(self) -> int:
         """Upstream calls made so far (refusals are not calls), however the request ends."""
         return self.run.attempt_count
+
+    @property
+    def attempts(self) -> list[AttemptRecord]:
+        """The attempts that did not win (failures and refusals), in order."""
+        return self.run.attempts
 
     async def __aenter__(self) -> Winner:
         try:
@@ -470,7 +476,8 @@ class _Run:
                 ).inc()
         # The winner leaves the live list: its scope is cancelled when the request is done.
         self.winner = live
-        return Winner(live.target, reply, live.replies, self.attempt_count, trio.current_time())
+        now = trio.current_time()
+        return Winner(live.target, reply, live.replies, self.attempt_count, now, live.started)
 
     def _record(self, target: Target, status: int | None, error_type: str, started: float) -> None:
         elapsed = (trio.current_time() - started) * 1000

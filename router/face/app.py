@@ -23,7 +23,7 @@ import trio.lowlevel
 
 from actors.messages import ManualBlock, ManualUnblock
 from actors.settings import ProviderConfig
-from router.cascade.dispatcher import CascadeError, ChatJob
+from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch, Winner
 from router.config import Config, ConfigError, Route, Target
 from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
 from router.dialects.base import ClientRequest, Dialect, UpstreamCall
@@ -202,6 +202,7 @@ class App:
         tracked = TrackedSend(send)
         served_by = "-"
         overhead: float | None = None
+        winner_of: Winner | None = None
         dispatch = gateway.dispatcher.dispatch(job)
         before_cascade = trio.current_time() - started
         try:
@@ -209,6 +210,7 @@ class App:
                 nursery.start_soon(tracked.watch_disconnect, receive, nursery.cancel_scope)
                 try:
                     async with dispatch as winner:
+                        winner_of = winner
                         served_by = str(winner.target)
                         upstream = DIALECTS[providers[winner.target.provider].dialect]
                         if request.stream:
@@ -233,16 +235,19 @@ class App:
             elapsed = trio.current_time() - started
             status = tracked.status if tracked.finished else 499  # 499: the client left first
             gateway.metrics.observe_request(route_name, dialect.name, status, elapsed, overhead)
-            log.info(
-                "request %s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
-                request_id,
-                request.model,
-                route_name,
-                status,
-                served_by,
-                dispatch.calls,  # upstream calls made, whether it was answered, failed or left
-                elapsed * 1000,
-            )
+            if server.log_format == "json":
+                _log_json(request_id, route_name, dialect, status, elapsed, dispatch, winner_of)
+            else:
+                log.info(
+                    "request %s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
+                    request_id,
+                    request.model,
+                    route_name,
+                    status,
+                    served_by,
+                    dispatch.calls,  # upstream calls made, whether answered, failed or left
+                    elapsed * 1000,
+                )
 
     async def _count_tokens(
         self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
@@ -374,6 +379,40 @@ def _check_translation(
         if provider.dialect not in seen:
             seen.add(provider.dialect)
             request.call_for(DIALECTS[provider.dialect], target.model, provider)
+
+
+def _log_json(
+    request_id: str,
+    route: str,
+    dialect: Dialect,
+    status: int,
+    elapsed: float,
+    dispatch: Dispatch,
+    winner: Winner | None,
+) -> None:
+    """The request's JSON log line: names, numbers and outcomes, never a key or content."""
+    attempts: list[dict[str, object]] = [
+        {"provider": a.provider, "model": a.model, "outcome": a.error_type,
+         "status": a.status, "ms": a.elapsed_ms}
+        for a in dispatch.attempts
+    ]  # fmt: skip
+    if winner is not None:
+        ms = round((winner.replied_at - winner.started) * 1000, 1)
+        target = winner.target
+        attempts.append({"provider": target.provider, "model": target.model, "outcome": "ok",
+                         "status": getattr(winner.reply, "status", None), "ms": ms})  # fmt: skip
+    fields = {
+        "request_id": request_id,
+        "route": route,
+        "dialect": dialect.name,
+        "provider": winner.target.provider if winner else None,
+        "model": winner.target.model if winner else None,
+        "attempts": attempts,
+        "calls": dispatch.calls,
+        "status": status,
+        "ms": round(elapsed * 1000, 1),
+    }
+    log.info("request %s status=%s", request_id, status, extra={"fields": fields})
 
 
 def _model(name: str) -> dict[str, object]:

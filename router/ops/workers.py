@@ -59,7 +59,7 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
 def _worker(config: Config, index: int, source: Path | None, control: socket.socket) -> None:
     from router.ops.server import run, wait_for_signal
 
-    setup_logging(config.server.log_level)
+    setup_logging(config.server.log_level, config.server.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the supervisor
     sock = _reuseport_socket(config.server.host, config.server.port)
