@@ -133,6 +133,15 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return main(spec, as_json=args.json, quiet=args.quiet)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from router.tools.status import run
+
+    try:
+        return run(args.url, args.token_env, args.once, args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -177,6 +186,13 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--cut-rate", type=_rate, default=0.0, help="share of answers cut mid-body")
     m.add_argument("--seed", type=int, help="seed for reproducible fault sequences")
     m.set_defaults(func=cmd_mock)
+
+    st = sub.add_parser("status", help="the gateway's providers, routes and cascades, live")
+    st.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    st.add_argument("--token-env", help="environment variable holding the admin token")
+    st.add_argument("--once", action="store_true", help="print once and exit")
+    st.add_argument("--interval", type=_duration, default=1.0, help="refresh period")
+    st.set_defaults(func=cmd_status)
 
     lt = sub.add_parser("loadtest", help="load-test any OpenAI-compatible endpoint")
     lt.add_argument("url", help="http://host:port (or its /v1 root)")

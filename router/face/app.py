@@ -16,6 +16,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 import attrs
 import trio
@@ -31,6 +32,7 @@ from router.dialects.jsonbody import check_model_name
 from router.errors import RequestError
 from router.face.answers import TrackedSend, answer, cascade_error, respond, stream
 from router.face.asgi import ClientGone, Message, Receive, Scope, Send, header, lifespan, read_body
+from router.ops.feed import Feed
 from router.ops.gateway import Gateway
 from router.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.units import parse_duration
@@ -53,6 +55,7 @@ class App:
         self.shutting_down = False
         self._stream_cutoff = math.inf
         self._streams: set[trio.CancelScope] = set()
+        self.feed = Feed()  # recent cascades, recorded only while someone watches
 
     def begin_shutdown(self, grace: float) -> None:
         """Streams still running `grace` seconds from now end with an in-band error.
@@ -110,7 +113,9 @@ class App:
             else:
                 if method == "HEAD":  # as GET, without the body (health checkers use HEAD)
                     send = _without_body(send)
-                if path in _GET_ROUTES:
+                if path == "/admin/status":
+                    await self._status(gateway, scope, send, request_id)
+                elif path in _GET_ROUTES:
                     await _GET_ROUTES[path](self, gateway, send, request_id)
                 elif path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
                     await self._model(gateway, path[len("/v1/models/") :], send, request_id)
@@ -235,6 +240,18 @@ class App:
             elapsed = trio.current_time() - started
             status = tracked.status if tracked.finished else 499  # 499: the client left first
             gateway.metrics.observe_request(route_name, dialect.name, status, elapsed, overhead)
+            if self.feed.watching():
+                self.feed.record(
+                    {
+                        "request_id": request_id,
+                        "route": route_name,
+                        "dialect": dialect.name,
+                        "status": status,
+                        "served_by": served_by if winner_of is not None else None,
+                        "ms": round(elapsed * 1000, 1),
+                        "attempts": [a.to_json() for a in dispatch.attempts],
+                    }
+                )
             if server.log_format == "json":
                 _log_json(request_id, route_name, dialect, status, elapsed, dispatch, winner_of)
             else:
@@ -346,6 +363,29 @@ class App:
             await actor.inbox.send(ManualBlock(model, until, reason))
         snapshot = await actor.ask_snapshot()  # answered after the message above: it shows it
         await respond(send, 200, json.dumps(snapshot.to_json()).encode(), request_id)
+
+    async def _status(self, gateway: Gateway, scope: Scope, send: Send, request_id: str) -> None:
+        """GET /admin/status?after=N: every provider actor's state, every route with its targets
+        in order and the one that served last, and the cascades since N (the live feed)."""
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        try:
+            after = int(query.get("after", ["0"])[0])
+        except ValueError:
+            raise RequestError("'after' must be an integer", param="after") from None
+        snapshots = [(await actor.ask_snapshot()).to_json() for actor in gateway.actors.values()]
+        for snapshot in snapshots:
+            snapshot["dialect"] = gateway.config.providers[str(snapshot["name"])].dialect
+        routes = [
+            {
+                "match": route.match,
+                "targets": [str(t) for t in route.targets],
+                "alternatives": [str(t) for t in route.alternatives],
+                "serving": self.feed.serving.get(route.match),
+            }
+            for route in gateway.config.routes
+        ]
+        body = {"providers": snapshots, "routes": routes, "recent": self.feed.read(after)}
+        await respond(send, 200, json.dumps(body).encode(), request_id)
 
     async def _providers(self, gateway: Gateway, send: Send, request_id: str) -> None:
         snapshots = [await actor.ask_snapshot() for actor in gateway.actors.values()]

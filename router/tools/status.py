@@ -1,0 +1,80 @@
+"""`cascade status`: the operator's live view in the terminal, from `/admin/status`.
+
+Every provider actor (blocks with reason and time left, circuits, in-flight against its limit,
+requests and tokens in the last minute, first-byte p50/p95), every route with its targets in
+order and the one serving now, and the recent cascades: what was tried, skipped, and who served.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import httpx
+
+
+def render(status: dict[str, Any], recent: list[dict[str, Any]]) -> str:
+    lines = ["providers"]
+    for p in status["providers"]:
+        blocks = [f"{b['key']} {b['reason']} {b['seconds_left']:.0f}s" for b in p["blocks"]]
+        circuits = [f"{c['key']} circuit {c['state']}" for c in p["circuits"]]
+        ttfb = p["ttfb_p50_ms"], p["ttfb_p95_ms"]
+        latency = (
+            f"ttfb p50 {ttfb[0]:.0f} p95 {ttfb[1]:.0f} ms" if ttfb[0] is not None else "ttfb -"
+        )
+        lines.append(
+            f"  {p['name']:<18} {p.get('dialect', ''):<9} in flight {p['in_flight']}/"
+            f"{p['max_in_flight']:<5} rpm {p['requests_last_minute']:<5} tpm "
+            f"{p['tokens_last_minute']:<7} {latency}"
+            + ("   " + ", ".join(blocks + circuits) if blocks or circuits else "   ok")
+        )
+    lines.append("routes")
+    for r in status["routes"]:
+        order = " > ".join(r["targets"])
+        if r["alternatives"]:
+            order += " | then " + " > ".join(r["alternatives"])
+        lines.append(f"  {r['match']:<18} {order}   serving: {r['serving'] or '-'}")
+    lines.append("recent cascades")
+    for e in recent[-15:]:
+        tried = ", ".join(f"{a['provider']}/{a['model']} {a['error_type']}" for a in e["attempts"])
+        served = e["served_by"] or "nobody"
+        lines.append(
+            f"  {e['request_id'][:8]} {e['route']:<14} {e['status']} {e['ms']:>7.0f} ms"
+            f"  served by {served}" + (f"  (went around: {tried})" if tried else "")
+        )
+    return "\n".join(lines)
+
+
+def run(url: str, token_env: str | None, once: bool, interval: float) -> int:
+    headers = {}
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            print(
+                f"cascade status: the environment variable {token_env} is not set", file=sys.stderr
+            )
+            return 1
+        headers["authorization"] = f"Bearer {token}"
+    recent: list[dict[str, Any]] = []
+    after = 0
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=10) as client:
+        while True:
+            try:
+                r = client.get("/admin/status", params={"after": after})
+            except httpx.HTTPError as exc:
+                print(f"cascade status: {url}: {exc}", file=sys.stderr)
+                return 1
+            if r.status_code != 200:
+                print(f"cascade status: {url} answered {r.status_code}", file=sys.stderr)
+                return 1
+            status = r.json()
+            recent = (recent + status["recent"])[-100:]
+            after = recent[-1]["seq"] if recent else after
+            text = render(status, recent)
+            if once:
+                print(text)
+                return 0
+            print("\x1b[2J\x1b[H" + text, flush=True)  # clear the screen, then draw
+            time.sleep(interval)
