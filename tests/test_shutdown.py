@@ -207,4 +207,3 @@ async def test_workers_reload_together_from_the_operators_file(tmp_path: Path) -
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
             await proc.aclose()
-        await proc.aclose()
