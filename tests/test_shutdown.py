@@ -74,7 +74,7 @@ async def stream_then_sigterm(tmp_path: Path, grace: str, events: int) -> tuple[
                         proc.send_signal(signal.SIGTERM)  # the stream is in flight
                     body += piece
         code = await proc.wait()
-        await proc.aclose()  # its stderr pipe, now, not whenever the GC gets to it
+        await proc.stderr.aclose()  # its pipe now, not whenever the GC gets to it
         nursery.cancel_scope.cancel()
     return body.decode(), code
 
@@ -119,7 +119,7 @@ async def test_two_workers_share_a_port_and_stop_together(tmp_path: Path) -> Non
                 assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert await proc.wait() == 0
-        await proc.aclose()
+        await proc.stderr.aclose()
 
 
 async def start_workers(config: Path) -> tuple[trio.Process, str, set[bytes]]:
@@ -206,4 +206,4 @@ async def test_workers_reload_together_from_the_operators_file(tmp_path: Path) -
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await proc.wait() == 0
-            await proc.aclose()
+            await proc.stderr.aclose()
