@@ -74,8 +74,9 @@ async def stream_then_sigterm(tmp_path: Path, grace: str, events: int) -> tuple[
                         proc.send_signal(signal.SIGTERM)  # the stream is in flight
                     body += piece
         code = await proc.wait()
-        await proc.stderr.aclose()  # its pipe now, not whenever the GC gets to it
-        nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()  # drain_log stops reading first
+    assert proc.stderr is not None
+    await proc.stderr.aclose()  # its pipe now, not whenever the GC gets to it
     return body.decode(), code
 
 
