@@ -23,6 +23,13 @@ json_values = st.recursive(
 whitespace = st.sampled_from(["", " ", "\n", "\t", "  \r\n "])
 
 
+def body_of(fields: list[tuple[str, Any]], at: int, model: str, ws: list[str]) -> bytes:
+    """A JSON object of `fields` with `model` inserted at position `at`, spaced with `ws`."""
+    named = [*fields[:at], ("model", model), *fields[at:]]
+    parts = [f"{ws[0]}{json.dumps(k)}{ws[1]}:{ws[2]}{json.dumps(v)}{ws[3]}" for k, v in named]
+    return ("{" + ",".join(parts) + "}").encode()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_are_a_clean_400(body: bytes) -> None:
@@ -59,9 +66,7 @@ def test_model_swap_changes_only_the_model(
     fields.append(("messages", [{"role": "user", "content": "hi"}]))
 
     def body_with(value: str) -> bytes:
-        named = [*fields[:at], ("model", value), *fields[at:]]
-        parts = [f"{ws[0]}{json.dumps(k)}{ws[1]}:{ws[2]}{json.dumps(v)}{ws[3]}" for k, v in named]
-        return ("{" + ",".join(parts) + "}").encode()
+        return body_of(fields, at, value, ws)
 
     try:
         request = parse_chat_request(body_with(model))
@@ -100,9 +105,7 @@ def test_anthropic_model_swap_changes_only_the_model(
     ]
 
     def body_with(value: str) -> bytes:
-        named = [*fields[:at], ("model", value), *fields[at:]]
-        parts = [f"{ws[0]}{json.dumps(k)}{ws[1]}:{ws[2]}{json.dumps(v)}{ws[3]}" for k, v in named]
-        return ("{" + ",".join(parts) + "}").encode()
+        return body_of(fields, at, value, ws)
 
     try:
         request = parse_messages_request(body_with(model))

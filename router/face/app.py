@@ -25,7 +25,7 @@ import trio.lowlevel
 from actors.messages import ManualBlock, ManualUnblock
 from actors.settings import ProviderConfig
 from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch, Winner
-from router.config import Config, ConfigError, Route, Target
+from router.config import Config, ConfigError, Route, ServerConfig, Target
 from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
 from router.dialects.base import ClientRequest, Dialect, UpstreamCall
 from router.dialects.jsonbody import check_model_name
@@ -148,16 +148,7 @@ class App:
     ) -> None:
         started = trio.current_time()
         server = gateway.config.server
-        # A client that sends one byte and waits must not hold a request (and its fd) forever.
-        body = None
-        with trio.move_on_after(server.body_timeout):
-            body = await read_body(scope, receive, server.max_body)
-        if body is None:
-            raise RequestError(
-                f"the request body did not arrive within {server.body_timeout:g} s",
-                status=408,
-                code="request_timeout",
-            )
+        body = await _read_in_time(server, scope, receive)
         request = dialect.parse(body)
         resolved = gateway.config.resolve(request.model)
         if resolved is None:
@@ -270,11 +261,7 @@ class App:
         self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
         """POST /v1/messages/count_tokens: an estimate (characters / 4), never a provider call."""
-        body = None
-        with trio.move_on_after(gateway.config.server.body_timeout):
-            body = await read_body(scope, receive, gateway.config.server.max_body)
-        if body is None:
-            raise RequestError("the request body did not arrive in time", status=408)
+        body = await _read_in_time(gateway.config.server, scope, receive)
         tokens = anthropic.count_tokens(body)
         await respond(send, 200, json.dumps({"input_tokens": tokens}).encode(), request_id)
 
@@ -334,7 +321,7 @@ class App:
         actor = gateway.actors.get(name)
         if actor is None:
             raise RequestError(f"no provider {name!r}", status=404, code="not_found")
-        body = await read_body(scope, receive, 64 * 1024)
+        body = await _read_in_time(gateway.config.server, scope, receive, 64 * 1024)
         try:
             fields = json.loads(body) if body.strip() else {}
         except ValueError:
@@ -403,6 +390,23 @@ _GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+async def _read_in_time(
+    server: ServerConfig, scope: Scope, receive: Receive, limit: int | None = None
+) -> bytes:
+    """The request body, within `server.body_timeout` (408 after it: a client that sends one
+    byte and waits must not hold a request, and its fd, forever) and `limit` (413)."""
+    body = None
+    with trio.move_on_after(server.body_timeout):
+        body = await read_body(scope, receive, server.max_body if limit is None else limit)
+    if body is None:
+        raise RequestError(
+            f"the request body did not arrive within {server.body_timeout:g} s",
+            status=408,
+            code="request_timeout",
+        )
+    return body
 
 
 def _check_translation(
