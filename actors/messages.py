@@ -5,6 +5,7 @@ channel that the request carries.
     dispatcher ── SnapshotRequest ──▶ actor    (reply: Snapshot)
     dispatcher ── Reconfigure ──▶ actor        (no reply)
     admin API ── ManualBlock / ManualUnblock ──▶ actor   (no reply)
+    shared backend ── BlockLearned / CircuitChanged / LeaseAnswer … ──▶ actor (actors/shared.py)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import trio
 
 from actors.outcome import Failure
 from actors.settings import ProviderConfig
+from actors.shared import SharedMessage
 from actors.sse import SSEEvent
 from actors.wire import UpstreamWire
 
@@ -140,6 +142,8 @@ class Snapshot:
     ttfb_p95: float | None
     attempts: int
     failures: int
+    # with a shared backend: {"up", "events_received", "last_lag_ms"}
+    shared: Mapping[str, object] | None = None
 
     def to_json(self) -> dict[str, object]:
         def rel(t: float | None) -> float | None:
@@ -165,7 +169,7 @@ class Snapshot:
             "ttfb_p95_ms": None if self.ttfb_p95 is None else round(self.ttfb_p95 * 1000, 1),
             "attempts": self.attempts,
             "failures": self.failures,
-        }
+        } | ({"shared": dict(self.shared)} if self.shared is not None else {})
 
 
 @attrs.frozen(eq=False)
@@ -197,4 +201,4 @@ class ManualUnblock:
     model: str | None
 
 
-Message = Attempt | SnapshotRequest | Reconfigure | ManualBlock | ManualUnblock
+Message = Attempt | SnapshotRequest | Reconfigure | ManualBlock | ManualUnblock | SharedMessage

@@ -41,6 +41,17 @@ from actors.messages import (
 from actors.outcome import Failure, Kind
 from actors.retry_after import parse_retry_after
 from actors.settings import ProviderConfig
+from actors.shared import (
+    BackendState,
+    BlockLearned,
+    BlockLifted,
+    CircuitChanged,
+    Lease,
+    LeaseAnswer,
+    LimitKind,
+    ProbeAnswer,
+    SharedLink,
+)
 from actors.sse import SSEDecoder, SSEEvent
 from actors.state import (
     Circuits,
@@ -68,6 +79,7 @@ MAX_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a proto
 MAX_ERROR_BODY = 64 * 1024  # an error answer is cut to this
 INBOX_SIZE = 64
 _WARN_RETRY_AFTER = 24 * 3600.0
+_PARKED = Refused("lease")  # admission's answer while the lease an attempt needs is on its way
 
 
 @attrs.define
@@ -264,6 +276,7 @@ class ProviderActor:
         wire: UpstreamWire,
         http_transport: httpx.AsyncBaseTransport | None = None,
         wall_clock: Callable[[], float] = time.time,
+        shared: SharedLink | None = None,
     ) -> None:
         self.name = config.name
         self._metrics = metrics
@@ -279,6 +292,16 @@ class ProviderActor:
         self._nursery: trio.Nursery | None = None
         self._calls: set[_Call] = set()  # the running attempts (their phases, for snapshots)
         self._manual = ManualBlocks()  # an operator's, kept across reconfiguration
+        # The shared backend (None: this process alone): what other replicas learned arrives as
+        # messages; rpm/tpm capacity comes in leases while the backend is up.
+        self._shared = shared
+        self._shared_up = False
+        self._rpm_lease: Lease | None = None
+        self._tpm_lease: Lease | None = None
+        self._peer_events = 0
+        self._peer_lag: float | None = None
+        self._peer_last: float | None = None  # wall clock of the last event from a peer
+        self._parked: collections.deque[Attempt] = collections.deque()  # waiting for a lease
         self.config: ProviderConfig = config
         self.wire = wire
         self._apply(config, wire, first=True)
@@ -300,6 +323,11 @@ class ProviderActor:
             )
         if old is None or old.circuit != config.circuit:
             self._circuits = Circuits(config.circuit, config.rate_limit.max_tracked)
+            self._circuits.shared = self._shared_up
+        if self._shared is not None and (old is None or old.limits != config.limits):
+            limits, shared = config.limits, self._shared
+            self._rpm_lease = Lease(shared.lease_size(limits.rpm)) if limits.rpm else None
+            self._tpm_lease = Lease(shared.lease_size(limits.tpm)) if limits.tpm else None
         if old is None or old.retry_budget != config.retry_budget:
             self._budget = RetryBudgetState(config.retry_budget)
 
@@ -395,6 +423,7 @@ class ProviderActor:
         elif isinstance(message, ManualBlock):
             now = trio.current_time()
             self._manual.block(message.model, message.until, message.reason, now)
+            self._publish_block("manual", message.model or "*", message.until, now, message.reason)
             self._metrics.blocked("manual", message.until - now)
             log.warning(
                 "provider %s: %s blocked by hand for %.0f s (%s)",
@@ -404,10 +433,139 @@ class ProviderActor:
                 message.reason,
             )
         elif isinstance(message, ManualUnblock):
+            if self._shared is not None:
+                self._shared.publish(
+                    BlockLifted(self.name, "manual", message.model, self._wall_clock())
+                )
             if self._manual.unblock(message.model):
                 log.warning(
                     "provider %s: %s unblocked by hand", self.name, message.model or "every model"
                 )
+        else:
+            self._shared_message(message)
+
+    # --- the shared backend ----------------------------------------------------------------------
+
+    def _wall(self, until: float, now: float) -> float:
+        return self._wall_clock() + (until - now)
+
+    def _publish_block(
+        self, kind: str, key: str, until: float, now: float, reason: str = "", strikes: int = 0
+    ) -> None:
+        if self._shared is not None:
+            wall = self._wall_clock()
+            self._shared.publish(
+                BlockLearned(self.name, kind, key, wall + (until - now), strikes, reason, wall)
+            )
+
+    def _publish_circuit(self, model: str, opened: bool, until: float, now: float) -> None:
+        if self._shared is not None:
+            wall = self._wall_clock()
+            self._shared.publish(
+                CircuitChanged(self.name, model, opened, wall + (until - now), wall)
+            )
+
+    def _shared_message(self, message: Message) -> None:
+        """What the backend says: another replica's learning, or an answer to this actor."""
+        now = trio.current_time()
+        if isinstance(message, BlockLearned | BlockLifted | CircuitChanged):
+            wall = self._wall_clock()
+            self._peer_events += 1
+            self._peer_lag = max(0.0, wall - message.at) if message.at else None
+            self._peer_last = wall
+            if isinstance(message, BlockLearned):
+                until = now + (message.until - wall)
+                if message.kind == "rate_limited":
+                    self._rate_limits.merge(message.key, until, message.strikes, now)
+                elif message.kind == "latency" and self._latency is not None:
+                    self._latency.merge(message.key, until, now)
+                elif message.kind == "manual":
+                    model = None if message.key == "*" else message.key
+                    self._manual.block(model, until, message.reason, now)
+            elif isinstance(message, BlockLifted):
+                self._manual.unblock(message.key)
+            elif message.open:
+                self._circuits.merge_open(message.model, now + (message.until - wall))
+            else:
+                self._circuits.success(message.model)
+        elif isinstance(message, ProbeAnswer):
+            self._circuits.grant(message.model, message.granted)
+        elif isinstance(message, LeaseAnswer):
+            lease = self._rpm_lease if message.kind == "rpm" else self._tpm_lease
+            if lease is not None and self._shared_up:
+                lease.granted(message.amount, message.retry_in, now)
+                self._unpark()
+        elif isinstance(message, BackendState):
+            self._shared_up = message.up
+            self._circuits.shared = message.up
+            for lease in (self._rpm_lease, self._tpm_lease):
+                if lease is not None:
+                    lease.reset()
+            if message.up:
+                self._want_leases(now, 1, 1)
+            self._unpark()  # down: each replica's own count (or a refusal); up: a fresh lease
+
+    def _refund_leases(self, requests: float, tokens: float) -> None:
+        if self._shared_up:
+            if self._rpm_lease is not None:
+                self._rpm_lease.refund(requests)
+            if self._tpm_lease is not None:
+                self._tpm_lease.refund(tokens)
+
+    def _want_leases(self, now: float, requests: float, tokens: float) -> bool:
+        """Ask for the next lease of each limit whose balance runs low (answers come later):
+        enough for `requests` and `tokens` (what is waiting). False if the ask was dropped."""
+        shared, limits = self._shared, self.config.limits
+        assert shared is not None
+        asked = True
+        checks: tuple[tuple[Lease | None, LimitKind, float | None, float], ...] = (
+            (self._rpm_lease, "rpm", limits.rpm, requests),
+            (self._tpm_lease, "tpm", limits.tpm, tokens),
+        )
+        for lease, kind, limit, need in checks:
+            if lease is not None and limit is not None:
+                amount = lease.wanted(need, now)
+                if amount is not None and not shared.want_lease(self.name, kind, limit, amount):
+                    lease.pending = False  # not even queued: no answer will come
+                    asked = False
+        return asked
+
+    def _shared_limits(self, tokens: float, now: float) -> Refused | None:
+        """rpm/tpm against the deployment: spend this replica's leases. An empty balance parks
+        the attempt (`_PARKED`) until the lease asked for arrives (one round trip to the backend,
+        only when the prefetch fell behind); a full shared window refuses."""
+        shared = self._shared
+        assert shared is not None
+        if not self._shared_up:  # the backend is down: this replica's own count, or refuse
+            return None if shared.fail_open else Refused("limits_unavailable")
+        rpm, tpm = self._rpm_lease, self._tpm_lease
+        short = None
+        if rpm is not None and (self._parked or rpm.balance < 1):
+            short = Refused("rpm", rpm.exhausted_until) if rpm.exhausted_until > now else _PARKED
+        if short is None and tpm is not None and (self._parked or tpm.balance < tokens):
+            short = Refused("tpm", tpm.exhausted_until) if tpm.exhausted_until > now else _PARKED
+        if short is None:
+            if rpm is not None:
+                rpm.take(1)
+            if tpm is not None:
+                tpm.take(tokens)
+        waiting = self._parked_need if short is _PARKED else (0.0, 0.0)
+        if not self._want_leases(now, waiting[0] + 1, waiting[1] + tokens) and short is _PARKED:
+            return None if shared.fail_open else Refused("limits_unavailable")
+        return short
+
+    @property
+    def _parked_need(self) -> tuple[float, float]:
+        return float(len(self._parked)), float(
+            sum(a.request.estimated_tokens for a in self._parked)
+        )
+
+    def _unpark(self) -> None:
+        """Admit (or refuse) the attempts waiting for a lease, in their order."""
+        parked, self._parked = self._parked, collections.deque()
+        for attempt in parked:
+            if not attempt.cancel_scope.cancel_called:  # else the dispatcher has given up on it
+                self._start_attempt(attempt)
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -432,14 +590,29 @@ class ProviderActor:
             and (until := self._tpm.room(now, tokens, limits.tpm)) is not None
         ):
             return Refused("tpm", until)
+        shared = self._shared
+        leased = shared is not None and (limits.rpm is not None or limits.tpm is not None)
+        if leased and (refusal := self._shared_limits(min(tokens, limits.tpm or tokens), now)):
+            return refusal  # or _PARKED
         admitted, until = self._circuits.admit(model, now)
         if not admitted:
+            if leased:  # give back what _shared_limits took
+                self._refund_leases(1, min(tokens, limits.tpm or tokens))
+            if shared is not None and self._shared_up:
+                hold = self.config.timeouts.total + 1.0
+                if self._circuits.ask_probe(model, now, hold):
+                    shared.want_probe(self.name, model, hold)
             return Refused("circuit_open" if until is not None else "circuit_probe", until)
         return None
 
     def _start_attempt(self, attempt: Attempt) -> None:
         now = trio.current_time()
         refusal = self._admit(attempt, now)
+        if refusal is _PARKED:
+            if len(self._parked) < self.config.max_in_flight:
+                self._parked.append(attempt)
+                return
+            refusal = Refused("busy")
         if refusal is not None:
             self._metrics.refused(refusal.reason)
             try:
@@ -512,6 +685,8 @@ class ProviderActor:
         self._attempts += 1
         failure = outcome.failure
         if outcome.tokens is not None:
+            if self._tpm_lease is not None:  # the estimate was spent: settle the difference
+                self._refund_leases(0, tpm_entry[1] - outcome.tokens)
             self._tpm.correct(tpm_entry, outcome.tokens)
         if failure is None:
             self._metrics.attempt("ok")
@@ -522,7 +697,9 @@ class ProviderActor:
             self._failures += 1
             self._metrics.attempt(failure.kind.value)
         if failure is None or failure.kind in (Kind.CLIENT_ERROR, Kind.CONTEXT_OVERFLOW):
-            self._circuits.success(model)  # the upstream is answering: a probe closes the circuit
+            # the upstream is answering: a probe closes the circuit (everywhere)
+            if self._circuits.success(model):
+                self._publish_circuit(model, False, now, now)
         until = None
         if failure is not None and failure.kind is Kind.RATE_LIMITED:
             retry_after = failure.retry_after
@@ -534,6 +711,9 @@ class ProviderActor:
                     self.config.rate_limit.max_retry_after,
                 )
             until = self._rate_limits.block(model, now, retry_after)
+            key = self._rate_limits.key(model)
+            strikes = self._rate_limits.strikes(key)
+            self._publish_block("rate_limited", key, until, now, strikes=strikes)
             self._metrics.blocked("rate_limited", until - now)
             log.warning(
                 "provider %s: %s rate limited (%s); blocked for %.1f s (%s)",
@@ -545,12 +725,14 @@ class ProviderActor:
             )
         elif failure is not None and failure.kind in (Kind.TRANSIENT, Kind.SLOW, Kind.PROTOCOL):
             if self._circuits.failure(model, now):
+                self._publish_circuit(model, True, self._circuits.until(model), now)
                 self._metrics.blocked("circuit_open", self.config.circuit.open_for)
                 log.warning("provider %s: circuit for %s opened", self.name, model)
         if self._latency is not None and (failure is None or failure.kind is Kind.SLOW):
             if (
                 block_end := self._latency.observe(model, now, outcome.ttfb, outcome.total)
             ) is not None:
+                self._publish_block("latency", model, block_end, now)
                 self._metrics.blocked("latency", block_end - now)
                 log.warning("provider %s: latency trigger blocked %s", self.name, model)
         return until
@@ -578,4 +760,12 @@ class ProviderActor:
             ttfb_p95=self._ttfbs.quantile(0.95),
             attempts=self._attempts,
             failures=self._failures,
+            shared=None
+            if self._shared is None
+            else {
+                "up": self._shared_up,
+                "events_received": self._peer_events,
+                "last_lag_ms": None if self._peer_lag is None else round(self._peer_lag * 1e3, 2),
+                "last_event_at": self._peer_last,
+            },
         )

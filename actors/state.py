@@ -8,6 +8,7 @@ microseconds. Every per-key map is bounded: a flood of distinct model names cann
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from collections.abc import Iterator
 from typing import Generic, TypeVar
@@ -88,6 +89,21 @@ class RateLimits:
         """A success ends the exponential sequence: the next block starts again at the base."""
         self._blocks.pop(self.key(model))
 
+    def strikes(self, key: str) -> int:
+        block = self._blocks.get(key)
+        return block.strikes if block is not None else 0
+
+    def merge(self, key: str, until: float, strikes: int, now: float) -> bool:
+        """Adopt a block another replica learned; the later end and the higher strike count win.
+        Returns whether anything changed."""
+        previous = self._blocks.get(key)
+        if previous is not None:
+            if previous.until >= until and previous.strikes >= strikes:
+                return False
+            until, strikes = max(until, previous.until), max(strikes, previous.strikes)
+        self._blocks.put(key, _Block(until, strikes), self._expired(now))
+        return True
+
     def _expired(self, now: float) -> Iterator[str]:
         return (k for k, b in self._blocks.items() if b.until <= now)
 
@@ -162,6 +178,13 @@ class LatencyTriggers:
         self._blocked.put(model, until, (k for k, u in self._blocked.items() if u <= now))
         return until
 
+    def merge(self, model: str, until: float, now: float) -> bool:
+        """Adopt a latency block another replica set (the later end wins)."""
+        if (self._blocked.get(model) or -math.inf) >= until:
+            return False
+        self._blocked.put(model, until, (k for k, u in self._blocked.items() if u <= now))
+        return True
+
     def active(self, now: float) -> list[tuple[str, float]]:
         return [(k, u) for k, u in self._blocked.items() if u > now]
 
@@ -178,16 +201,22 @@ class _Circuit:
     failures: deque[float] = attrs.field(factory=deque)
     until: float = 0.0
     probing: bool = False
+    granted: bool = False  # shared: this replica holds the deployment's one probe
+    asked: float = -math.inf  # shared: when this replica last asked for the probe
 
 
 class Circuits:
     """Closed → (failures within window) → open → (open_for passes) → half-open: one probe.
 
     The probe's success closes the circuit; its failure opens it again for another `open_for`.
+    With `shared` set (a shared backend is up) a half-open circuit also needs the deployment's
+    probe grant before its one probe goes: every replica's circuit opens together, and only one
+    of them probes.
     """
 
     def __init__(self, policy: CircuitPolicy, max_size: int) -> None:
         self.policy = policy
+        self.shared = False
         self._circuits: BoundedMap[_Circuit] = BoundedMap(max_size)
 
     def admit(self, model: str, now: float) -> tuple[bool, float | None]:
@@ -203,13 +232,50 @@ class Circuits:
             if now < c.until:
                 return False, c.until
             c.state = CircuitState.HALF_OPEN
-        if c.probing:
+        if c.probing or (self.shared and not c.granted):
             return False, None
         c.probing = True
         return True, None
 
-    def success(self, model: str) -> None:
+    def ask_probe(self, model: str, now: float, hold: float) -> bool:
+        """Shared: whether to ask the backend for the probe of `model` now (a half-open circuit,
+        no grant, and no question asked within `hold`: the holder may have died)."""
+        c = self._circuits.get(model)
+        if c is None or c.state is CircuitState.CLOSED or c.granted or c.probing:
+            return False
+        if (c.state is CircuitState.OPEN and now < c.until) or now < c.asked + hold:
+            return False
+        c.asked = now
+        return True
+
+    def grant(self, model: str, granted: bool) -> None:
+        c = self._circuits.get(model)
+        if c is not None and c.state is not CircuitState.CLOSED:
+            c.granted = granted
+
+    def until(self, model: str) -> float:
+        c = self._circuits.get(model)
+        return c.until if c is not None else 0.0
+
+    def merge_open(self, model: str, until: float) -> bool:
+        """Another replica's circuit opened (or its probe failed): open here until `until`."""
+        c = self._circuits.get(model)
+        if c is None:
+            c = _Circuit()
+            self._circuits.put(
+                model, c, (k for k, v in self._circuits.items() if v.state is CircuitState.CLOSED)
+            )
+        elif c.state is CircuitState.OPEN and c.until >= until:
+            return False
+        c.state, c.until, c.granted, c.asked = CircuitState.OPEN, until, False, -math.inf
+        c.failures.clear()
+        return True
+
+    def success(self, model: str) -> bool:
+        """The upstream answered: the circuit closes. True when it was open or half-open."""
+        c = self._circuits.get(model)
         self._circuits.pop(model)
+        return c is not None and c.state is not CircuitState.CLOSED
 
     def failure(self, model: str, now: float) -> bool:
         """Record a transient failure; returns True when this failure opens the circuit."""
@@ -219,8 +285,9 @@ class Circuits:
             self._circuits.put(
                 model, c, (k for k, v in self._circuits.items() if v.state is CircuitState.CLOSED)
             )
-        if c.state is CircuitState.HALF_OPEN:
+        if c.state is CircuitState.HALF_OPEN:  # the probe failed
             c.state, c.until, c.probing = CircuitState.OPEN, now + self.policy.open_for, False
+            c.granted, c.asked = False, -math.inf
             return True
         c.failures.append(now)
         while c.failures and c.failures[0] <= now - self.policy.window:

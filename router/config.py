@@ -629,11 +629,47 @@ class ServerConfig:
 
 
 @attrs.frozen
+class StateConfig:
+    """Where provider state lives: this process (`local`) or Redis, shared by every worker and
+    replica (docs/scaling.md)."""
+
+    backend: Literal["local", "redis"] = "local"
+    url: str = "redis://127.0.0.1:6379/0"
+    password_env: str | None = None  # the environment variable holding Redis's password
+    prefix: str = "cascade:"  # every key and channel starts with it: deployments can share Redis
+    lease: float = 0.1  # one rpm/tpm lease: this fraction of the limit (at least 1)
+    limits_when_down: Literal["open", "closed"] = "open"
+    timeout: float = 1.0  # connect and command timeout: a slower Redis counts as down
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> StateConfig:
+        d = cls()
+        state = cls(
+            backend=f.choice("backend", d.backend, ("local", "redis")),
+            url=f.string("url", d.url),
+            password_env=f.optional_string("password_env"),
+            prefix=f.string("prefix", d.prefix),
+            lease=f.number("lease", d.lease, minimum=0.001, maximum=1.0),
+            limits_when_down=f.choice("limits_when_down", d.limits_when_down, ("open", "closed")),
+            timeout=f.duration("timeout", d.timeout, positive=True),
+        )
+        if f.has("url"):
+            scheme, _, rest = state.url.partition("://")
+            if scheme not in ("redis", "rediss") or not rest:
+                f.error("url", "expected redis://host:port/db or rediss://host:port/db")
+            elif ":" in rest.partition("@")[0] and "@" in rest:
+                f.error("url", "has a password in it; put the password in password_env instead")
+        f.done()
+        return state
+
+
+@attrs.frozen
 class Config:
     server: ServerConfig
     providers: Mapping[str, ProviderConfig]
     routes: tuple[Route, ...]
     retry: RetryConfig = RetryConfig()
+    state: StateConfig = StateConfig()
     # Providers served by an in-process mock upstream (`mock:`), by name; the server starts
     # them and points the provider's base_url at them.
     mocks: Mapping[str, MockSettings] = attrs.field(factory=dict)
@@ -667,10 +703,18 @@ class Config:
             for p, v in root.items("routes")
         )
         retry = RetryConfig.from_fields(root.sub("retry"))
+        state = StateConfig.from_fields(root.sub("state"))
         root.done()
         if problems:
             raise ConfigError(problems)
-        return cls(server=server, providers=providers, routes=routes, retry=retry, mocks=mocks)
+        return cls(
+            server=server,
+            providers=providers,
+            routes=routes,
+            retry=retry,
+            state=state,
+            mocks=mocks,
+        )
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "<config>") -> Config:

@@ -272,8 +272,10 @@ class App:
 
     async def _readyz(self, gateway: Gateway, send: Send, request_id: str) -> None:
         ready = not self.shutting_down
-        body = b'{"status":"ready"}' if ready else b'{"status":"not ready"}'
-        await respond(send, 200 if ready else 503, body, request_id)
+        answer: dict[str, object] = {"status": "ready" if ready else "not ready"}
+        if gateway.shared is not None:  # an outage shows here, not in the status: keep serving
+            answer["state"] = gateway.shared.status()
+        await respond(send, 200 if ready else 503, json.dumps(answer).encode(), request_id)
 
     async def _models(self, gateway: Gateway, send: Send, request_id: str) -> None:
         data = [_model(name) for name in gateway.config.model_names()]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import attrs
 import httpx
@@ -21,6 +22,9 @@ from router.face.serving import serve_asgi
 from router.ops.metrics import Metrics
 from router.tools.mock import MockUpstream
 
+if TYPE_CHECKING:  # imported by `serve` only with `state.backend: redis` (coredis is slow to load)
+    from router.state.redis import RedisState
+
 log = logging.getLogger("cascade.gateway")
 
 
@@ -32,6 +36,7 @@ class Gateway:
     actors: Mapping[str, ProviderActor]
     dispatcher: Dispatcher
     metrics: Metrics
+    shared: RedisState | None = None
     _dialects: dict[int, frozenset[str]] = attrs.field(factory=dict, init=False, repr=False)
 
     def dialects_of(self, route: Route) -> frozenset[str]:
@@ -102,8 +107,10 @@ class Assembly:
         actor_nursery: trio.Nursery,
         mocks: MockServers,
         http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+        shared: RedisState | None = None,
     ) -> None:
         self.metrics = metrics
+        self.shared = shared
         self.actor_nursery = actor_nursery
         self.mocks = mocks
         self.http_transports = http_transports or {}  # tests: a provider's scripted upstream
@@ -114,6 +121,8 @@ class Assembly:
         """A gateway for `config`. With `previous`, its actors are kept (unchanged providers),
         reconfigured in place (changed ones: their blocks, windows and counters survive) or
         left to `retire` (removed ones); new providers get new actors."""
+        if previous is not None and previous.config.state != config.state:
+            log.warning("the state section changed: it takes effect when Cascade restarts")
         config = await self.mocks.resolve(config)
         actors: dict[str, ProviderActor] = {}
         changes: Changes = {"kept": [], "reconfigured": [], "added": [], "removed": []}
@@ -130,9 +139,8 @@ class Assembly:
                     changes["reconfigured"].append(name)
                 else:
                     changes["kept"].append(name)
-        return Gateway(
-            config, actors, Dispatcher(config, actors, self.metrics), self.metrics
-        ), changes
+        dispatcher = Dispatcher(config, actors, self.metrics)
+        return Gateway(config, actors, dispatcher, self.metrics, self.shared), changes
 
     def retire(self, previous: Gateway, current: Gateway) -> list[str]:
         """Close the actors `current` no longer has: each finishes its running attempts."""
@@ -147,6 +155,9 @@ class Assembly:
             self.metrics.provider(provider.name),
             wire=upstream_wire(provider),
             http_transport=self.http_transports.get(provider.name),
+            shared=self.shared.link if self.shared is not None else None,
         )
         await self.actor_nursery.start(actor.run)
+        if self.shared is not None:
+            self.shared.register(actor)
         return actor

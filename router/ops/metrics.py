@@ -101,6 +101,18 @@ class Metrics:
         self.hedges = Counter(
             "cascade_hedges_total", "Hedged attempts by outcome", ["route", "outcome"], registry=r
         )
+        self.state_up = Gauge(
+            "cascade_state_backend_up",
+            "1 while the shared state backend is reachable (with backend local: always 1)",
+            ["backend"],
+            registry=r,
+        )
+        self.state_events = Counter(
+            "cascade_state_events_total",
+            "Shared-state events (blocks, circuits) published to or received from other replicas",
+            ["direction"],
+            registry=r,
+        )
         self.failovers = Counter(
             "cascade_failovers_total",
             "Requests answered by a target other than their first",

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import httpx
@@ -29,6 +29,9 @@ from router.ops.control import WorkerLink
 from router.ops.gateway import Assembly, MockServers
 from router.ops.metrics import Metrics
 from router.ops.reload import Reloader
+
+if TYPE_CHECKING:
+    from router.state.redis import RedisState
 
 log = logging.getLogger("cascade.server")
 
@@ -85,10 +88,20 @@ async def serve(
     `source` is the config file that `/admin/reload` and SIGHUP re-read (None: the built-in demo).
     `link` is a worker's control socket: reloads then go through the supervisor, to every worker.
     """
+    metrics = Metrics()
+    shared: RedisState | None = None
+    if config.state.backend == "redis":
+        from router.state.redis import RedisState  # coredis takes ~0.5 s to import: only if used
+
+        shared = RedisState(config.state, metrics)
+    else:
+        metrics.state_up.labels("local").set(1)
     async with trio.open_nursery() as mock_nursery:
+        if shared is not None:  # connects in the background: actors start on their own view
+            await mock_nursery.start(shared.run)
         async with trio.open_nursery() as actor_nursery:
             assembly = Assembly(
-                Metrics(), actor_nursery, MockServers(mock_nursery), http_transports
+                metrics, actor_nursery, MockServers(mock_nursery), http_transports, shared
             )
             gateway, _ = await assembly.build(config)
             app = App(gateway)

@@ -1,0 +1,1 @@
+"""Provider state shared across workers and replicas (`state.backend: redis`)."""

@@ -1,0 +1,268 @@
+"""Two real Cascade processes sharing a real redis-server, against fake upstreams on 127.0.0.1
+(issue 12): blocks, circuits and rpm limits learned or spent by one replica hold on the other;
+Redis dying and coming back never stops answers."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from router.face.serving import serve_asgi
+from tests.helpers import chat
+from tests.live import Exchange, FakeUpstream, healthy
+from tests.redis_server import RedisServer, free_port
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    server = RedisServer(free_port())
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()
+
+
+class Replica:
+    """One `cascade serve` process; its stderr is drained into `log`."""
+
+    def __init__(self, proc: trio.Process, url: str, log: list[bytes]) -> None:
+        self.proc, self.url, self.log = proc, url, log
+
+    async def providers(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            r = await client.get("/admin/providers")
+        return {p["name"]: p for p in r.json()["providers"]}
+
+    async def chat(self, model: str = "gpt") -> httpx.Response:
+        async with httpx.AsyncClient(base_url=self.url, timeout=20) as client:
+            return await client.post("/v1/chat/completions", json=chat(model))
+
+    async def get(self, path: str) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            return await client.get(path)
+
+    async def state_up(self) -> bool:
+        return bool((await self.get("/readyz")).json()["state"]["up"])
+
+
+async def start_replica(nursery: trio.Nursery, config: Path) -> Replica:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "router", "serve", "--config", str(config)], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    log: list[bytes] = []
+    while not (m := re.search(rb"cascade listening on (http://\S+)", b"".join(log))):
+        chunk = await proc.stderr.receive_some()
+        assert chunk, b"".join(log).decode()
+        log.append(chunk)
+
+    async def drain() -> None:
+        assert proc.stderr is not None
+        while chunk := await proc.stderr.receive_some():
+            log.append(chunk)
+
+    nursery.start_soon(drain)
+    return Replica(proc, m.group(1).decode(), log)
+
+
+async def stop(replicas: list[Replica]) -> None:
+    """SIGTERM each; each must exit 0 (a replica that died or hung shows its log's tail)."""
+    for r in replicas:
+        r.proc.send_signal(signal.SIGTERM)
+    for r in replicas:
+        with trio.move_on_after(10):
+            assert await r.proc.wait() == 0, b"".join(r.log).decode()[-3000:]
+        if r.proc.returncode is None:
+            r.proc.kill()
+            raise AssertionError("replica ignored SIGTERM:\n" + b"".join(r.log).decode()[-3000:])
+
+
+@asynccontextmanager
+async def deployment(config: Path, count: int = 2) -> AsyncIterator[list[Replica]]:
+    """`count` replicas of `config`, connected to Redis; stopped (killed if need be) at the end."""
+    async with trio.open_nursery() as nursery:
+        replicas: list[Replica] = []
+        try:
+            for _ in range(count):
+                replicas.append(await start_replica(nursery, config))
+            await connected(*replicas)
+            yield replicas
+            await stop(replicas)
+        finally:
+            for r in replicas:
+                if r.proc.returncode is None:
+                    r.proc.kill()
+            nursery.cancel_scope.cancel()
+
+
+def write_config(path: Path, redis_url: str, providers: dict[str, Any], **route: Any) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "server": {"port": 0, "grace": "1s"},
+                "state": {"backend": "redis", "url": redis_url, "prefix": "t:"},
+                "providers": providers,
+                "routes": [{"match": "gpt", **route}],
+            }
+        )
+    )
+    return path
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    """Poll another process's state (no event crosses the process boundary), bounded in time."""
+    with trio.fail_after(seconds):
+        while not await check():  # noqa: ASYNC110
+            await trio.sleep(0.005)
+
+
+async def connected(*replicas: Replica) -> None:
+    for r in replicas:
+        await until(r.state_up, 10)
+
+
+async def test_a_429_on_one_replica_steers_the_other_within_100ms(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    sent_429: list[float] = []
+
+    async def rate_limited(exchange: Exchange) -> None:
+        sent_429.append(time.time())
+        await exchange.json_answer(
+            429, {"error": {"type": "rate_limit_error", "message": "slow down"}}, retry_after="30"
+        )
+
+    primary, other = FakeUpstream(rate_limited, healthy), FakeUpstream(healthy)
+    async with trio.open_nursery() as nursery:
+        urls = [await nursery.start(serve_asgi, u, "127.0.0.1", 0) for u in (primary, other)]
+        providers = {"up": {"base_url": urls[0] + "/v1"}, "alt": {"base_url": urls[1] + "/v1"}}
+        config = write_config(tmp_path / "c.yaml", redis.url, providers, targets=["up/m", "alt/m"])
+        async with deployment(config) as (a, b):
+            assert (await a.chat()).status_code == 200  # up said 429, alt served
+            assert len(primary.exchanges) == 1
+
+            # B learns it from A through Redis. The time from the upstream's 429 to B holding
+            # the block is taken in B itself (wall clock; both on this machine).
+            async def b_knows() -> bool:
+                return bool((await b.providers())["up"]["blocks"])
+
+            await until(b_knows)
+            up_on_b = (await b.providers())["up"]
+            assert [(x["key"], x["reason"]) for x in up_on_b["blocks"]] == [("m", "rate_limited")]
+            assert 29 <= up_on_b["blocks"][0]["seconds_left"] <= 30
+            lag = up_on_b["shared"]["last_event_at"] - sent_429[0]
+            print(f"429 at the upstream -> block known on the other replica: {lag * 1000:.1f} ms")
+            assert lag <= 0.1
+
+            assert (await b.chat()).status_code == 200  # B skips `up` without calling it
+            assert len(primary.exchanges) == 1
+            assert len(other.exchanges) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_rpm_is_one_limit_across_two_replicas(tmp_path: Path, redis: RedisServer) -> None:
+    """rpm 20, lease 10% (2 requests): a burst of 100 split between two replicas reaches the
+    upstream at most 20 + 2 replicas x 1.5 leases = 26 times (docs/scaling.md)."""
+    upstream = FakeUpstream(healthy)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_asgi, upstream, "127.0.0.1", 0)
+        providers = {"up": {"base_url": url + "/v1", "limits": {"rpm": 20}}}
+        config = write_config(tmp_path / "c.yaml", redis.url, providers, targets=["up/m"])
+        async with deployment(config) as (a, b):
+            statuses: list[int] = []
+
+            async def one(replica: Replica) -> None:
+                statuses.append((await replica.chat()).status_code)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as burst:
+                    for i in range(100):
+                        burst.start_soon(one, (a, b)[i % 2])
+        calls = len(upstream.exchanges)
+        print(f"rpm 20 over two replicas: the upstream saw {calls} of 100 requests")
+        assert statuses.count(200) == calls
+        assert 10 <= calls <= 26
+        assert set(statuses) <= {200, 429}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_circuit_opens_everywhere_and_one_replica_probes(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    release = trio.Event()
+
+    async def fails(exchange: Exchange) -> None:
+        await exchange.json_answer(500, {"error": {"message": "boom"}})
+
+    async def slow_probe(exchange: Exchange) -> None:
+        await release.wait()
+        await healthy(exchange)
+
+    primary, other = FakeUpstream(fails, fails, slow_probe, healthy), FakeUpstream(healthy)
+    async with trio.open_nursery() as nursery:
+        urls = [await nursery.start(serve_asgi, u, "127.0.0.1", 0) for u in (primary, other)]
+        circuit = {"failures": 2, "window": "1m", "open_for": "1s"}
+        providers = {
+            "up": {"base_url": urls[0] + "/v1", "max_retries": 0, "circuit": circuit},
+            "alt": {"base_url": urls[1] + "/v1"},
+        }
+        config = write_config(tmp_path / "c.yaml", redis.url, providers, targets=["up/m", "alt/m"])
+        async with deployment(config) as (a, b):
+            for _ in range(2):
+                assert (await a.chat()).status_code == 200  # up fails, alt serves
+            assert len(primary.exchanges) == 2
+
+            async def circuit_on(replica: Replica) -> str | None:
+                circuits = (await replica.providers())["up"]["circuits"]
+                return circuits[0]["state"] if circuits else None
+
+            async def open_on_b() -> bool:
+                return await circuit_on(b) == "open"
+
+            async def half_open_on_both() -> bool:  # open_for has passed
+                return {await circuit_on(a), await circuit_on(b)} == {"half_open"}
+
+            await until(open_on_b)
+            await until(half_open_on_both)
+
+            # Both replicas take requests while half-open: one probe reaches `up` (it hangs
+            # until released), every other request is served by `alt`.
+            statuses: list[int] = []
+
+            async def one(replica: Replica) -> None:
+                statuses.append((await replica.chat()).status_code)
+
+            def hung() -> int:  # probes still waiting on `release`
+                return len(primary.exchanges) - 2
+
+            async with trio.open_nursery() as requests:
+                for round_ in range(10):  # rounds of one request to each replica at once
+                    requests.start_soon(one, a)
+                    requests.start_soon(one, b)
+
+                    async def round_done(started: int = 2 * round_ + 2) -> bool:
+                        return started - len(statuses) == hung()
+
+                    await until(round_done, 10)
+                assert hung() == 1, "one probe in the whole deployment"
+                release.set()
+            assert statuses == [200] * 20
+
+            async def closed_on_both() -> bool:  # the probe's success closes it everywhere
+                return {await circuit_on(a), await circuit_on(b)} == {None}
+
+            await until(closed_on_both)
+        nursery.cancel_scope.cancel()
