@@ -266,3 +266,147 @@ async def test_a_circuit_opens_everywhere_and_one_replica_probes(
 
             await until(closed_on_both)
         nursery.cancel_scope.cancel()
+
+
+async def test_redis_killed_and_restarted_never_stops_answers(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """SIGKILL Redis mid-run: every request is still answered, the backend-up gauge goes 0 then
+    1, and a block learned during the outage reaches the other replica after it."""
+    limited = False
+
+    async def up_handler(exchange: Exchange) -> None:
+        if limited:
+            await exchange.json_answer(
+                429, {"error": {"type": "rate_limit_error", "message": "no"}}, retry_after="30"
+            )
+        else:
+            await healthy(exchange)
+
+    primary, other = FakeUpstream(up_handler), FakeUpstream(healthy)
+    async with trio.open_nursery() as nursery:
+        urls = [await nursery.start(serve_asgi, u, "127.0.0.1", 0) for u in (primary, other)]
+        providers = {"up": {"base_url": urls[0] + "/v1"}, "alt": {"base_url": urls[1] + "/v1"}}
+        config = write_config(tmp_path / "c.yaml", redis.url, providers, targets=["up/m", "alt/m"])
+        async with deployment(config) as (a, b):
+
+            async def gauge(replica: Replica) -> float:
+                text = (await replica.get("/metrics")).text
+                found = re.search(
+                    r'^cascade_state_backend_up\{backend="redis"\} (\S+)$', text, re.M
+                )
+                assert found is not None
+                return float(found.group(1))
+
+            assert [await gauge(a), await gauge(b)] == [1.0, 1.0]
+            await redis.kill()
+
+            async def both_down() -> bool:
+                return [await gauge(a), await gauge(b)] == [0.0, 0.0]
+
+            await until(both_down)
+            ready = await a.get("/readyz")
+            assert ready.status_code == 200  # an outage is in the body, not the status
+            assert ready.json()["state"]["up"] is False
+            assert "down_for_s" in ready.json()["state"]
+            for replica in (a, b, a, b):
+                assert (await replica.chat()).status_code == 200
+            calls_before = len(primary.exchanges)
+
+            limited = True  # learned by A alone while Redis is away
+            assert (await a.chat()).status_code == 200  # 429 from up, alt serves
+            limited = False
+            assert len(primary.exchanges) == calls_before + 1
+            assert (await b.providers())["up"]["blocks"] == []  # B cannot know yet
+
+            await redis.start()
+
+            async def both_up() -> bool:
+                return [await gauge(a), await gauge(b)] == [1.0, 1.0]
+
+            await until(both_up, 15)  # reconnect backoff is at most 5 s
+
+            async def b_knows() -> bool:
+                return bool((await b.providers())["up"]["blocks"])
+
+            await until(b_knows)
+            assert (await b.chat()).status_code == 200
+            assert len(primary.exchanges) == calls_before + 1  # B skipped up: the block holds
+        log = b"".join(a.log).decode()
+        assert log.count("Redis at redis://127.0.0.1") >= 2  # down once, back once: not a flood
+        assert len(re.findall(r"unreachable", log)) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_workers_with_redis_steer_each_other_and_reload_together(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    async def rate_limited(exchange: Exchange) -> None:
+        await exchange.json_answer(
+            429, {"error": {"type": "rate_limit_error", "message": "no"}}, retry_after="30"
+        )
+
+    primary, other = FakeUpstream(rate_limited, healthy), FakeUpstream(healthy)
+    async with trio.open_nursery() as nursery:
+        urls = [await nursery.start(serve_asgi, u, "127.0.0.1", 0) for u in (primary, other)]
+        config = tmp_path / "w.yaml"
+
+        def write(route: str) -> None:
+            providers = {"up": {"base_url": urls[0] + "/v1"}, "alt": {"base_url": urls[1] + "/v1"}}
+            write_config(config, redis.url, providers, targets=["up/m", "alt/m"])
+            raw = json.loads(config.read_text())
+            raw["server"]["workers"] = 2
+            raw["routes"][0]["match"] = route
+            config.write_text(json.dumps(raw))
+
+        write("gpt")
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "router", "serve", "--config", str(config)],
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        log = b""
+        try:
+            with trio.fail_after(30):  # both workers listening and connected to Redis
+                while log.count(b"cascade listening on") < 2 or log.count(b"shared state:") < 2:
+                    chunk = await proc.stderr.receive_some()
+                    assert chunk, log.decode()
+                    log += chunk
+            assert b"state.backend: local" not in log  # the per-worker warning is for local only
+            [url] = set(re.findall(rb"cascade listening on (http://\S+)", log))
+
+            async def served(model: str) -> set[int]:
+                statuses = set()
+                for _ in range(12):  # each on a new connection: the kernel picks the worker
+                    async with httpx.AsyncClient(base_url=url.decode()) as client:
+                        r = await client.post("/v1/chat/completions", json=chat(model))
+                        statuses.add(r.status_code)
+                return statuses
+
+            assert await served("gpt") == {200}
+            # The first request's worker learned the 429; the other one never called `up`.
+            assert len(primary.exchanges) == 1
+
+            write("second")
+            async with httpx.AsyncClient(base_url=url.decode()) as client:
+                r = await client.post("/admin/reload")
+            assert r.status_code == 200, r.text
+            assert [w["status"] for w in r.json()["workers"]] == ["reloaded", "reloaded"]
+            assert await served("second") == {200}
+            write("third")
+            proc.send_signal(signal.SIGHUP)
+            with trio.fail_after(10):
+                while log.count(b"config reloaded on 2 of 2 workers") < 2:  # POST's, SIGHUP's
+                    chunk = await proc.stderr.receive_some()
+                    assert chunk, log.decode()
+                    log += chunk
+            assert await served("third") == {200}
+            assert len(primary.exchanges) == 1
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.stderr.aclose()
+        nursery.cancel_scope.cancel()

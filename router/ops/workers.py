@@ -204,6 +204,13 @@ class Supervisor:
 
 def run_workers(config: Config, workers: int, source: Path | None) -> int:
     """Start `workers` gateway processes and supervise them; returns the exit status."""
+    if config.state.backend == "local":
+        log.warning(
+            "%d workers with state.backend: local: each worker keeps its own blocks, circuits and"
+            " rpm/tpm counts (a limit of N is N per worker); state.backend: redis shares them"
+            " (docs/scaling.md)",
+            workers,
+        )
     reserved = _reuseport_socket(config.server.host, config.server.port)
     port = reserved.getsockname()[1]
     config = attrs.evolve(config, server=attrs.evolve(config.server, port=port))
