@@ -1,6 +1,6 @@
 """CPU instructions per request, counted by valgrind: a measure that does not drift with the VM.
 
-    python benchmarks/instructions.py [--requests 500] [--warmup 100]
+    python benchmarks/instructions.py [--requests 500] [--warmup 100] [--state]
 
 Throughput on a shared VM moves ±30% from hour to hour; the number of instructions a server
 executes per request does not (callgrind counts them, whatever else the machine is doing). This
@@ -9,11 +9,16 @@ under `valgrind --tool=callgrind` against benchmarks/fast_upstream.py, sends `--
 `--warmup + --requests` sequential keep-alive requests in two separate runs, and reports the
 difference per request, so start-up and shutdown cancel out. Loopback only; each run is bounded.
 It needs valgrind (`apt-get install valgrind`) and takes a minute or two.
+
+`--state` adds Cascade with rpm/tpm limits set, once with `state.backend: local` and once with
+`redis` (a redis-server on a free port; needs redis-server): what the shared backend costs per
+request, leases and all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import re
@@ -86,6 +91,7 @@ def main() -> int:
     )
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--state", action="store_true", help="also: limits with local vs redis state")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -94,27 +100,50 @@ def main() -> int:
     upstream_port = free_port()
     upstream = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(upstream_port)]
     results: dict[str, float] = {}
-    with process(upstream, upstream_port, None):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(process(upstream, upstream_port, None))
         port = free_port()
-        config = tmp / "cascade.json"
-        config.write_text(
-            json.dumps(
-                {
-                    "server": {"port": port, "log_level": "warning"},
-                    "providers": {"up": {"base_url": f"http://127.0.0.1:{upstream_port}/v1"}},
-                    "routes": [{"match": "bench", "targets": ["up/bench"]}],
-                }
+        up = {"base_url": f"http://127.0.0.1:{upstream_port}/v1"}
+
+        def config(name: str, **extra: object) -> list[str]:
+            path = tmp / f"{name}.json"
+            path.write_text(
+                json.dumps(
+                    {
+                        "server": {"port": port, "log_level": "warning"},
+                        "providers": {"up": up | extra.pop("provider", {})},  # type: ignore[operator]
+                        "routes": [{"match": "bench", "targets": ["up/bench"]}],
+                        **extra,
+                    }
+                )
             )
-        )
+            return [PYTHON, "-m", "router", "serve", "--config", str(path)]
+
         servers = {
             "bare hypercorn-trio": [PYTHON, str(HERE / "bare_app.py"), "--port", str(port)],
-            "Cascade, 1 worker": [PYTHON, "-m", "router", "serve", "--config", str(config)],
+            "Cascade, 1 worker": config("plain"),
         }
+        if args.state:
+            redis_port = free_port()
+            redis = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+            stack.enter_context(process(redis, redis_port, None))
+            limits = {"limits": {"rpm": 60_000, "tpm": 6_000_000}}
+            url = f"redis://127.0.0.1:{redis_port}/0"
+            servers["Cascade, limits, state local"] = config("local", provider=limits)
+            servers["Cascade, limits, state redis"] = config(
+                "redis", provider=limits, state={"backend": "redis", "url": url}
+            )
         for name, cmd in servers.items():
             low = instructions(cmd, port, args.warmup, tmp)
             high = instructions(cmd, port, args.warmup + args.requests, tmp)
             results[name] = (high - low) / args.requests
             print(f"{name}: {results[name] / 1e6:.3f} M instructions per request", flush=True)
+    if args.state:
+        local, shared = (
+            results["Cascade, limits, state local"],
+            results["Cascade, limits, state redis"],
+        )
+        print(f"redis / local: {shared / local:.3f}")
     bare, cascade = results["bare hypercorn-trio"], results["Cascade, 1 worker"]
     print(f"bare / Cascade: {bare / cascade:.3f}  (the throughput ratio if IPC were equal)")
     return 0

@@ -224,7 +224,12 @@ class Load:
 
 
 def cascade_config(
-    path: Path, port: int, upstreams: dict[str, int], targets: list[str], workers: int = 1
+    path: Path,
+    port: int,
+    upstreams: dict[str, int],
+    targets: list[str],
+    workers: int = 1,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     providers = {
         name: {
@@ -240,6 +245,12 @@ def cascade_config(
         "providers": providers,
         "routes": [{"match": "bench", "targets": targets}],
     }
+    for key, value in (extra or {}).items():  # e.g. a state section, provider limits
+        if key == "provider":
+            for settings in providers.values():
+                settings.update(value)
+        else:
+            config[key] = value
     path.write_text(json.dumps(config))
     return path
 
@@ -277,11 +288,15 @@ class Bench:
 
     @contextmanager
     def cascade(
-        self, upstreams: dict[str, int], targets: list[str], workers: int = 1
+        self,
+        upstreams: dict[str, int],
+        targets: list[str],
+        workers: int = 1,
+        extra: dict[str, Any] | None = None,
     ) -> Iterator[subprocess.Popen[bytes]]:
         port = free_port()
         config = cascade_config(
-            self.tmp / f"cascade-{port}.json", port, upstreams, targets, workers
+            self.tmp / f"cascade-{port}.json", port, upstreams, targets, workers, extra
         )
         cpus = self.proxy_cpus if workers == 1 else None
         with (
