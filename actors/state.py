@@ -341,6 +341,10 @@ class SlidingWindow:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def oldest(self) -> float | None:
+        """When the oldest entry still counted was recorded."""
+        return self._entries[0][0] if self._entries else None
+
     def add(self, now: float, amount: float) -> list[float]:
         """Record `amount` at `now` (entries that left the window go first: memory stays bounded
         by the window, whether or not anyone asks for `room`)."""

@@ -27,6 +27,7 @@ from actors.settings import (
     RetryBudget,
     Timeouts,
 )
+from router.keys import AuthConfig, KeyConfig
 from router.units import parse_duration, parse_size
 
 T = TypeVar("T")
@@ -663,6 +664,55 @@ class StateConfig:
         return state
 
 
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+def _parse_auth(f: _Fields) -> AuthConfig:
+    keys: list[KeyConfig] = []
+    names: set[str] = set()
+    for path, raw in f.items("keys"):
+        k = _Fields(raw, path, f.problems)
+        name = k.string("name", "")
+        if not k.has("name"):
+            k.error("name", "required (it names the key in logs and metrics)")
+        elif name and not _KEY_NAME.fullmatch(name):
+            k.error("name", "letters, digits, '_', '.' and '-' (up to 64): it labels metrics")
+        elif name in names:
+            k.error("name", f"{name!r} is used by another key")
+        names.add(name)
+        key_env, sha = k.optional_string("key_env"), k.optional_string("sha256")
+        if k.has("key"):
+            k.get("key")  # known: not also an "unknown field"
+            k.error("key", "keys are never written in the file: use key_env or sha256")
+        if (key_env is None) == (sha is None):
+            f.problems.append(f"{path}: give exactly one of key_env (a variable) or sha256")
+        if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+            k.error("sha256", "expected 64 hex digits (sha256sum of the key)")
+            sha = None
+        models: tuple[str, ...] = ("*",)
+        if k.has("models"):
+            raw_models = k.get("models")
+            if not isinstance(raw_models, list) or not all(
+                isinstance(m, str) and m for m in raw_models
+            ):
+                k.error("models", "expected a list of model names or globs")
+            else:
+                models = tuple(raw_models)
+        keys.append(
+            KeyConfig(
+                name=name,
+                key_env=key_env,
+                sha256=sha.lower() if sha else None,
+                models=models,
+                rpm=k.optional_integer("rpm"),
+                tpm=k.optional_integer("tpm"),
+            )
+        )
+        k.done()
+    f.done()
+    return AuthConfig(tuple(keys))
+
+
 @attrs.frozen
 class Config:
     server: ServerConfig
@@ -670,6 +720,7 @@ class Config:
     routes: tuple[Route, ...]
     retry: RetryConfig = RetryConfig()
     state: StateConfig = StateConfig()
+    auth: AuthConfig = attrs.field(factory=AuthConfig)
     # Providers served by an in-process mock upstream (`mock:`), by name; the server starts
     # them and points the provider's base_url at them.
     mocks: Mapping[str, MockSettings] = attrs.field(factory=dict)
@@ -704,6 +755,7 @@ class Config:
         )
         retry = RetryConfig.from_fields(root.sub("retry"))
         state = StateConfig.from_fields(root.sub("state"))
+        auth = _parse_auth(root.sub("auth"))
         root.done()
         if problems:
             raise ConfigError(problems)
@@ -713,6 +765,7 @@ class Config:
             routes=routes,
             retry=retry,
             state=state,
+            auth=auth,
             mocks=mocks,
         )
 

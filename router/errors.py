@@ -24,8 +24,10 @@ class RequestError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str = "invalid_request_error",
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers  # extra answer headers (Retry-After, x-ratelimit-*)
         self.message = message
         self.status = status
         self.param = param

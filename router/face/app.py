@@ -32,6 +32,7 @@ from router.dialects.jsonbody import check_model_name
 from router.errors import RequestError
 from router.face.answers import TrackedSend, answer, cascade_error, respond, stream
 from router.face.asgi import ClientGone, Message, Receive, Scope, Send, header, lifespan, read_body
+from router.keys import KeyConfig, presented_key
 from router.ops.feed import Feed
 from router.ops.gateway import Gateway
 from router.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -84,16 +85,19 @@ class App:
             return
         request_id = _request_id(scope)
         gateway = self.gateway
+        key: KeyConfig | None = None
         path = scope["path"]
         method = scope["method"]
         dialect = BY_CLIENT_PATH.get(path)
         try:
             if path.startswith("/admin/"):
                 _check_admin(gateway.config, scope)
+            elif gateway.keys.enabled and path.startswith("/v1/"):  # every model endpoint
+                key = _client_key(gateway, scope)
             if dialect is not None:
                 if method != "POST":
                     raise RequestError("use POST", status=405)
-                await self._chat(dialect, gateway, scope, receive, send, request_id)
+                await self._chat(dialect, gateway, scope, receive, send, request_id, key)
             elif path == "/v1/messages/count_tokens":
                 if method != "POST":
                     raise RequestError("use POST", status=405)
@@ -133,7 +137,7 @@ class App:
             body = shape.error_body(
                 exc.status, exc.message, exc.type, exc.code, exc.param, request_id=request_id
             )
-            await respond(send, exc.status, body, request_id)
+            await respond(send, exc.status, body, request_id, extra=exc.headers)
 
     # --- chat completions ---------------------------------------------------------------------
 
@@ -145,6 +149,7 @@ class App:
         receive: Receive,
         send: Send,
         request_id: str,
+        key: KeyConfig | None = None,
     ) -> None:
         started = trio.current_time()
         server = gateway.config.server
@@ -158,6 +163,8 @@ class App:
                 param="model",
                 code="model_not_found",
             )
+        if key is not None:
+            send = _key_limits(gateway, key, request.model, request.estimated_tokens, send)
         route_name, route = resolved
         deadline = route.deadline or server.deadline
         asked = header(scope, b"x-cascade-deadline")
@@ -244,11 +251,14 @@ class App:
                     }
                 )
             if server.log_format == "json":
-                _log_json(request_id, route_name, dialect, status, elapsed, dispatch, winner_of)
+                _log_json(
+                    request_id, route_name, dialect, status, elapsed, dispatch, winner_of, key
+                )
             else:
                 log.info(
-                    "request %s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
+                    "request %s%s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
                     request_id,
+                    "" if key is None else f" key={key.name}",
                     request.model,
                     route_name,
                     status,
@@ -435,6 +445,7 @@ def _log_json(
     elapsed: float,
     dispatch: Dispatch,
     winner: Winner | None,
+    key: KeyConfig | None = None,
 ) -> None:
     """The request's JSON log line: names, numbers and outcomes, never a key or content."""
     attempts: list[dict[str, object]] = [
@@ -449,6 +460,7 @@ def _log_json(
                          "status": getattr(winner.reply, "status", None), "ms": ms})  # fmt: skip
     fields = {
         "request_id": request_id,
+        "key": key.name if key is not None else None,
         "route": route,
         "dialect": dialect.name,
         "provider": winner.target.provider if winner else None,
@@ -463,6 +475,56 @@ def _log_json(
 
 def _model(name: str) -> dict[str, object]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "cascade"}
+
+
+def _client_key(gateway: Gateway, scope: Scope) -> KeyConfig:
+    """The client key a model endpoint was called with; 401 (before anything else) without one."""
+    presented = presented_key(header(scope, b"authorization"), header(scope, b"x-api-key"))
+    key = gateway.keys.authenticate(presented)
+    if key is None:
+        gateway.metrics.key_refusals.labels("-", "auth").inc()
+        raise RequestError(
+            "missing API key" if presented is None else "invalid API key",
+            status=401,
+            code="invalid_api_key",
+        )
+    return key
+
+
+def _key_limits(gateway: Gateway, key: KeyConfig, model: str, tokens: int, send: Send) -> Send:
+    """Refuse what `key` may not do (403: model; 429: rpm/tpm); else `send` with the key's
+    x-ratelimit-* headers on the answer."""
+    if not key.allows(model):
+        gateway.metrics.key_refusals.labels(key.name, "model").inc()
+        raise RequestError(
+            f"this key may not use the model {model!r}",
+            status=403,
+            param="model",
+            code="model_not_allowed",
+            type="permission_error",
+        )
+    decision = gateway.keys.admit(key, tokens, trio.current_time())
+    if decision.retry_after is not None:
+        gateway.metrics.key_refusals.labels(key.name, decision.reason or "rpm").inc()
+        wait = max(1, math.ceil(decision.retry_after))
+        raise RequestError(
+            f"this key's {decision.reason} limit is reached; retry in {wait} s",
+            status=429,
+            code="rate_limit_exceeded",
+            type="rate_limit_error",
+            headers=[(b"retry-after", str(wait).encode()), *decision.headers],
+        )
+    gateway.metrics.key_requests.labels(key.name).inc()
+    return _with_headers(send, decision.headers) if decision.headers else send
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def send_with(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message["headers"], *extra]}
+        await send(message)
+
+    return send_with
 
 
 def _without_body(send: Send) -> Send:

@@ -19,6 +19,7 @@ from router.cascade.dispatcher import Dispatcher
 from router.config import Config, MockSettings, Route
 from router.dialects import upstream_wire
 from router.face.serving import serve_asgi
+from router.keys import AuthConfig, KeyRing
 from router.ops.metrics import Metrics
 from router.tools.mock import MockUpstream
 
@@ -37,6 +38,7 @@ class Gateway:
     dispatcher: Dispatcher
     metrics: Metrics
     shared: RedisState | None = None
+    keys: KeyRing = attrs.field(factory=lambda: KeyRing(AuthConfig()))
     _dialects: dict[int, frozenset[str]] = attrs.field(factory=dict, init=False, repr=False)
 
     def dialects_of(self, route: Route) -> frozenset[str]:
@@ -140,7 +142,10 @@ class Assembly:
                 else:
                     changes["kept"].append(name)
         dispatcher = Dispatcher(config, actors, self.metrics)
-        return Gateway(config, actors, dispatcher, self.metrics, self.shared), changes
+        keys = KeyRing(config.auth, config.server.admin_token_env)
+        if previous is not None:
+            keys.adopt(previous.keys)  # a key's rpm/tpm windows survive a reload
+        return Gateway(config, actors, dispatcher, self.metrics, self.shared, keys), changes
 
     def retire(self, previous: Gateway, current: Gateway) -> list[str]:
         """Close the actors `current` no longer has: each finishes its running attempts."""

@@ -101,6 +101,18 @@ class Metrics:
         self.hedges = Counter(
             "cascade_hedges_total", "Hedged attempts by outcome", ["route", "outcome"], registry=r
         )
+        self.key_requests = Counter(
+            "cascade_key_requests_total",
+            "Requests admitted per client key (by the key's name, never the key)",
+            ["key"],
+            registry=r,
+        )
+        self.key_refusals = Counter(
+            "cascade_key_refusals_total",
+            "Requests refused for a client key: auth (no or a wrong key: key '-'), model, rpm, tpm",
+            ["key", "reason"],
+            registry=r,
+        )
         self.state_up = Gauge(
             "cascade_state_backend_up",
             "1 while the shared state backend is reachable (with backend local: always 1)",

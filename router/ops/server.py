@@ -7,6 +7,7 @@ period, then the actors are closed (they finish their attempts), then the mocks 
 from __future__ import annotations
 
 import gc
+import ipaddress
 import logging
 import os
 import resource
@@ -49,6 +50,15 @@ class Running:
         return self.app.gateway.actors
 
 
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft limit on open files to the hard one (each connection, client or upstream,
     is an fd; the common soft default of 1,024 is a few seconds of one-shot clients)."""
@@ -88,6 +98,12 @@ async def serve(
     `source` is the config file that `/admin/reload` and SIGHUP re-read (None: the built-in demo).
     `link` is a worker's control socket: reloads then go through the supervisor, to every worker.
     """
+    if not config.auth.enabled and not _is_loopback_host(config.server.host):
+        log.warning(
+            "listening on %s with no client keys (auth.keys): anyone who can reach the port"
+            " spends your provider keys (docs/keys-and-budgets.md)",
+            config.server.host,
+        )
     metrics = Metrics()
     shared: RedisState | None = None
     if config.state.backend == "redis":
