@@ -6,6 +6,7 @@ own SSE framing, and its per-request overhead is a product feature (see docs/ben
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 import json
@@ -15,6 +16,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
+from importlib import resources
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -119,6 +121,10 @@ class App:
                     send = _without_body(send)
                 if path == "/admin/status":
                     await self._status(gateway, scope, send, request_id)
+                elif path == "/admin/ui":
+                    await respond(
+                        send, 200, STATUS_PAGE, request_id, b"text/html; charset=utf-8", _PAGE
+                    )
                 elif path in _GET_ROUTES:
                     await _GET_ROUTES[path](self, gateway, send, request_id)
                 elif path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
@@ -373,7 +379,9 @@ class App:
             raise RequestError("'after' must be an integer", param="after") from None
         snapshots = [(await actor.ask_snapshot()).to_json() for actor in gateway.actors.values()]
         for snapshot in snapshots:
-            snapshot["dialect"] = gateway.config.providers[str(snapshot["name"])].dialect
+            provider = gateway.config.providers[str(snapshot["name"])]
+            snapshot["dialect"] = provider.dialect
+            snapshot["rpm_limit"], snapshot["tpm_limit"] = provider.limits.rpm, provider.limits.tpm
         routes = [
             {
                 "match": route.match,
@@ -536,9 +544,26 @@ def _without_body(send: Send) -> Send:
     return send_head
 
 
+# The status page: one file, no external assets, so it works offline (docs/operations.md).
+STATUS_PAGE = resources.files("router.face").joinpath("status.html").read_bytes()
+_PAGE = [
+    (b"cache-control", b"no-store"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline';"
+        b" connect-src 'self'; img-src data:; frame-ancestors 'none'",
+    ),
+]
+# A browser asks for the admin token with its own dialog (any user name, the token as password)
+_BASIC_CHALLENGE = [(b"www-authenticate", b'Basic realm="cascade admin", charset="UTF-8"')]
+
+
 def _check_admin(config: Config, scope: Scope) -> None:
-    """/admin/* needs `Authorization: Bearer <token>` when server.admin_token_env is set, and
-    answers only loopback clients when it is not (an operator on the machine itself)."""
+    """/admin/* needs the admin token when server.admin_token_env is set (`Authorization:
+    Bearer <token>`, or Basic with the token as password: what a browser sends for the status
+    page), and answers only loopback clients when it is not (an operator on the machine)."""
     env = config.server.admin_token_env
     if env is None:
         client = scope.get("client")
@@ -551,13 +576,22 @@ def _check_admin(config: Config, scope: Scope) -> None:
         return
     token = os.environ.get(env)
     scheme, _, given = (header(scope, b"authorization") or b"").partition(b" ")
+    scheme, given = scheme.lower(), given.strip()  # the scheme is case-insensitive (RFC 9110)
+    if scheme == b"basic":
+        try:
+            given = base64.b64decode(given, validate=True).partition(b":")[2]
+        except ValueError:
+            given = b""
     if (
         not token
-        or scheme.lower() != b"bearer"  # the scheme is case-insensitive (RFC 9110 11.1)
-        or not hmac.compare_digest(given.strip(), token.encode())
+        or scheme not in (b"bearer", b"basic")
+        or not hmac.compare_digest(given, token.encode())
     ):
         raise RequestError(
-            "the admin API needs the admin token", status=401, type="authentication_error"
+            "the admin API needs the admin token",
+            status=401,
+            type="authentication_error",
+            headers=_BASIC_CHALLENGE,
         )
 
 
