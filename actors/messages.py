@@ -19,7 +19,7 @@ from actors.outcome import Failure
 from actors.settings import ProviderConfig
 from actors.shared import SharedMessage
 from actors.sse import SSEEvent
-from actors.wire import UpstreamWire
+from actors.wire import UpstreamWire, Usage
 
 
 @attrs.frozen
@@ -57,6 +57,7 @@ class Response:
     headers: Mapping[str, str]
     body: bytes
     ttfb: float
+    usage: Usage | None = None  # a 2xx answer's usage, where it says
 
 
 @attrs.frozen
@@ -77,6 +78,8 @@ class StreamEvents:
 @attrs.frozen
 class StreamEnd:
     """The upstream finished the body cleanly (whether or not it sent a [DONE] sentinel)."""
+
+    usage: Usage | None = None  # what the stream's usage events said, if any
 
 
 @attrs.frozen

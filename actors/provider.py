@@ -194,8 +194,10 @@ class _Call:
                 failure = Failure(Kind.PROTOCOL, "body_too_large", "upstream answer too large")
                 return _Outcome(failure, ttfb, self.elapsed()), Failed(failure)
         body = b"".join(parts)
-        answer = Response(response.status, dict(response.headers), body, ttfb)
-        return _Outcome(None, ttfb, self.elapsed(), self.actor.wire.tokens(body)), answer
+        usage = self.actor.wire.usage(body)
+        answer = Response(response.status, dict(response.headers), body, ttfb, usage)
+        tokens = usage.total if usage is not None else None
+        return _Outcome(None, ttfb, self.elapsed(), tokens), answer
 
     async def stream_start(
         self, response: UpstreamResponse, decoder: SSEDecoder
@@ -241,7 +243,9 @@ class _Call:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     raise _DispatcherGone() from None
             if not chunk:
-                return _Outcome(None, self.ttfb, self.elapsed(), usage.total), StreamEnd()
+                seen = usage.usage
+                tokens = seen.total if seen is not None else None
+                return _Outcome(None, self.ttfb, self.elapsed(), tokens), StreamEnd(seen)
 
     async def send(self, message: Reply) -> None:
         try:

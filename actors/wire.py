@@ -9,7 +9,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import attrs
+
 from actors.sse import SSEEvent
+
+
+@attrs.frozen
+class Usage:
+    """An answer's token usage. `input` counts every input token, cached ones included;
+    `cache_read` and `cache_write` say how many of them were read from or written to a cache."""
+
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_write: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input + self.output
 
 
 class UpstreamWire(Protocol):
@@ -20,8 +37,8 @@ class UpstreamWire(Protocol):
     def auth_headers(self, api_key: str) -> Mapping[str, str]:
         """The headers that carry the provider's key."""
 
-    def tokens(self, body: bytes) -> int | None:
-        """Total tokens from a whole (non-streamed) answer's usage, if it says."""
+    def usage(self, body: bytes) -> Usage | None:
+        """A whole (non-streamed) answer's usage, if it says."""
 
     def stream_usage(self) -> StreamUsage:
         """A counter for one streamed answer's usage, fed its events as they pass."""
@@ -31,7 +48,7 @@ class StreamUsage(Protocol):
     """Usage may come in parts (Anthropic: input at the start, cumulative output at the end)."""
 
     @property
-    def total(self) -> int | None:
-        """Total tokens seen so far (None: no usage yet)."""
+    def usage(self) -> Usage | None:
+        """The usage seen so far (None: no usage yet)."""
 
     def feed(self, events: Sequence[SSEEvent]) -> None: ...

@@ -27,6 +27,7 @@ from actors.settings import (
     RetryBudget,
     Timeouts,
 )
+from router.budgets import Budget, Period, Price
 from router.keys import AuthConfig, KeyConfig
 from router.units import parse_duration, parse_size
 
@@ -698,6 +699,20 @@ def _parse_auth(f: _Fields) -> AuthConfig:
                 k.error("models", "expected a list of model names or globs")
             else:
                 models = tuple(raw_models)
+        budgets: list[Budget] = []
+        for bpath, braw in k.items("budgets"):
+            b = _Fields(braw, bpath, f.problems)
+            periods: tuple[Period, ...] = ("day", "month", "total")
+            period = b.choice("period", periods[1], periods)
+            if b.has("tokens") == b.has("cost"):
+                b.get("tokens"), b.get("cost")  # known fields, only not both (or neither)
+                f.problems.append(f"{bpath}: give exactly one of tokens or cost (USD)")
+            elif b.has("tokens"):
+                budgets.append(Budget("tokens", b.integer("tokens", 0, minimum=1), period))
+            else:
+                cost = b.number("cost", 0.0, minimum=0.0, maximum=1e12)
+                budgets.append(Budget("cost", cost, period))
+            b.done()
         keys.append(
             KeyConfig(
                 name=name,
@@ -706,11 +721,45 @@ def _parse_auth(f: _Fields) -> AuthConfig:
                 models=models,
                 rpm=k.optional_integer("rpm"),
                 tpm=k.optional_integer("tpm"),
+                budgets=tuple(budgets),
             )
         )
         k.done()
+    auth = AuthConfig(
+        tuple(keys),
+        default_max_tokens=f.integer("default_max_tokens", 4096, minimum=1, maximum=10_000_000),
+        usage_db=f.optional_string("usage_db"),
+    )
     f.done()
-    return AuthConfig(tuple(keys))
+    return auth
+
+
+def _parse_prices(f: _Fields, providers: Mapping[str, object]) -> dict[str, Price]:
+    """`prices: {"provider/model": {input, output, cache_read, cache_write}}`, USD per million."""
+    prices: dict[str, Price] = {}
+    for target in list(f.raw):
+        provider, sep, model = str(target).partition("/")
+        if not sep or not model or provider not in providers:
+            f.problems.append(
+                f"{f.at(str(target))}: expected provider/model of a configured provider"
+            )
+            f.get(target)
+            continue
+        p = f.sub(target)
+        price = Price(
+            input=p.number("input", 0.0, minimum=0.0, maximum=1e6),
+            output=p.number("output", 0.0, minimum=0.0, maximum=1e6),
+            cache_read=p.number("cache_read", -1.0, minimum=0.0, maximum=1e6)
+            if p.has("cache_read")
+            else None,
+            cache_write=p.number("cache_write", -1.0, minimum=0.0, maximum=1e6)
+            if p.has("cache_write")
+            else None,
+        )
+        p.done()
+        prices[str(target)] = price
+    f.done()
+    return prices
 
 
 @attrs.frozen
@@ -721,6 +770,7 @@ class Config:
     retry: RetryConfig = RetryConfig()
     state: StateConfig = StateConfig()
     auth: AuthConfig = attrs.field(factory=AuthConfig)
+    prices: Mapping[str, Price] = attrs.field(factory=dict)  # by "provider/model"
     # Providers served by an in-process mock upstream (`mock:`), by name; the server starts
     # them and points the provider's base_url at them.
     mocks: Mapping[str, MockSettings] = attrs.field(factory=dict)
@@ -756,6 +806,7 @@ class Config:
         retry = RetryConfig.from_fields(root.sub("retry"))
         state = StateConfig.from_fields(root.sub("state"))
         auth = _parse_auth(root.sub("auth"))
+        prices = _parse_prices(root.sub("prices"), raw_providers.raw)
         root.done()
         if problems:
             raise ConfigError(problems)
@@ -766,6 +817,7 @@ class Config:
             retry=retry,
             state=state,
             auth=auth,
+            prices=prices,
             mocks=mocks,
         )
 

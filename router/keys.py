@@ -19,6 +19,7 @@ import os
 import attrs
 
 from actors.state import SlidingWindow
+from router.budgets import Budget
 
 log = logging.getLogger("cascade.keys")
 
@@ -37,6 +38,7 @@ class KeyConfig:
     models: tuple[str, ...] = ("*",)  # globs over the model names clients ask for
     rpm: int | None = None
     tpm: int | None = None
+    budgets: tuple[Budget, ...] = ()
 
     def allows(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
@@ -45,6 +47,9 @@ class KeyConfig:
 @attrs.frozen
 class AuthConfig:
     keys: tuple[KeyConfig, ...] = ()
+    # A request's reservation counts this many output tokens when it does not say max_tokens.
+    default_max_tokens: int = 4096
+    usage_db: str | None = None  # SQLite file: spend and usage records survive restarts
 
     @property
     def enabled(self) -> bool:

@@ -29,6 +29,7 @@ from actors.messages import (
 from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
 from actors.state import SlidingWindow
+from actors.wire import Usage
 from router.cascade.policy import Action, Plan, backoff_delay, decide
 from router.config import Config, Route, Target
 from router.dialects.base import UpstreamCall
@@ -112,6 +113,11 @@ class Winner:
     attempt_count: int  # upstream calls made (refusals are not calls)
     replied_at: float  # trio time the winning reply (the answer, or a stream's first events) came
     started: float  # trio time the winning attempt started
+    # A stream's delivery, for settlement: the usage its end reported, and whether it ended
+    # cleanly; `relayed` counts the bytes of upstream event data passed on.
+    usage: Usage | None = None
+    completed: bool = False
+    relayed: int = 0
 
 
 class Dispatcher:

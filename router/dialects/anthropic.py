@@ -19,6 +19,7 @@ import attrs
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
+from actors.wire import Usage
 from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
 from router.dialects.base import Dialect as DialectBase
 from router.dialects.jsonbody import (
@@ -60,19 +61,26 @@ _TYPE_BY_STATUS = {
 
 _INPUT = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
 _OUTPUT = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
-_CACHE = re.compile(rb'"cache_(?:creation|read)_input_tokens"\s*:\s*(\d+)')
+_CACHE_READ = re.compile(rb'"cache_read_input_tokens"\s*:\s*(\d+)')
+_CACHE_WRITE = re.compile(rb'"cache_creation_input_tokens"\s*:\s*(\d+)')
 
 
-def _usage_parts(data: bytes) -> tuple[int | None, int | None]:
-    """(input incl. cache reads and writes, output) from a body or event's usage, where given.
+def _int(pattern: re.Pattern[bytes], data: bytes) -> int | None:
+    m = pattern.search(data)
+    return None if m is None else int(m.group(1))
 
-    Anthropic's `input_tokens` excludes cached tokens; both cache counts are added to it."""
-    i = _INPUT.search(data)
-    o = _OUTPUT.search(data)
-    inputs = None
-    if i is not None:
-        inputs = int(i.group(1)) + sum(int(m) for m in _CACHE.findall(data))
-    return inputs, None if o is None else int(o.group(1))
+
+def _usage_parts(data: bytes) -> tuple[Usage | None, int | None]:
+    """(input side, output) from a body or event's usage, where given.
+
+    Anthropic's `input_tokens` excludes cached tokens; both cache counts are added to `input`
+    (and kept apart, for prices)."""
+    inputs, outputs = _int(_INPUT, data), _int(_OUTPUT, data)
+    side = None
+    if inputs is not None:
+        read, write = _int(_CACHE_READ, data) or 0, _int(_CACHE_WRITE, data) or 0
+        side = Usage(inputs + read + write, 0, read, write)
+    return side, outputs
 
 
 @attrs.frozen
@@ -88,11 +96,11 @@ class Wire:
     def auth_headers(self, api_key: str) -> Mapping[str, str]:
         return {"x-api-key": api_key}
 
-    def tokens(self, body: bytes) -> int | None:
-        inputs, outputs = _usage_parts(body)
-        if inputs is None and outputs is None:
+    def usage(self, body: bytes) -> Usage | None:
+        side, outputs = _usage_parts(body)
+        if side is None and outputs is None:
             return None
-        return (inputs or 0) + (outputs or 0)
+        return attrs.evolve(side or Usage(), output=outputs or 0)
 
     def stream_usage(self) -> _StreamUsage:
         return _StreamUsage()
@@ -105,20 +113,20 @@ class _StreamUsage:
     __slots__ = ("_input", "_output")
 
     def __init__(self) -> None:
-        self._input: int | None = None
+        self._input: Usage | None = None
         self._output: int | None = None
 
     @property
-    def total(self) -> int | None:
+    def usage(self) -> Usage | None:
         if self._input is None and self._output is None:
             return None
-        return (self._input or 0) + (self._output or 0)
+        return attrs.evolve(self._input or Usage(), output=self._output or 0)
 
     def feed(self, events: Sequence[SSEEvent]) -> None:
         for event in events:
             if event.event in (b"message_start", b"message_delta"):
-                inputs, outputs = _usage_parts(event.data)
-                self._input = inputs if inputs is not None else self._input
+                side, outputs = _usage_parts(event.data)
+                self._input = side if side is not None else self._input
                 self._output = outputs if outputs is not None else self._output
 
 
@@ -186,6 +194,8 @@ def parse_messages_request(body: bytes) -> MessagesRequest:
         model=model,
         stream=bool(obj.get("stream")),
         estimated_tokens=len(body) // 4 + int(obj["max_tokens"]),
+        estimated_input_tokens=len(body) // 4,
+        max_output_tokens=int(obj["max_tokens"]),
         obj=obj,
     )
 

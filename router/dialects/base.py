@@ -43,8 +43,10 @@ class JSONRequest:
     model_span: tuple[int, int]
     model: str
     stream: bool
-    estimated_tokens: int
+    estimated_tokens: int  # input (characters / 4) + max_tokens: what rpm/tpm limits count
     obj: dict[str, Any] = attrs.field(eq=False, repr=False)
+    estimated_input_tokens: int = 0
+    max_output_tokens: int | None = None  # the request's max_tokens, if it says
 
     def body_for(self, model: str) -> bytes:
         """The client's body with only the model value replaced."""
@@ -74,6 +76,12 @@ class ClientRequest(Protocol):
 
     @property
     def estimated_tokens(self) -> int: ...
+
+    @property
+    def estimated_input_tokens(self) -> int: ...
+
+    @property
+    def max_output_tokens(self) -> int | None: ...
 
     def call_for(self, upstream: Dialect, model: str, provider: ProviderConfig) -> UpstreamCall:
         """The call to make to a provider speaking `upstream`, asking it for `model`. A

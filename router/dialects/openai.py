@@ -16,6 +16,7 @@ import attrs
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
+from actors.wire import Usage
 from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
 from router.dialects.base import Dialect as DialectBase
 from router.dialects.jsonbody import (
@@ -35,38 +36,50 @@ from router.errors import RequestError
 
 DONE = b"[DONE]"
 PATH = "/chat/completions"  # under the provider's base_url, which ends in /v1 (OpenAI's convention)
-_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
 class Wire:
-    """The upstream side for a provider actor (actors/wire.py): Bearer auth, usage's total."""
+    """The upstream side for a provider actor (actors/wire.py): Bearer auth, usage."""
 
     fixed_headers: Mapping[str, str] = {}
 
     def auth_headers(self, api_key: str) -> Mapping[str, str]:
         return {"authorization": f"Bearer {api_key}"}
 
-    def tokens(self, body: bytes) -> int | None:
-        m = _TOTAL_TOKENS.search(body)
-        return int(m.group(1)) if m else None
+    def usage(self, body: bytes) -> Usage | None:
+        """`prompt_tokens` (cached ones included, `prompt_tokens_details.cached_tokens` of them
+        read from the cache) and `completion_tokens`."""
+        prompt = _PROMPT_TOKENS.search(body)
+        if prompt is None:
+            return None
+        completion = _COMPLETION_TOKENS.search(body)
+        cached = _CACHED_TOKENS.search(body)
+        return Usage(
+            int(prompt.group(1)),
+            int(completion.group(1)) if completion else 0,
+            int(cached.group(1)) if cached else 0,
+        )
 
     def stream_usage(self) -> _StreamUsage:
         return _StreamUsage(self)
 
 
 class _StreamUsage:
-    """The usage chunk comes last but for [DONE] after it, and holds the whole total."""
+    """The usage chunk comes last but for [DONE] after it, and holds the whole usage."""
 
-    __slots__ = ("_wire", "total")
+    __slots__ = ("_wire", "usage")
 
     def __init__(self, wire: Wire) -> None:
         self._wire = wire
-        self.total: int | None = None
+        self.usage: Usage | None = None
 
     def feed(self, events: Sequence[SSEEvent]) -> None:
         for event in events[-2:]:
-            if (tokens := self._wire.tokens(event.data)) is not None:
-                self.total = tokens
+            if (usage := self._wire.usage(event.data)) is not None:
+                self.usage = usage
                 return
 
 
@@ -129,6 +142,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         obj=obj,
         estimated_tokens=len(body) // 4
         + int(obj.get("max_completion_tokens") or obj.get("max_tokens") or 0),
+        estimated_input_tokens=len(body) // 4,
+        max_output_tokens=int(obj.get("max_completion_tokens") or obj.get("max_tokens") or 0)
+        or None,
     )
 
 

@@ -115,14 +115,16 @@ async def stream(
     await send({"type": "http.response.start", "status": start.status, "headers": headers})
     first_byte = trio.current_time()
     first, _ = writer.relay(start.events)  # check_start has already refused an in-band error
+    winner.relayed += sum(len(e.data) for e in start.events)
     tail = [first]
     upstream_done = False
     if writer.done:
+        winner.completed = True
         ending = writer.finish()
     else:
         await send({"type": "http.response.body", "body": tail.pop(), "more_body": True})
         with tracked() as cutoff:
-            ending, upstream_done = await _relay(send, writer, winner.replies, tail)
+            ending, upstream_done = await _relay(send, writer, winner, tail)
         if cutoff.cancelled_caught:
             ending = writer.fail("the gateway is shutting down", "shutting_down")
             upstream_done = True  # nothing more to wait for: the attempt is cancelled
@@ -134,16 +136,15 @@ async def stream(
         # success it was (the actor learns its latency, closes a probing circuit) instead of as a
         # cancellation. Upstreams close right after their end; the bound covers those that do not.
         with trio.move_on_after(_UPSTREAM_END_GRACE):
-            while not isinstance(await winner.replies.receive(), StreamEnd | Failed):
+            while not isinstance(reply := await winner.replies.receive(), StreamEnd | Failed):
                 pass
+            if isinstance(reply, StreamEnd):
+                winner.usage = reply.usage
     return first_byte
 
 
 async def _relay(
-    send: Send,
-    writer: StreamWriter,
-    replies: trio.MemoryReceiveChannel[Reply],
-    tail: list[bytes],
+    send: Send, writer: StreamWriter, winner: Winner, tail: list[bytes]
 ) -> tuple[bytes, bool]:
     """Forward events until the stream ends.
 
@@ -152,6 +153,7 @@ async def _relay(
     already queued when one arrives go out in the same write (coalescing); the events that belong
     with the ending are left in `tail`, to be written together with it.
     """
+    replies = winner.replies
     while True:
         batch = [await replies.receive()]
         await _gather_burst(replies, batch)
@@ -159,6 +161,7 @@ async def _relay(
         out: list[bytes] = []
         for reply in batch:
             if isinstance(reply, StreamEvents):
+                winner.relayed += sum(len(e.data) for e in reply.events)
                 data, error = writer.relay(reply.events)
                 out.append(data)
                 if error is not None:
@@ -166,9 +169,13 @@ async def _relay(
                     return writer.fail(error, "upstream_stream_error"), upstream_done
                 if writer.done:
                     tail.extend(out)
+                    winner.completed = True
+                    if isinstance(end := batch[-1], StreamEnd):  # already here: its usage too
+                        winner.usage = end.usage
                     return writer.finish(), upstream_done
             elif isinstance(reply, StreamEnd):
                 tail.extend(out)
+                winner.usage, winner.completed = reply.usage, True
                 return writer.finish(), True  # finalise even when upstream sent no end event
             elif isinstance(reply, Failed):
                 tail.extend(out)

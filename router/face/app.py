@@ -7,6 +7,7 @@ own SSE framing, and its per-request overhead is a product feature (see docs/ben
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hmac
 import ipaddress
 import json
@@ -14,6 +15,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
@@ -24,8 +26,10 @@ import attrs
 import trio
 import trio.lowlevel
 
-from actors.messages import ManualBlock, ManualUnblock
+from actors.messages import ManualBlock, ManualUnblock, Response
 from actors.settings import ProviderConfig
+from actors.wire import Usage
+from router.budgets import Charge, Hold
 from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch, Winner
 from router.config import Config, ConfigError, Route, ServerConfig, Target
 from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
@@ -121,6 +125,8 @@ class App:
                     send = _without_body(send)
                 if path == "/admin/status":
                     await self._status(gateway, scope, send, request_id)
+                elif path == "/admin/usage":
+                    await self._usage(gateway, scope, send, request_id)
                 elif path == "/admin/ui":
                     await respond(
                         send, 200, STATUS_PAGE, request_id, b"text/html; charset=utf-8", _PAGE
@@ -213,6 +219,9 @@ class App:
         overhead: float | None = None
         winner_of: Winner | None = None
         dispatch = gateway.dispatcher.dispatch(job)
+        hold = None
+        if key is not None and key.budgets:  # last thing before the try: its finally settles
+            hold = _reserve(gateway, key, request, route)
         before_cascade = trio.current_time() - started
         try:
             async with trio.open_nursery() as nursery:
@@ -241,6 +250,8 @@ class App:
                 # last send) and the watcher returns on it by itself. Cancelling it instead would
                 # unwind a Cancelled through its frames: ~4% of a request's CPU.
         finally:
+            if hold is not None:
+                _settle(gateway, hold, request, route_name, winner_of, tracked)
             elapsed = trio.current_time() - started
             status = tracked.status if tracked.finished else 499  # 499: the client left first
             gateway.metrics.observe_request(route_name, dialect.name, status, elapsed, overhead)
@@ -394,6 +405,53 @@ class App:
         body = {"providers": snapshots, "routes": routes, "recent": self.feed.read(after)}
         await respond(send, 200, json.dumps(body).encode(), request_id)
 
+    async def _keys(self, gateway: Gateway, send: Send, request_id: str) -> None:
+        """GET /admin/keys: every configured key's limits, spend this period and reserved now."""
+        now = dt.datetime.now(dt.UTC)
+        ledger = gateway.ledger
+        keys = []
+        for key in gateway.config.auth.keys:
+            tokens, cost = ledger.reserved(key.name)
+            keys.append(
+                {
+                    "name": key.name,
+                    "models": list(key.models),
+                    "rpm": key.rpm,
+                    "tpm": key.tpm,
+                    "budgets": [
+                        {
+                            "unit": b.unit,
+                            "limit": b.limit,
+                            "period": b.period,
+                            "spent": round(ledger.spent(key.name, b.unit, b.period, now), 6),
+                        }
+                        for b in key.budgets
+                    ],
+                    "spent_today": {
+                        "tokens": ledger.spent(key.name, "tokens", "day", now),
+                        "cost": round(ledger.spent(key.name, "cost", "day", now), 6),
+                    },
+                    "reserved": {"tokens": tokens, "cost": round(cost, 6)},
+                }
+            )
+        await respond(send, 200, json.dumps({"keys": keys}).encode(), request_id)
+
+    async def _usage(self, gateway: Gateway, scope: Scope, send: Send, request_id: str) -> None:
+        """GET /admin/usage?since=T&until=T (Unix seconds; default: the last 24 h): spend per
+        key, route, provider and model, from the usage store."""
+        store = gateway.ledger.store
+        if store is None:
+            raise RequestError("no usage store: set auth.usage_db", status=404, code="not_found")
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        try:
+            until = float(query.get("until", [time.time()])[0])
+            since = float(query.get("since", [until - 86400])[0])
+        except ValueError:
+            raise RequestError("'since' and 'until' are Unix times in seconds") from None
+        rows = await trio.to_thread.run_sync(store.usage, since, until)
+        body = {"since": since, "until": until, "usage": rows}
+        await respond(send, 200, json.dumps(body).encode(), request_id)
+
     async def _providers(self, gateway: Gateway, send: Send, request_id: str) -> None:
         snapshots = [await actor.ask_snapshot() for actor in gateway.actors.values()]
         body = json.dumps({"providers": [s.to_json() for s in snapshots]}).encode()
@@ -406,6 +464,7 @@ _GET_ROUTES: dict[str, Callable[[App, Gateway, Send, str], Awaitable[None]]] = {
     "/v1/models": App._models,
     "/metrics": App._metrics,
     "/admin/providers": App._providers,
+    "/admin/keys": App._keys,
 }
 
 
@@ -524,6 +583,77 @@ def _key_limits(gateway: Gateway, key: KeyConfig, model: str, tokens: int, send:
         )
     gateway.metrics.key_requests.labels(key.name).inc()
     return _with_headers(send, decision.headers) if decision.headers else send
+
+
+def _reserve(gateway: Gateway, key: KeyConfig, request: ClientRequest, route: Route) -> Hold:
+    """Reserve the request's worst case against `key`'s budgets, or refuse it (429)."""
+    out = request.max_output_tokens or gateway.config.auth.default_max_tokens
+    worst = request.estimated_input_tokens + out
+    prices = gateway.config.prices
+    targets = route.targets + route.alternatives + route.on_context_overflow
+    cost = max(
+        (prices[str(t)].cost(Usage(request.estimated_input_tokens, out)) for t in targets
+         if str(t) in prices),
+        default=0.0,
+    )  # fmt: skip
+    now = dt.datetime.now(dt.UTC)
+    held = gateway.ledger.reserve(key.name, key.budgets, worst, cost, now)
+    if isinstance(held, Hold):
+        return held
+    gateway.metrics.key_refusals.labels(key.name, "budget").inc()
+    budget = held.budget
+    limit = f"{budget.limit:g} tokens" if budget.unit == "tokens" else f"${budget.limit:g}"
+    headers: list[tuple[bytes, bytes]] = []
+    when = "it never resets"
+    if held.reset is not None:
+        headers.append(
+            (b"retry-after", str(math.ceil((held.reset - now).total_seconds())).encode())
+        )
+        headers.append((b"x-budget-reset", held.reset.isoformat().encode()))
+        when = f"it resets at {held.reset.isoformat()}"
+    raise RequestError(
+        f"this key's {budget.period} budget of {limit} is spent; {when}",
+        status=429,
+        code="budget_exceeded",
+        type="budget_exceeded",
+        headers=headers,
+    )
+
+
+def _settle(
+    gateway: Gateway,
+    hold: Hold,
+    request: ClientRequest,
+    route: str,
+    winner: Winner | None,
+    tracked: TrackedSend,
+) -> None:
+    """Book what the request cost its key, however it ended (docs/keys-and-budgets.md)."""
+    provider = model = "-"
+    usage = Usage()
+    outcome = "refunded"  # no answer, or none of it reached the client
+    if winner is not None and tracked.status:
+        provider, model = winner.target.provider, winner.target.model
+        reply = winner.reply
+        if isinstance(reply, Response):  # a whole answer, handed to the client
+            outcome = "ok"
+            usage = reply.usage or Usage(request.estimated_input_tokens, len(reply.body) // 4)
+        elif winner.completed and winner.usage is not None:
+            outcome, usage = "ok", winner.usage
+        else:  # a stream cut short, or one whose upstream reported no usage: an estimate
+            outcome = "ok" if winner.completed else "partial"
+            usage = Usage(request.estimated_input_tokens, winner.relayed // 4)
+    price = gateway.config.prices.get(f"{provider}/{model}")
+    cost = price.cost(usage) if price is not None else 0.0
+    charge = Charge(
+        time.time(), hold.key, route, provider, model, usage.input, usage.output, cost, outcome
+    )
+    gateway.ledger.settle(hold, charge, dt.datetime.now(dt.UTC))
+    if usage.total:
+        metrics = gateway.metrics
+        metrics.tokens.labels(hold.key, provider, model, "input").inc(usage.input)
+        metrics.tokens.labels(hold.key, provider, model, "output").inc(usage.output)
+        metrics.cost.labels(hold.key, provider, model).inc(cost)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -15,6 +15,7 @@ import trio
 from actors.messages import Reconfigure
 from actors.provider import ProviderActor
 from actors.settings import ProviderConfig
+from router.budgets import Ledger
 from router.cascade.dispatcher import Dispatcher
 from router.config import Config, MockSettings, Route
 from router.dialects import upstream_wire
@@ -39,6 +40,7 @@ class Gateway:
     metrics: Metrics
     shared: RedisState | None = None
     keys: KeyRing = attrs.field(factory=lambda: KeyRing(AuthConfig()))
+    ledger: Ledger = attrs.field(factory=Ledger)  # one per process: it outlives reloads
     _dialects: dict[int, frozenset[str]] = attrs.field(factory=dict, init=False, repr=False)
 
     def dialects_of(self, route: Route) -> frozenset[str]:
@@ -110,9 +112,11 @@ class Assembly:
         mocks: MockServers,
         http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         shared: RedisState | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.metrics = metrics
         self.shared = shared
+        self.ledger = ledger or Ledger()
         self.actor_nursery = actor_nursery
         self.mocks = mocks
         self.http_transports = http_transports or {}  # tests: a provider's scripted upstream
@@ -145,7 +149,8 @@ class Assembly:
         keys = KeyRing(config.auth, config.server.admin_token_env)
         if previous is not None:
             keys.adopt(previous.keys)  # a key's rpm/tpm windows survive a reload
-        return Gateway(config, actors, dispatcher, self.metrics, self.shared, keys), changes
+        gateway = Gateway(config, actors, dispatcher, self.metrics, self.shared, keys, self.ledger)
+        return gateway, changes
 
     def retire(self, previous: Gateway, current: Gateway) -> list[str]:
         """Close the actors `current` no longer has: each finishes its running attempts."""

@@ -113,6 +113,18 @@ class Metrics:
             ["key", "reason"],
             registry=r,
         )
+        self.tokens = Counter(
+            "cascade_key_tokens_total",
+            "Tokens charged to client keys, by key name, provider, model and kind (input, output)",
+            ["key", "provider", "model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "cascade_key_cost_usd_total",
+            "Cost charged to client keys (USD, from the configured prices)",
+            ["key", "provider", "model"],
+            registry=r,
+        )
         self.state_up = Gauge(
             "cascade_state_backend_up",
             "1 while the shared state backend is reachable (with backend local: always 1)",

@@ -23,6 +23,7 @@ import httpx
 import trio
 
 from actors.provider import ProviderActor
+from router.budgets import Ledger, UsageStore
 from router.config import Config
 from router.face.app import App
 from router.face.serving import serve_asgi
@@ -112,12 +113,16 @@ async def serve(
         shared = RedisState(config.state, metrics)
     else:
         metrics.state_up.labels("local").set(1)
+    store = UsageStore(Path(config.auth.usage_db)) if config.auth.usage_db else None
+    ledger = Ledger(store)  # spend so far this day/month/ever, from the store
     async with trio.open_nursery() as mock_nursery:
         if shared is not None:  # connects in the background: actors start on their own view
             await mock_nursery.start(shared.run)
+        if store is not None:  # writes settled charges; stops after the last request
+            await mock_nursery.start(store.run)
         async with trio.open_nursery() as actor_nursery:
             assembly = Assembly(
-                metrics, actor_nursery, MockServers(mock_nursery), http_transports, shared
+                metrics, actor_nursery, MockServers(mock_nursery), http_transports, shared, ledger
             )
             gateway, _ = await assembly.build(config)
             app = App(gateway)

@@ -1,0 +1,250 @@
+"""Budgets per client key, and books that always balance (docs/keys-and-budgets.md).
+
+Before the cascade a request reserves its worst case against its key (estimated input plus its
+`max_tokens`, priced at the dearest target it may use); a request that does not fit is refused.
+When the request ends, however it ends, `settle` turns the reservation into what is charged: the
+answer's usage, nothing when no byte reached the client, or an estimate of what was streamed.
+`settle` is synchronous and runs in the request's `finally`, so a cancellation (client gone,
+shutdown) cannot skip it: with no request in flight, every key's reserved amount is zero.
+
+Spend survives restarts: every settled charge is queued to `UsageStore`, whose one task writes
+batches to SQLite off the request path; at start the ledger loads the current periods' spend.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import attrs
+import trio
+
+from actors.wire import Usage
+
+log = logging.getLogger("cascade.budgets")
+
+Period = Literal["day", "month", "total"]
+Unit = Literal["tokens", "cost"]
+
+
+@attrs.frozen
+class Price:
+    """USD per million tokens."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cache_read: float | None = None  # default: the input price
+    cache_write: float | None = None  # default: the input price
+
+    def cost(self, usage: Usage) -> float:
+        read = self.input if self.cache_read is None else self.cache_read
+        write = self.input if self.cache_write is None else self.cache_write
+        plain = usage.input - usage.cache_read - usage.cache_write
+        return (
+            plain * self.input
+            + usage.cache_read * read
+            + usage.cache_write * write
+            + usage.output * self.output
+        ) / 1e6
+
+
+@attrs.frozen
+class Budget:
+    unit: Unit
+    limit: float
+    period: Period
+
+
+def period_id(period: Period, when: dt.datetime) -> str:
+    if period == "day":
+        return when.strftime("%Y-%m-%d")
+    if period == "month":
+        return when.strftime("%Y-%m")
+    return "total"
+
+
+def period_end(period: Period, when: dt.datetime) -> dt.datetime | None:
+    """When the period that holds `when` ends (UTC); None for `total`."""
+    if period == "day":
+        return dt.datetime(when.year, when.month, when.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
+    if period == "month":
+        year, month = (when.year + 1, 1) if when.month == 12 else (when.year, when.month + 1)
+        return dt.datetime(year, month, 1, tzinfo=dt.UTC)
+    return None
+
+
+@attrs.define
+class Hold:
+    """One request's reservation: settled exactly once."""
+
+    key: str
+    tokens: float
+    cost: float
+    settled: bool = False
+
+
+@attrs.frozen
+class Exceeded:
+    budget: Budget
+    reset: dt.datetime | None  # when the period ends (None: a total budget never resets)
+
+
+@attrs.frozen
+class Charge:
+    """One settled request, as recorded: what the key paid, for which route/provider/model."""
+
+    at: float  # wall clock
+    key: str
+    route: str
+    provider: str
+    model: str
+    input: int
+    output: int
+    cost: float
+    outcome: str  # ok | refunded | partial
+
+
+class Ledger:
+    """Spent and reserved amounts per key. Plain synchronous code on the trio thread."""
+
+    def __init__(self, store: UsageStore | None = None) -> None:
+        self._spent: dict[tuple[str, Unit, str], float] = {}
+        self._reserved: dict[str, list[float]] = {}  # key -> [tokens, cost]
+        self.in_flight = 0  # reservations not yet settled
+        self.settled = 0
+        self.store = store
+        if store is not None:
+            for (key, unit, period), amount in store.load_spend().items():
+                self._spent[(key, unit, period)] = amount
+
+    def spent(self, key: str, unit: Unit, period: Period, when: dt.datetime) -> float:
+        return self._spent.get((key, unit, period_id(period, when)), 0.0)
+
+    def reserved(self, key: str) -> tuple[float, float]:
+        tokens, cost = self._reserved.get(key, (0.0, 0.0))
+        return tokens, cost
+
+    def reserve(
+        self, key: str, budgets: Iterable[Budget], tokens: float, cost: float, when: dt.datetime
+    ) -> Hold | Exceeded:
+        held = self._reserved.setdefault(key, [0.0, 0.0])
+        for budget in budgets:
+            need, already = (tokens, held[0]) if budget.unit == "tokens" else (cost, held[1])
+            if self.spent(key, budget.unit, budget.period, when) + already + need > budget.limit:
+                return Exceeded(budget, period_end(budget.period, when))
+        held[0] += tokens
+        held[1] += cost
+        self.in_flight += 1
+        return Hold(key, tokens, cost)
+
+    def settle(self, hold: Hold, charge: Charge, when: dt.datetime) -> None:
+        """Release `hold` and book `charge` (exactly once per hold)."""
+        if hold.settled:
+            return
+        hold.settled = True
+        held = self._reserved[hold.key]
+        held[0] -= hold.tokens
+        held[1] -= hold.cost
+        if abs(held[0]) < 1e-9 and abs(held[1]) < 1e-9:  # float dust: exactly zero when idle
+            held[0] = held[1] = 0.0
+        self.in_flight -= 1
+        self.settled += 1
+        tokens = charge.input + charge.output
+        for period in ("day", "month", "total"):
+            pid = period_id(period, when)
+            self._spent[(hold.key, "tokens", pid)] = (
+                self._spent.get((hold.key, "tokens", pid), 0) + tokens
+            )
+            self._spent[(hold.key, "cost", pid)] = (
+                self._spent.get((hold.key, "cost", pid), 0) + charge.cost
+            )
+        if self.store is not None:
+            self.store.record(charge)
+
+
+class UsageStore:
+    """Settled charges in SQLite: one writer task, batched, never on the request path."""
+
+    QUEUE = 100_000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._send, self._receive = trio.open_memory_channel[Charge](self.QUEUE)
+        self.dropped = 0
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS charges (at REAL, key TEXT, route TEXT,"
+                " provider TEXT, model TEXT, input INTEGER, output INTEGER, cost REAL,"
+                " outcome TEXT)"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS charges_key_at ON charges (key, at)")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=5)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def load_spend(self) -> dict[tuple[str, Unit, str], float]:
+        """Every key's spend per day, month and in total, from the recorded charges."""
+        out: dict[tuple[str, Unit, str], float] = {}
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key, strftime('%Y-%m-%d', at, 'unixepoch'), SUM(input + output),"
+                " SUM(cost) FROM charges GROUP BY 1, 2"
+            ).fetchall()
+        for key, day, tokens, cost in rows:
+            for pid in (day, day[:7], "total"):
+                out[(key, "tokens", pid)] = out.get((key, "tokens", pid), 0) + tokens
+                out[(key, "cost", pid)] = out.get((key, "cost", pid), 0) + cost
+        return out
+
+    def record(self, charge: Charge) -> None:
+        try:
+            self._send.send_nowait(charge)
+        except trio.WouldBlock:
+            self.dropped += 1  # the disk cannot keep up: spend is still right in memory
+            log.error("usage store: queue full, a charge was not written to %s", self.path)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write what is queued, in batches, until cancelled; then write what is left."""
+        task_status.started()
+        try:
+            while True:
+                batch = [await self._receive.receive()]
+                await trio.sleep(0.05)  # let a burst gather into one transaction
+                batch += self._drain()
+                await trio.to_thread.run_sync(self._write, batch)
+        finally:
+            rest = self._drain()
+            if rest:
+                self._write(rest)  # at shutdown: synchronously, nothing left to wait for
+
+    def _drain(self) -> list[Charge]:
+        out = []
+        while True:
+            try:
+                out.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return out
+
+    def _write(self, batch: list[Charge]) -> None:
+        with self._connect() as db:
+            db.executemany(
+                "INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [attrs.astuple(c) for c in batch],
+            )
+
+    def usage(self, since: float, until: float) -> list[dict[str, object]]:
+        """Spend per key, route, provider and model between two wall-clock times."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key, route, provider, model, COUNT(*), SUM(input), SUM(output), SUM(cost)"
+                " FROM charges WHERE at >= ? AND at < ? GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+                (since, until),
+            ).fetchall()
+        names = ("key", "route", "provider", "model", "requests", "input", "output", "cost")
+        return [dict(zip(names, row, strict=True)) for row in rows]

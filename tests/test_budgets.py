@@ -1,0 +1,324 @@
+"""Budgets that settle exactly, whatever happens to the request (issue 13), over real sockets.
+
+Every test ends with the books checked: nothing reserved once nothing is in flight, and the
+exact amount charged."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from router.budgets import Ledger
+from router.ops.server import Running
+from tests.helpers import chat, eventually, sse_data
+from tests.live import Cut, Exchange, FakeUpstream, chunk_event, live_gateway
+
+KEY = "sk-budget-0123456789abcdef0123456789"
+AUTH = {"authorization": f"Bearer {KEY}"}
+PRICES = {"up/m": {"input": 1.0, "output": 2.0}, "alt/m": {"input": 10.0, "output": 20.0}}
+
+
+def usage_answer(prompt: int = 11, completion: int = 7) -> dict[str, Any]:
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion},
+    }  # fmt: skip
+
+
+async def answers(exchange: Exchange) -> None:
+    await exchange.json_answer(200, usage_answer())
+
+
+async def streams_with_usage(exchange: Exchange) -> None:
+    await exchange.start(200, "text/event-stream")
+    await exchange.body_part(chunk_event("hel"))
+    await exchange.body_part(chunk_event("lo", finish="stop"))
+    usage = {"id": "x", "object": "chat.completion.chunk", "model": "m", "choices": [],
+             "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}  # fmt: skip
+    await exchange.body_part(b"data: " + json.dumps(usage).encode() + b"\n\n")
+    await exchange.body_part(b"data: [DONE]\n\n", more=False)
+
+
+async def fails(exchange: Exchange) -> None:
+    await exchange.json_answer(500, {"error": {"message": "boom", "type": "server_error"}})
+
+
+async def rate_limited(exchange: Exchange) -> None:
+    await exchange.json_answer(429, {"error": {"type": "rate_limit_error"}}, retry_after="30")
+
+
+async def stalls(exchange: Exchange) -> None:
+    await exchange.wait_disconnect()
+
+
+async def stalls_after_headers(exchange: Exchange) -> None:
+    await exchange.start(200, "text/event-stream")
+    await exchange.wait_disconnect()
+
+
+async def stalls_mid_stream(exchange: Exchange) -> None:
+    await exchange.start(200, "text/event-stream")
+    await exchange.body_part(chunk_event("x" * 400))
+    await exchange.wait_disconnect()
+
+
+async def cut_mid_stream(exchange: Exchange) -> None:
+    await exchange.start(200, "text/event-stream")
+    await exchange.body_part(chunk_event("y" * 400))
+    raise Cut()
+
+
+@asynccontextmanager
+async def budgeted(
+    monkeypatch: pytest.MonkeyPatch,
+    upstreams: dict[str, FakeUpstream],
+    budgets: list[dict[str, Any]] | None = None,
+    routes: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> AsyncIterator[Running]:
+    monkeypatch.setenv("BUDGET_KEY", KEY)
+    key = {"name": "team", "key_env": "BUDGET_KEY",
+           "budgets": budgets or [{"tokens": 1_000_000, "period": "day"}]}  # fmt: skip
+    auth = {"keys": [key], **extra.pop("auth", {})}
+    prices = {t: p for t, p in PRICES.items() if t.split("/")[0] in upstreams}
+    async with live_gateway(upstreams, routes, auth=auth, prices=prices, **extra) as gw:
+        yield gw
+
+
+def input_estimate(body: dict[str, Any]) -> int:
+    """Cascade's input estimate: the body's characters / 4 (httpx sends compact JSON)."""
+    return len(json.dumps(body, separators=(",", ":"))) // 4
+
+
+def ledger(gw: Running) -> Ledger:
+    return gw.app.gateway.ledger
+
+
+async def books(gw: Running) -> tuple[float, float]:
+    """(tokens, cost) spent today, once nothing is in flight; asserts nothing stays reserved."""
+    await eventually(lambda: ledger(gw).in_flight == 0)
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        [key] = (await client.get("/admin/keys")).json()["keys"]
+    assert key["reserved"] == {"tokens": 0, "cost": 0}
+    return key["spent_today"]["tokens"], key["spent_today"]["cost"]
+
+
+async def post(
+    gw: Running, body: dict[str, Any], path: str = "/v1/chat/completions"
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gw.url, headers=AUTH, timeout=20) as client:
+        return await client.post(path, json=body)
+
+
+async def test_a_plain_answer_is_charged_its_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with budgeted(monkeypatch, {"up": FakeUpstream(answers)}) as gw:
+        assert (await post(gw, chat())).status_code == 200
+        assert await books(gw) == (18, pytest.approx((11 * 1 + 7 * 2) / 1e6))
+
+
+async def test_a_stream_is_charged_its_final_usage(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with budgeted(monkeypatch, {"up": FakeUpstream(streams_with_usage)}) as gw:
+        r = await post(gw, chat(stream=True, stream_options={"include_usage": True}))
+        assert sse_data(r.text)[-1] == "[DONE]"
+        assert await books(gw) == (7, pytest.approx((5 + 2 * 2) / 1e6))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+@pytest.mark.parametrize("dialect", ["openai", "anthropic"])
+async def test_an_upstream_error_before_the_first_byte_is_refunded(
+    monkeypatch: pytest.MonkeyPatch, path: str, dialect: str
+) -> None:
+    upstream = FakeUpstream(fails)
+    body = chat() if path.endswith("completions") else {
+        "model": "gpt", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    async with budgeted(
+        monkeypatch, {"up": upstream}, providers={"up": {"dialect": dialect, "max_retries": 0}}
+    ) as gw:
+        r = await post(gw, body, path)
+        assert r.status_code in (500, 502)
+        assert await books(gw) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("handler", "stream", "phase"),
+    [
+        (stalls, False, "headers"),
+        (stalls_after_headers, True, "first byte"),
+        (stalls_mid_stream, True, "mid-stream"),
+    ],
+)
+async def test_a_client_that_leaves_pays_only_for_what_it_was_sent(
+    monkeypatch: pytest.MonkeyPatch, handler: Any, stream: bool, phase: str
+) -> None:
+    upstream = FakeUpstream(handler)
+    async with budgeted(monkeypatch, {"up": upstream}) as gw:
+        with trio.move_on_after(0.5):  # the client gives up
+            async with (
+                httpx.AsyncClient(base_url=gw.url, headers=AUTH) as client,
+                client.stream("POST", "/v1/chat/completions", json=chat(stream=stream)) as r,
+            ):
+                async for _ in r.aiter_raw():
+                    pass
+        tokens, _ = await books(gw)
+        if phase == "mid-stream":  # the estimate: input (chars / 4) + relayed data bytes / 4
+            relayed = len(chunk_event("x" * 400)) - len(b"data: \n\n")
+            assert tokens == input_estimate(chat(stream=True)) + relayed // 4
+        else:
+            assert tokens == 0
+
+
+async def test_a_client_gone_during_backoff_is_refunded(monkeypatch: pytest.MonkeyPatch) -> None:
+    upstream = FakeUpstream(fails)
+    async with budgeted(
+        monkeypatch,
+        {"up": upstream},
+        providers={"up": {"max_retries": 5}},
+        retry={"strategy": "same_model", "backoff": {"base": "2s", "jitter": "none"}},
+    ) as gw:
+        with trio.move_on_after(0.5):
+            await post(gw, chat())
+        assert len(upstream.exchanges) == 1  # it was waiting out the backoff
+        assert await books(gw) == (0, 0)
+
+
+async def test_an_upstream_cut_mid_stream_charges_what_was_streamed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with budgeted(monkeypatch, {"up": FakeUpstream(cut_mid_stream)}) as gw:
+        r = await post(gw, chat(stream=True))
+        assert "[DONE]" not in r.text
+        relayed = len(chunk_event("y" * 400)) - len(b"data: \n\n")
+        assert (await books(gw))[0] == input_estimate(chat(stream=True)) + relayed // 4
+
+
+async def test_a_failover_after_a_429_charges_the_target_that_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    upstreams = {"up": FakeUpstream(rate_limited), "alt": FakeUpstream(answers)}
+    async with budgeted(monkeypatch, upstreams) as gw:
+        assert (await post(gw, chat())).status_code == 200
+        assert await books(gw) == (18, pytest.approx((11 * 10 + 7 * 20) / 1e6))  # alt's prices
+
+
+async def test_a_hedged_request_pays_for_the_answer_it_got(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def slow(exchange: Exchange) -> None:
+        await trio.sleep(1)
+        await exchange.json_answer(200, usage_answer(100, 100))
+
+    upstreams = {"up": FakeUpstream(slow), "alt": FakeUpstream(answers)}
+    routes = [{"match": "gpt", "targets": ["up/m", "alt/m"],
+               "hedge": {"after": "50ms", "budget": 1.0}}]  # fmt: skip
+    async with budgeted(monkeypatch, upstreams, routes=routes) as gw:
+        assert (await post(gw, chat())).status_code == 200
+        assert await books(gw) == (18, pytest.approx((11 * 10 + 7 * 20) / 1e6))
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'cascade_hedges_total{outcome="won",route="gpt"} 1.0' in metrics
+
+
+async def test_a_budget_holds_exactly_at_its_boundary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Budget 100 tokens: a request whose worst case (input estimate + max_tokens) is 50 fits
+    twice when each is charged 50; the third is refused with budget_exceeded and a reset."""
+    body = chat(max_tokens=10)
+    worst = input_estimate(body) + 10
+
+    async def exact(exchange: Exchange) -> None:  # uses exactly the worst case
+        await exchange.json_answer(200, usage_answer(worst - 10, 10))
+
+    budgets = [{"tokens": 2 * worst, "period": "day"}]
+    async with budgeted(monkeypatch, {"up": FakeUpstream(exact)}, budgets=budgets) as gw:
+        assert [(await post(gw, body)).status_code for _ in range(2)] == [200, 200]
+        refused = await post(gw, body)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "budget_exceeded"
+        assert int(refused.headers["retry-after"]) <= 86400
+        assert "x-budget-reset" in refused.headers
+        async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0) as sdk:
+            with pytest.raises(openai.RateLimitError) as caught:  # what an SDK user sees
+                await sdk.chat.completions.create(
+                    model="gpt", messages=body["messages"], max_tokens=10
+                )
+            assert caught.value.body["type"] == "budget_exceeded"  # type: ignore[index]
+        assert (await books(gw))[0] == 2 * worst
+
+
+async def test_spend_survives_a_restart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    db = tmp_path / "usage.sqlite3"
+    for run in range(2):
+        async with budgeted(
+            monkeypatch, {"up": FakeUpstream(answers)}, auth={"usage_db": str(db)}
+        ) as gw:
+            if run == 0:
+                assert (await post(gw, chat())).status_code == 200
+                assert (await books(gw))[0] == 18
+            else:
+                assert (await books(gw))[0] == 18  # loaded from the store at start
+                async with httpx.AsyncClient(base_url=gw.url) as client:
+                    usage = (await client.get("/admin/usage")).json()["usage"]
+                assert usage == [{"key": "team", "route": "gpt", "provider": "up", "model": "m",
+                                  "requests": 1, "input": 11, "output": 7,
+                                  "cost": pytest.approx(25e-6)}]  # fmt: skip
+
+
+# The test client's requests are cancelled mid-body: httpx leaves its body generators to the GC,
+# which trio reports (as in test_cancellation.py). Cascade's own code leaves none.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <async_generator object "
+    r"(AsyncHTTP11Connection|HTTP11ConnectionByteStream|PoolByteStream|AsyncResponseStream|"
+    r"BoundAsyncStream|Response|ByteStream)\.:pytest.PytestUnraisableExceptionWarning"
+)
+async def test_random_faults_and_cancellations_leave_the_books_balanced(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    rng = random.Random(7)
+    handlers = [answers, streams_with_usage, fails, rate_limited, stalls_mid_stream, cut_mid_stream]
+
+    async def anything(exchange: Exchange) -> None:
+        handler = rng.choice(handlers)
+        if handler is streams_with_usage and not exchange.json.get("stream"):
+            handler = answers
+        if handler in (stalls_mid_stream, cut_mid_stream) and not exchange.json.get("stream"):
+            handler = fails
+        await handler(exchange)
+
+    db = tmp_path / "usage.sqlite3"
+    upstreams = {"up": FakeUpstream(anything), "alt": FakeUpstream(anything)}
+    async with budgeted(
+        monkeypatch, upstreams, auth={"usage_db": str(db)}, providers={"up": {"max_retries": 0}}
+    ) as gw:
+
+        async def one(client: httpx.AsyncClient) -> None:
+            body = chat(stream=rng.random() < 0.5, max_tokens=20)
+            with trio.move_on_after(rng.choice([0.005, 0.02, 0.3, 1])):
+                await client.post("/v1/chat/completions", json=body)
+
+        limits = httpx.Limits(max_connections=100)
+        with trio.fail_after(120):
+            async with httpx.AsyncClient(base_url=gw.url, headers=AUTH, limits=limits) as client:
+                for _wave in range(20):
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(100):
+                            nursery.start_soon(one, client)
+        spent_tokens, spent_cost = await books(gw)
+    with sqlite3.connect(db) as con:  # the store, written after the last request
+        tokens, cost, rows = con.execute(
+            "SELECT SUM(input + output), SUM(cost), COUNT(*) FROM charges"
+        ).fetchone()
+    assert rows == ledger(gw).settled >= 500  # each request that reserved settled exactly once
+    assert tokens == spent_tokens
+    assert cost == pytest.approx(spent_cost)
