@@ -138,6 +138,23 @@ async def test_a_stream_is_charged_its_final_usage(monkeypatch: pytest.MonkeyPat
         assert await books(gw) == (7, pytest.approx((5 + 2 * 2) / 1e6))
 
 
+async def test_a_stream_whose_client_did_not_ask_for_usage_is_still_charged_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cascade asks the upstream for the usage chunk and keeps it from the client."""
+
+    async def usage_if_asked(exchange: Exchange) -> None:
+        assert exchange.json["stream_options"] == {"include_usage": True}
+        await streams_with_usage(exchange)
+
+    async with budgeted(monkeypatch, {"up": FakeUpstream(usage_if_asked)}) as gw:
+        r = await post(gw, chat(stream=True))
+        data = sse_data(r.text)
+        assert data[-1] == "[DONE]"
+        assert all("usage" not in json.loads(d) or json.loads(d)["choices"] for d in data[:-1])
+        assert await books(gw) == (7, pytest.approx((5 + 2 * 2) / 1e6))
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
 @pytest.mark.parametrize("dialect", ["openai", "anthropic"])
 async def test_an_upstream_error_before_the_first_byte_is_refunded(

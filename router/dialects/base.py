@@ -64,6 +64,11 @@ class JSONRequest:
     def translated(self, upstream: Dialect, model: str, provider: ProviderConfig) -> bytes:
         raise RequestError(f"no translation from {self.dialect} to {upstream.name}")
 
+    def asking_usage(self) -> ClientRequest:
+        """This request, made to get the stream's usage from an upstream of its own dialect
+        (when the dialect needs asking) without showing the client what it did not ask for."""
+        return self
+
 
 class ClientRequest(Protocol):
     """A parsed, validated client request."""
@@ -82,6 +87,8 @@ class ClientRequest(Protocol):
 
     @property
     def max_output_tokens(self) -> int | None: ...
+
+    def asking_usage(self) -> ClientRequest: ...
 
     def call_for(self, upstream: Dialect, model: str, provider: ProviderConfig) -> UpstreamCall:
         """The call to make to a provider speaking `upstream`, asking it for `model`. A

@@ -100,9 +100,27 @@ class ChatRequest(JSONRequest):
     """A validated chat completion request and what the cascade needs from it."""
 
     include_usage: bool = False
+    # Cascade needs the stream's usage (to settle a budget): an OpenAI upstream is asked for it
+    # with stream_options.include_usage, and the usage chunk is kept from a client that did not
+    # ask for it.
+    want_usage: bool = False
 
     def translated(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> bytes:
         return openai_to_anthropic(self.obj, model, provider.default_max_tokens)
+
+    def asking_usage(self) -> ChatRequest:
+        return attrs.evolve(self, want_usage=True)
+
+    def body_for(self, model: str) -> bytes:
+        body = super().body_for(model)
+        if not (self.want_usage and self.stream and not self.include_usage):
+            return body
+        options = self.obj.get("stream_options")
+        if options is None:  # the common case: one insertion, the rest byte for byte
+            brace = body.index(b"{") + 1
+            return body[:brace] + b'"stream_options":{"include_usage":true},' + body[brace:]
+        rebuilt = {**self.obj, "model": model, "stream_options": {**options, "include_usage": True}}
+        return json.dumps(rebuilt).encode()
 
 
 def parse_chat_request(body: bytes) -> ChatRequest:
@@ -191,6 +209,7 @@ class StreamFilter:
 
     done: bool = False
     dropped: int = 0
+    hide_usage: bool = False  # drop the usage-only chunk (Cascade asked for it, not the client)
 
     def check(self, events: tuple[SSEEvent, ...]) -> tuple[list[SSEEvent], dict[str, Any] | None]:
         """(events to forward, the first in-band error if one arrived)."""
@@ -211,6 +230,8 @@ class StreamFilter:
             if "error" in parsed:
                 error = parsed["error"]
                 return good, error if isinstance(error, dict) else {"message": str(error)}
+            if self.hide_usage and parsed.get("usage") and not parsed.get("choices"):
+                continue
             good.append(event)
         return good, None
 
@@ -220,8 +241,8 @@ class Stream:
 
     __slots__ = ("_filter",)
 
-    def __init__(self) -> None:
-        self._filter = StreamFilter()
+    def __init__(self, hide_usage: bool = False) -> None:
+        self._filter = StreamFilter(hide_usage=hide_usage)
 
     @property
     def done(self) -> bool:
@@ -264,7 +285,8 @@ class OpenAI:
 
     def stream_writer(self, upstream: DialectBase, request: ClientRequest) -> StreamWriter:
         if upstream.name == "openai":
-            return Stream()
+            assert isinstance(request, ChatRequest)
+            return Stream(hide_usage=request.want_usage and not request.include_usage)
         assert isinstance(request, ChatRequest)
         return AnthropicToOpenAIStream(request.include_usage)
 

@@ -177,6 +177,8 @@ class App:
             )
         if key is not None:
             send = _key_limits(gateway, key, request.model, request.estimated_tokens, send)
+            if key.budgets and request.stream:
+                request = request.asking_usage()  # the exact usage, to settle the budget with
         route_name, route = resolved
         deadline = route.deadline or server.deadline
         asked = header(scope, b"x-cascade-deadline")
