@@ -14,8 +14,10 @@ batches to SQLite off the request path; at start the ledger loads the current pe
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -117,6 +119,8 @@ class Ledger:
         self.in_flight = 0  # reservations not yet settled
         self.settled = 0
         self.store = store
+        # Keys created through the admin API (settings with their sha256), kept across reloads
+        self.runtime_keys: dict[str, dict[str, object]] = store.load_keys() if store else {}
         if store is not None:
             for (key, unit, period), amount in store.load_spend().items():
                 self._spent[(key, unit, period)] = amount
@@ -182,6 +186,10 @@ class UsageStore:
                 " outcome TEXT)"
             )
             db.execute("CREATE INDEX IF NOT EXISTS charges_key_at ON charges (key, at)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS keys (name TEXT PRIMARY KEY, settings TEXT,"
+                " created REAL, revoked REAL)"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5)
@@ -201,6 +209,24 @@ class UsageStore:
                 out[(key, "tokens", pid)] = out.get((key, "tokens", pid), 0) + tokens
                 out[(key, "cost", pid)] = out.get((key, "cost", pid), 0) + cost
         return out
+
+    def load_keys(self) -> dict[str, dict[str, object]]:
+        """The keys created through the admin API and not revoked: name -> settings (with
+        the key's sha256; never the key)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT name, settings FROM keys WHERE revoked IS NULL").fetchall()
+        return {name: json.loads(settings) for name, settings in rows}
+
+    def save_key(self, name: str, settings: dict[str, object]) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO keys VALUES (?, ?, ?, NULL)",
+                (name, json.dumps(settings), time.time()),
+            )
+
+    def revoke_key(self, name: str) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE keys SET revoked = ? WHERE name = ?", (time.time(), name))
 
     def record(self, charge: Charge) -> None:
         try:

@@ -668,63 +668,72 @@ class StateConfig:
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
+def _parse_key(k: _Fields, names: set[str]) -> KeyConfig:
+    name = k.string("name", "")
+    if not k.has("name"):
+        k.error("name", "required (it names the key in logs and metrics)")
+    elif name and not _KEY_NAME.fullmatch(name):
+        k.error("name", "letters, digits, '_', '.' and '-' (up to 64): it labels metrics")
+    elif name in names:
+        k.error("name", f"{name!r} is used by another key")
+    names.add(name)
+    key_env, sha = k.optional_string("key_env"), k.optional_string("sha256")
+    if k.has("key"):
+        k.get("key")  # known: not also an "unknown field"
+        k.error("key", "keys are never written in the file: use key_env or sha256")
+    if (key_env is None) == (sha is None):
+        k.problems.append(f"{k.path}: give exactly one of key_env (a variable) or sha256")
+    if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
+        k.error("sha256", "expected 64 hex digits (sha256sum of the key)")
+        sha = None
+    models: tuple[str, ...] = ("*",)
+    if k.has("models"):
+        raw_models = k.get("models")
+        if not isinstance(raw_models, list) or not all(
+            isinstance(m, str) and m for m in raw_models
+        ):
+            k.error("models", "expected a list of model names or globs")
+        else:
+            models = tuple(raw_models)
+    budgets: list[Budget] = []
+    for bpath, braw in k.items("budgets"):
+        b = _Fields(braw, bpath, k.problems)
+        periods: tuple[Period, ...] = ("day", "month", "total")
+        period = b.choice("period", periods[1], periods)
+        if b.has("tokens") == b.has("cost"):
+            b.get("tokens"), b.get("cost")  # known fields, only not both (or neither)
+            k.problems.append(f"{bpath}: give exactly one of tokens or cost (USD)")
+        elif b.has("tokens"):
+            budgets.append(Budget("tokens", b.integer("tokens", 0, minimum=1), period))
+        else:
+            cost = b.number("cost", 0.0, minimum=0.0, maximum=1e12)
+            budgets.append(Budget("cost", cost, period))
+        b.done()
+    key = KeyConfig(
+        name=name,
+        key_env=key_env,
+        sha256=sha.lower() if sha else None,
+        models=models,
+        rpm=k.optional_integer("rpm"),
+        tpm=k.optional_integer("tpm"),
+        budgets=tuple(budgets),
+    )
+    k.done()
+    return key
+
+
+def parse_key(raw: object, taken: set[str], path: str = "key") -> KeyConfig:
+    """One key's settings (as in auth.keys[]), or ConfigError naming each wrong field."""
+    problems: list[str] = []
+    key = _parse_key(_Fields(raw, path, problems), set(taken))
+    if problems:
+        raise ConfigError(problems)
+    return key
+
+
 def _parse_auth(f: _Fields) -> AuthConfig:
-    keys: list[KeyConfig] = []
     names: set[str] = set()
-    for path, raw in f.items("keys"):
-        k = _Fields(raw, path, f.problems)
-        name = k.string("name", "")
-        if not k.has("name"):
-            k.error("name", "required (it names the key in logs and metrics)")
-        elif name and not _KEY_NAME.fullmatch(name):
-            k.error("name", "letters, digits, '_', '.' and '-' (up to 64): it labels metrics")
-        elif name in names:
-            k.error("name", f"{name!r} is used by another key")
-        names.add(name)
-        key_env, sha = k.optional_string("key_env"), k.optional_string("sha256")
-        if k.has("key"):
-            k.get("key")  # known: not also an "unknown field"
-            k.error("key", "keys are never written in the file: use key_env or sha256")
-        if (key_env is None) == (sha is None):
-            f.problems.append(f"{path}: give exactly one of key_env (a variable) or sha256")
-        if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
-            k.error("sha256", "expected 64 hex digits (sha256sum of the key)")
-            sha = None
-        models: tuple[str, ...] = ("*",)
-        if k.has("models"):
-            raw_models = k.get("models")
-            if not isinstance(raw_models, list) or not all(
-                isinstance(m, str) and m for m in raw_models
-            ):
-                k.error("models", "expected a list of model names or globs")
-            else:
-                models = tuple(raw_models)
-        budgets: list[Budget] = []
-        for bpath, braw in k.items("budgets"):
-            b = _Fields(braw, bpath, f.problems)
-            periods: tuple[Period, ...] = ("day", "month", "total")
-            period = b.choice("period", periods[1], periods)
-            if b.has("tokens") == b.has("cost"):
-                b.get("tokens"), b.get("cost")  # known fields, only not both (or neither)
-                f.problems.append(f"{bpath}: give exactly one of tokens or cost (USD)")
-            elif b.has("tokens"):
-                budgets.append(Budget("tokens", b.integer("tokens", 0, minimum=1), period))
-            else:
-                cost = b.number("cost", 0.0, minimum=0.0, maximum=1e12)
-                budgets.append(Budget("cost", cost, period))
-            b.done()
-        keys.append(
-            KeyConfig(
-                name=name,
-                key_env=key_env,
-                sha256=sha.lower() if sha else None,
-                models=models,
-                rpm=k.optional_integer("rpm"),
-                tpm=k.optional_integer("tpm"),
-                budgets=tuple(budgets),
-            )
-        )
-        k.done()
+    keys = [_parse_key(_Fields(raw, path, f.problems), names) for path, raw in f.items("keys")]
     auth = AuthConfig(
         tuple(keys),
         default_max_tokens=f.integer("default_max_tokens", 4096, minimum=1, maximum=10_000_000),

@@ -15,6 +15,7 @@ import hmac
 import logging
 import math
 import os
+from collections.abc import Iterable
 
 import attrs
 
@@ -73,11 +74,18 @@ class KeyRing:
     checkpoint between them, so two requests cannot both take the last unit.
     """
 
-    def __init__(self, auth: AuthConfig, admin_token_env: str | None = None) -> None:
+    def __init__(
+        self,
+        auth: AuthConfig,
+        admin_token_env: str | None = None,
+        runtime: Iterable[KeyConfig] = (),
+    ) -> None:
         self._by_digest: dict[bytes, KeyConfig] = {}
         self._windows: dict[str, tuple[SlidingWindow, SlidingWindow]] = {}
+        self.runtime: dict[str, KeyConfig] = {}  # created through the admin API
         admin = os.environ.get(admin_token_env or "") or None
-        admin_digest = digest(admin) if admin else None
+        self._admin_digest = admin_digest = digest(admin) if admin else None
+        self.configured = auth.keys
         for key in auth.keys:
             if key.sha256 is not None:
                 found = bytes.fromhex(key.sha256)
@@ -97,6 +105,28 @@ class KeyRing:
             self._by_digest[found] = key
             self._windows[key.name] = (SlidingWindow(60.0), SlidingWindow(60.0))
         self.enabled = auth.enabled
+        for key in runtime:
+            self.add(key)
+
+    def names(self) -> set[str]:
+        return {k.name for k in self.configured} | set(self.runtime)
+
+    def add(self, key: KeyConfig) -> None:
+        """A key created at run time (its sha256 set): valid from now on."""
+        assert key.sha256 is not None
+        self._by_digest[bytes.fromhex(key.sha256)] = key
+        self._windows.setdefault(key.name, (SlidingWindow(60.0), SlidingWindow(60.0)))
+        self.runtime[key.name] = key
+        self.enabled = True
+
+    def revoke(self, name: str) -> bool:
+        """Remove a run-time key; False if there is none of that name."""
+        key = self.runtime.pop(name, None)
+        if key is None:
+            return False
+        assert key.sha256 is not None
+        self._by_digest.pop(bytes.fromhex(key.sha256), None)
+        return True
 
     def adopt(self, previous: KeyRing) -> None:
         """Keep the rpm/tpm windows of keys that kept their name across a reload."""

@@ -5,9 +5,11 @@ and rpm/tpm limits hold, with OpenAI's x-ratelimit-* headers on every answer."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -183,3 +185,59 @@ async def test_listening_beyond_loopback_without_keys_warns(
         async with live_gateway({"up": upstream}, server={"host": "0.0.0.0"}):
             pass
     assert "with no client keys" in caplog.text
+
+
+async def test_keys_made_through_the_admin_api_work_until_revoked_and_survive_a_restart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    db = tmp_path / "usage.sqlite3"
+    upstream = FakeUpstream(healthy)
+    ask = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+    async with live_gateway({"up": upstream}, auth={"usage_db": str(db)}) as gw:
+        async with httpx.AsyncClient(base_url=gw.url) as admin:
+            assert (await admin.post("/v1/chat/completions", json=ask)).status_code == 200
+            made = await admin.post(
+                "/admin/keys", json={"name": "ci", "models": ["gpt"], "rpm": 100}
+            )
+            assert made.status_code == 201, made.text
+            secret = made.json()["key"]
+            assert secret.startswith("sk-cascade-") and len(secret) > 40
+            again = await admin.post("/admin/keys", json={"name": "ci"})
+            assert again.status_code == 400 and "used by another key" in again.text
+            bad = await admin.post("/admin/keys", json={"name": "x", "key": "sk-mine-123"})
+            assert bad.status_code == 400 and "sk-mine-123" not in bad.text
+            # From now on every model endpoint needs a key
+            assert (await admin.post("/v1/chat/completions", json=ask)).status_code == 401
+            r = await admin.post(
+                "/v1/chat/completions", json=ask, headers={"authorization": f"Bearer {secret}"}
+            )
+            assert r.status_code == 200 and r.headers["x-ratelimit-limit-requests"] == "100"
+            listed = (await admin.get("/admin/keys")).json()["keys"]
+            assert [(k["name"], k["source"]) for k in listed] == [("ci", "admin API")]
+            assert secret not in json.dumps(listed)
+    async with live_gateway({"up": upstream}, auth={"usage_db": str(db)}) as gw:  # restarted
+        async with httpx.AsyncClient(base_url=gw.url) as admin:
+            headers = {"authorization": f"Bearer {secret}"}
+            r = await admin.post("/v1/chat/completions", json=ask, headers=headers)
+            assert r.status_code == 200
+            assert (await admin.post("/admin/keys/ci/revoke")).status_code == 200
+            r = await admin.post("/v1/chat/completions", json=ask, headers=headers)
+            assert r.status_code == 401  # revoked: at once
+            assert (await admin.post("/admin/keys/ci/revoke")).status_code == 404
+    async with live_gateway({"up": upstream}, auth={"usage_db": str(db)}) as gw:
+        async with httpx.AsyncClient(base_url=gw.url) as admin:  # revoked stays revoked
+            r = await admin.post("/v1/chat/completions", json=ask, headers=headers)
+            assert r.status_code == 200  # no keys left at all: open again, as configured
+            assert (await admin.get("/admin/keys")).json()["keys"] == []
+
+
+async def test_a_key_from_the_config_cannot_be_revoked_through_the_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with keyed(monkeypatch, FakeUpstream(healthy)) as gw:
+        headers = {"authorization": f"Bearer {ADMIN}"}
+        async with httpx.AsyncClient(base_url=gw.url, headers=headers) as admin:
+            r = await admin.post("/admin/keys/team-a/revoke")
+            assert r.status_code == 409
+            created = await admin.post("/admin/keys", json={"name": "team-a"})
+            assert created.status_code == 400  # the config's name is taken

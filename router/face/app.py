@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -15,6 +16,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,7 +33,7 @@ from actors.settings import ProviderConfig
 from actors.wire import Usage
 from router.budgets import Charge, Hold
 from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch, Winner
-from router.config import Config, ConfigError, Route, ServerConfig, Target
+from router.config import Config, ConfigError, Route, ServerConfig, Target, parse_key
 from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
 from router.dialects.base import ClientRequest, Dialect, UpstreamCall
 from router.dialects.jsonbody import check_model_name
@@ -112,6 +114,14 @@ class App:
                 if method != "POST":
                     raise RequestError("use POST", status=405)
                 await self._reload(send, request_id)
+            elif path == "/admin/keys" and method == "POST":
+                await self._create_key(gateway, scope, receive, send, request_id)
+            elif path.startswith("/admin/keys/") and path.endswith("/revoke"):
+                if method != "POST":
+                    raise RequestError("use POST", status=405)
+                await self._revoke_key(
+                    gateway, path[len("/admin/keys/") : -len("/revoke")], send, request_id
+                )
             elif path.startswith("/admin/providers/") and path.endswith(("/block", "/unblock")):
                 if method != "POST":
                     raise RequestError("use POST", status=405)
@@ -407,16 +417,66 @@ class App:
         body = {"providers": snapshots, "routes": routes, "recent": self.feed.read(after)}
         await respond(send, 200, json.dumps(body).encode(), request_id)
 
+    async def _create_key(
+        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        """POST /admin/keys {name, models, rpm, tpm, budgets}: a new client key, shown in this
+        answer only; Cascade keeps its SHA-256 (in auth.usage_db, when set)."""
+        body = await _read_in_time(gateway.config.server, scope, receive)
+        try:
+            raw = json.loads(body)
+        except ValueError:
+            raise RequestError("the body must be a JSON object") from None
+        if not isinstance(raw, dict) or {"key", "key_env", "sha256"} & raw.keys():
+            raise RequestError("give name, models, rpm, tpm, budgets: Cascade makes the key")
+        secret = "sk-cascade-" + secrets.token_urlsafe(32)
+        settings = {**raw, "sha256": hashlib.sha256(secret.encode()).hexdigest()}
+        try:
+            key = parse_key(settings, gateway.keys.names())
+        except ConfigError as exc:
+            raise RequestError("; ".join(exc.problems)) from None
+        store = gateway.ledger.store
+        if store is not None:
+            await trio.to_thread.run_sync(store.save_key, key.name, settings)
+        gateway.ledger.runtime_keys[key.name] = settings
+        gateway.keys.add(key)
+        log.warning("client key %s created through the admin API", key.name)
+        answer = {
+            "name": key.name,
+            "key": secret,
+            "note": "shown once: Cascade keeps only its SHA-256"
+            + ("" if store is not None else " (in memory: set auth.usage_db to keep it)"),
+        }
+        await respond(send, 201, json.dumps(answer).encode(), request_id)
+
+    async def _revoke_key(self, gateway: Gateway, name: str, send: Send, request_id: str) -> None:
+        """POST /admin/keys/{name}/revoke: a key created through the API stops working now."""
+        if name in {k.name for k in gateway.config.auth.keys}:
+            raise RequestError(
+                f"the key {name!r} is defined in the config file: remove it there and reload",
+                status=409,
+            )
+        if not gateway.keys.revoke(name):
+            raise RequestError(f"no key named {name!r}", status=404, code="not_found")
+        gateway.ledger.runtime_keys.pop(name, None)
+        store = gateway.ledger.store
+        if store is not None:
+            await trio.to_thread.run_sync(store.revoke_key, name)
+        log.warning("client key %s revoked through the admin API", name)
+        await respond(send, 200, json.dumps({"name": name, "revoked": True}).encode(), request_id)
+
     async def _keys(self, gateway: Gateway, send: Send, request_id: str) -> None:
-        """GET /admin/keys: every configured key's limits, spend this period and reserved now."""
+        """GET /admin/keys: every key's limits, spend this period and what is reserved now."""
         now = dt.datetime.now(dt.UTC)
         ledger = gateway.ledger
         keys = []
-        for key in gateway.config.auth.keys:
+        configured = gateway.config.auth.keys
+        for key in (*configured, *gateway.keys.runtime.values()):
             tokens, cost = ledger.reserved(key.name)
             keys.append(
                 {
                     "name": key.name,
+                    "source": "config" if key in configured else "admin API",
                     "models": list(key.models),
                     "rpm": key.rpm,
                     "tpm": key.tpm,

@@ -17,10 +17,10 @@ from actors.provider import ProviderActor
 from actors.settings import ProviderConfig
 from router.budgets import Ledger
 from router.cascade.dispatcher import Dispatcher
-from router.config import Config, MockSettings, Route
+from router.config import Config, MockSettings, Route, parse_key
 from router.dialects import upstream_wire
 from router.face.serving import serve_asgi
-from router.keys import AuthConfig, KeyRing
+from router.keys import AuthConfig, KeyConfig, KeyRing
 from router.ops.metrics import Metrics
 from router.tools.mock import MockUpstream
 
@@ -146,11 +146,22 @@ class Assembly:
                 else:
                     changes["kept"].append(name)
         dispatcher = Dispatcher(config, actors, self.metrics)
-        keys = KeyRing(config.auth, config.server.admin_token_env)
+        keys = KeyRing(config.auth, config.server.admin_token_env, self._runtime_keys(config))
         if previous is not None:
             keys.adopt(previous.keys)  # a key's rpm/tpm windows survive a reload
         gateway = Gateway(config, actors, dispatcher, self.metrics, self.shared, keys, self.ledger)
         return gateway, changes
+
+    def _runtime_keys(self, config: Config) -> list[KeyConfig]:
+        """The keys created through the admin API, unless the config now has that name."""
+        configured = {k.name for k in config.auth.keys}
+        keys = []
+        for name, raw in self.ledger.runtime_keys.items():
+            if name in configured:
+                log.warning("key %s created through the admin API is shadowed by the config", name)
+            else:
+                keys.append(parse_key(raw, set()))
+        return keys
 
     def retire(self, previous: Gateway, current: Gateway) -> list[str]:
         """Close the actors `current` no longer has: each finishes its running attempts."""
