@@ -142,6 +142,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    from router.tools.status import usage
+
+    return usage(args.url, args.token_env, args.since, args.by, args.json)
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -193,6 +199,14 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--once", action="store_true", help="print once and exit")
     st.add_argument("--interval", type=_duration, default=1.0, help="refresh period")
     st.set_defaults(func=cmd_status)
+
+    us = sub.add_parser("usage", help="what client keys spent (needs auth.usage_db)")
+    us.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    us.add_argument("--token-env", help="environment variable holding the admin token")
+    us.add_argument("--since", type=_duration, default=86400.0, help="period: 24h, 7d, 30d…")
+    us.add_argument("--by", choices=("key", "route", "provider", "model"), default="key")
+    us.add_argument("--json", action="store_true", help="every row (key, route, provider, model)")
+    us.set_defaults(func=cmd_usage)
 
     lt = sub.add_parser("loadtest", help="load-test any OpenAI-compatible endpoint")
     lt.add_argument("url", help="http://host:port (or its /v1 root)")

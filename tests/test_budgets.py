@@ -20,6 +20,7 @@ import trio
 
 from router.budgets import Ledger
 from router.ops.server import Running
+from router.tools.status import usage as usage_command
 from tests.helpers import chat, eventually, sse_data
 from tests.live import Cut, Exchange, FakeUpstream, chunk_event, live_gateway
 
@@ -274,7 +275,9 @@ async def test_a_budget_holds_exactly_at_its_boundary(monkeypatch: pytest.Monkey
         assert (await books(gw))[0] == 2 * worst
 
 
-async def test_spend_survives_a_restart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+async def test_spend_survives_a_restart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     db = tmp_path / "usage.sqlite3"
     for run in range(2):
         async with budgeted(
@@ -290,6 +293,13 @@ async def test_spend_survives_a_restart(monkeypatch: pytest.MonkeyPatch, tmp_pat
                 assert usage == [{"key": "team", "route": "gpt", "provider": "up", "model": "m",
                                   "requests": 1, "input": 11, "output": 7,
                                   "cost": pytest.approx(25e-6)}]  # fmt: skip
+                capsys.readouterr()
+                assert (
+                    await trio.to_thread.run_sync(usage_command, gw.url, None, 3600, "key", False)
+                    == 0
+                )
+                table = capsys.readouterr().out.splitlines()  # `cascade usage --since 1h`
+                assert table[1].split() == ["team", "1", "11", "7", "0.0000"]
 
 
 # The test client's requests are cancelled mid-body: httpx leaves its body generators to the GC,

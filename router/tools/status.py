@@ -1,4 +1,5 @@
-"""`cascade status`: the operator's live view in the terminal, from `/admin/status`.
+"""`cascade status`: the operator's live view in the terminal, from `/admin/status`; and
+`cascade usage`: what client keys spent, from `/admin/usage`.
 
 Every provider actor (blocks with reason and time left, circuits, in-flight against its limit,
 requests and tokens in the last minute, first-byte p50/p95), every route with its targets in
@@ -7,6 +8,7 @@ order and the one serving now, and the recent cascades: what was tried, skipped,
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -78,3 +80,50 @@ def run(url: str, token_env: str | None, once: bool, interval: float) -> int:
                 return 0
             print("\x1b[2J\x1b[H" + text, flush=True)  # clear the screen, then draw
             time.sleep(interval)
+
+
+def render_usage(rows: list[dict[str, Any]], group: str) -> str:
+    """Spend per `group` (key, route, provider or model) from /admin/usage rows."""
+    totals: dict[str, list[float]] = {}
+    for row in rows:
+        t = totals.setdefault(str(row[group]), [0, 0, 0, 0.0])
+        t[0] += row["requests"]
+        t[1] += row["input"]
+        t[2] += row["output"]
+        t[3] += row["cost"]
+    lines = [f"{group:<24} {'requests':>9} {'input':>12} {'output':>12} {'cost USD':>12}"]
+    for name, (requests, inputs, outputs, cost) in sorted(totals.items()):
+        lines.append(f"{name:<24} {requests:>9.0f} {inputs:>12.0f} {outputs:>12.0f} {cost:>12.4f}")
+    if not totals:
+        lines.append("(nothing settled in this period)")
+    return "\n".join(lines)
+
+
+def usage(url: str, token_env: str | None, since: float, by: str, as_json: bool) -> int:
+    """`cascade usage`: spend over the last `since` seconds, from GET /admin/usage."""
+    headers = {}
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            print(
+                f"cascade usage: the environment variable {token_env} is not set", file=sys.stderr
+            )
+            return 1
+        headers["authorization"] = f"Bearer {token}"
+    now = time.time()
+    try:
+        r = httpx.get(
+            url.rstrip("/") + "/admin/usage",
+            params={"since": now - since, "until": now},
+            headers=headers,
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        print(f"cascade usage: {url}: {exc}", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        print(f"cascade usage: {url} answered {r.status_code}: {r.text[:300]}", file=sys.stderr)
+        return 1
+    rows = r.json()["usage"]
+    print(json.dumps(rows, indent=2) if as_json else render_usage(rows, by))
+    return 0
