@@ -10,6 +10,9 @@ under `valgrind --tool=callgrind` against benchmarks/fast_upstream.py, sends `--
 difference per request, so start-up and shutdown cancel out. Loopback only; each run is bounded.
 It needs valgrind (`apt-get install valgrind`) and takes a minute or two.
 
+`--keys` adds Cascade with a client key that has rpm/tpm limits and a budget (every request
+authenticated, limited, reserved and settled, spend written to SQLite).
+
 `--state` adds Cascade with rpm/tpm limits set, once with `state.backend: local` and once with
 `redis` (a redis-server on a free port; needs redis-server): what the shared backend costs per
 request, leases and all.
@@ -21,6 +24,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import os
 import re
 import shutil
 import signal
@@ -39,7 +43,7 @@ sys.path.insert(0, str(HERE))
 from run import free_port, process  # noqa: E402  (benchmarks/run.py: same helpers)
 
 
-def send(port: int, count: int, seconds: float = 600) -> None:
+def send(port: int, count: int, seconds: float = 600, key: str | None = None) -> None:
     """`count` POSTs on one keep-alive connection, waiting (bounded) for the server to listen."""
     deadline = time.monotonic() + seconds
     while True:
@@ -52,7 +56,10 @@ def send(port: int, count: int, seconds: float = 600) -> None:
                 raise
             time.sleep(0.5)
     for _ in range(count):
-        conn.request("POST", "/v1/chat/completions", BODY, {"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
+        conn.request("POST", "/v1/chat/completions", BODY, headers)
         response = conn.getresponse()
         response.read()
         if response.status != 200:
@@ -60,7 +67,7 @@ def send(port: int, count: int, seconds: float = 600) -> None:
     conn.close()
 
 
-def instructions(cmd: list[str], port: int, count: int, tmp: Path) -> int:
+def instructions(cmd: list[str], port: int, count: int, tmp: Path, key: str | None = None) -> int:
     """Total instructions the server executes from start to exit, having served `count`."""
     out = tmp / "callgrind.out"
     proc = subprocess.Popen(
@@ -71,7 +78,7 @@ def instructions(cmd: list[str], port: int, count: int, tmp: Path) -> int:
         cwd=ROOT,
     )
     try:
-        send(port, count)
+        send(port, count, key=key)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -92,6 +99,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--state", action="store_true", help="also: limits with local vs redis state")
+    p.add_argument("--keys", action="store_true", help="also: a client key with limits, budget")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -133,9 +141,26 @@ def main() -> int:
             servers["Cascade, limits, state redis"] = config(
                 "redis", provider=limits, state={"backend": "redis", "url": url}
             )
+        key = "sk-bench-client-key-0123456789abcdef"
+        if args.keys:
+            os.environ["BENCH_CLIENT_KEY"] = key
+            auth = {
+                "usage_db": str(tmp / "usage.sqlite3"),
+                "keys": [
+                    {
+                        "name": "bench",
+                        "key_env": "BENCH_CLIENT_KEY",
+                        "rpm": 1_000_000,
+                        "tpm": 1_000_000_000,
+                        "budgets": [{"tokens": 10**12, "period": "day"}],
+                    }
+                ],
+            }
+            servers["Cascade, a key with limits and a budget"] = config("keys", auth=auth)
         for name, cmd in servers.items():
-            low = instructions(cmd, port, args.warmup, tmp)
-            high = instructions(cmd, port, args.warmup + args.requests, tmp)
+            sent = key if name.startswith("Cascade, a key") else None
+            low = instructions(cmd, port, args.warmup, tmp, sent)
+            high = instructions(cmd, port, args.warmup + args.requests, tmp, sent)
             results[name] = (high - low) / args.requests
             print(f"{name}: {results[name] / 1e6:.3f} M instructions per request", flush=True)
     if args.state:
