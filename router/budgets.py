@@ -18,9 +18,10 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import attrs
 import trio
@@ -87,6 +88,30 @@ class Hold:
     tokens: float
     cost: float
     settled: bool = False
+    shared_id: str | None = None  # the hold's id in the shared backend (Redis), if taken there
+
+
+class SharedBudgets(Protocol):
+    """Budgets kept in a backend every replica shares (router/state/budgets.py)."""
+
+    timeout: float
+
+    @property
+    def up(self) -> bool: ...
+
+    async def reserve(
+        self,
+        hold_id: str,
+        key: str,
+        budgets: Iterable[Budget],
+        tokens: float,
+        cost: float,
+        when: dt.datetime,
+    ) -> Hold | Exceeded: ...
+
+    def settle(
+        self, hold_id: str, key: str, tokens: float, cost: float, when: dt.datetime
+    ) -> None: ...
 
 
 @attrs.frozen
@@ -113,7 +138,10 @@ class Charge:
 class Ledger:
     """Spent and reserved amounts per key. Plain synchronous code on the trio thread."""
 
-    def __init__(self, store: UsageStore | None = None) -> None:
+    def __init__(
+        self, store: UsageStore | None = None, shared: SharedBudgets | None = None
+    ) -> None:
+        self.shared = shared
         self._spent: dict[tuple[str, Unit, str], float] = {}
         self._reserved: dict[str, list[float]] = {}  # key -> [tokens, cost]
         self.in_flight = 0  # reservations not yet settled
@@ -131,6 +159,29 @@ class Ledger:
     def reserved(self, key: str) -> tuple[float, float]:
         tokens, cost = self._reserved.get(key, (0.0, 0.0))
         return tokens, cost
+
+    async def reserve_shared(
+        self, key: str, budgets: Iterable[Budget], tokens: float, cost: float, when: dt.datetime
+    ) -> Hold | Exceeded:
+        """Reserve in the shared backend (one round trip, shielded from cancellation so a hold
+        taken there is always ours to settle); this replica's own books while it is down."""
+        shared = self.shared
+        if shared is None or not shared.up:
+            return self.reserve(key, budgets, tokens, cost, when)
+        hold_id = uuid.uuid4().hex
+        try:
+            with trio.CancelScope(shield=True), trio.fail_after(shared.timeout):
+                result = await shared.reserve(hold_id, key, budgets, tokens, cost, when)
+        except Exception as exc:  # Redis failed or is slow: release in case the script ran
+            log.warning("budgets: shared reservation failed (%s); this replica's view", exc)
+            shared.settle(hold_id, key, 0.0, 0.0, when)
+            return self.reserve(key, budgets, tokens, cost, when)
+        if isinstance(result, Hold):
+            held = self._reserved.setdefault(key, [0.0, 0.0])
+            held[0] += tokens
+            held[1] += cost
+            self.in_flight += 1
+        return result
 
     def reserve(
         self, key: str, budgets: Iterable[Budget], tokens: float, cost: float, when: dt.datetime
@@ -168,6 +219,8 @@ class Ledger:
             )
         if self.store is not None:
             self.store.record(charge)
+        if hold.shared_id is not None and self.shared is not None:
+            self.shared.settle(hold.shared_id, hold.key, tokens, charge.cost, when)
 
 
 class UsageStore:

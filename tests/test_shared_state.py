@@ -410,3 +410,60 @@ async def test_two_workers_with_redis_steer_each_other_and_reload_together(
                 proc.kill()
             await proc.stderr.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_two_replicas_cannot_together_overspend_one_budget(
+    tmp_path: Path, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget of exactly 10 requests' worst case, 40 requests split between two replicas at
+    once: 10 are served, 30 refused with budget_exceeded, and Redis has charged exactly 10."""
+    key = "sk-shared-budget-0123456789abcdef0123"
+    monkeypatch.setenv("SHARED_BUDGET_KEY", key)
+    body = chat(max_tokens=10)
+    worst = len(json.dumps(body, separators=(",", ":"))) // 4 + 10
+
+    async def exact(exchange: Exchange) -> None:
+        await exchange.json_answer(
+            200,
+            {"id": "x", "object": "chat.completion", "model": "m",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                          "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": worst - 10, "completion_tokens": 10,
+                       "total_tokens": worst}},
+        )  # fmt: skip
+
+    upstream = FakeUpstream(exact)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_asgi, upstream, "127.0.0.1", 0)
+        config = write_config(
+            tmp_path / "c.yaml", redis.url, {"up": {"base_url": url + "/v1"}}, targets=["up/m"]
+        )
+        raw = json.loads(config.read_text())
+        raw["auth"] = {"keys": [{"name": "shared", "key_env": "SHARED_BUDGET_KEY",
+                                 "budgets": [{"tokens": 10 * worst, "period": "day"}]}]}  # fmt: skip
+        config.write_text(json.dumps(raw))
+        async with deployment(config) as (a, b):
+            statuses: list[int] = []
+
+            async def one(replica: Replica) -> None:
+                headers = {"authorization": f"Bearer {key}"}
+                async with httpx.AsyncClient(base_url=replica.url, headers=headers) as client:
+                    r = await client.post("/v1/chat/completions", json=body)
+                statuses.append(r.status_code)
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as burst:
+                    for i in range(40):
+                        burst.start_soon(one, (a, b)[i % 2])
+            assert sorted(statuses) == [200] * 10 + [429] * 30
+            assert len(upstream.exchanges) == 10
+
+            async def settled() -> bool:  # settlements are written by each replica's task
+                day = time.strftime("%Y-%m-%d", time.gmtime())
+                reply = await redis.command("GET", f"t:budget:shared:spent:tokens:{day}")
+                return reply.split(b"\r\n")[1:2] == [str(10 * worst).encode()]
+
+            await until(settled)
+            reserved = await redis.command("HGET", "t:budget:shared:reserved", "tokens")
+            assert float(reserved.split(b"\r\n")[1]) == 0
+        nursery.cancel_scope.cancel()

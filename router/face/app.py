@@ -233,7 +233,7 @@ class App:
         dispatch = gateway.dispatcher.dispatch(job)
         hold = None
         if key is not None and key.budgets:  # last thing before the try: its finally settles
-            hold = _reserve(gateway, key, request, route)
+            hold = await _reserve(gateway, key, request, route)
         before_cascade = trio.current_time() - started
         try:
             async with trio.open_nursery() as nursery:
@@ -647,7 +647,7 @@ def _key_limits(gateway: Gateway, key: KeyConfig, model: str, tokens: int, send:
     return _with_headers(send, decision.headers) if decision.headers else send
 
 
-def _reserve(gateway: Gateway, key: KeyConfig, request: ClientRequest, route: Route) -> Hold:
+async def _reserve(gateway: Gateway, key: KeyConfig, request: ClientRequest, route: Route) -> Hold:
     """Reserve the request's worst case against `key`'s budgets, or refuse it (429)."""
     out = request.max_output_tokens or gateway.config.auth.default_max_tokens
     worst = request.estimated_input_tokens + out
@@ -659,7 +659,7 @@ def _reserve(gateway: Gateway, key: KeyConfig, request: ClientRequest, route: Ro
         default=0.0,
     )  # fmt: skip
     now = dt.datetime.now(dt.UTC)
-    held = gateway.ledger.reserve(key.name, key.budgets, worst, cost, now)
+    held = await gateway.ledger.reserve_shared(key.name, key.budgets, worst, cost, now)
     if isinstance(held, Hold):
         return held
     gateway.metrics.key_refusals.labels(key.name, "budget").inc()

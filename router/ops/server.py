@@ -114,7 +114,8 @@ async def serve(
     else:
         metrics.state_up.labels("local").set(1)
     store = UsageStore(Path(config.auth.usage_db)) if config.auth.usage_db else None
-    ledger = Ledger(store)  # spend so far this day/month/ever, from the store
+    # Spend so far this day/month/ever, from the store; with Redis, budgets are the deployment's
+    ledger = Ledger(store, shared.budgets if shared is not None else None)
     async with trio.open_nursery() as mock_nursery:
         if shared is not None:  # connects in the background: actors start on their own view
             await mock_nursery.start(shared.run)

@@ -42,6 +42,7 @@ from actors.shared import (
 )
 from router.config import StateConfig
 from router.ops.metrics import Metrics
+from router.state.budgets import RedisBudgets
 
 log = logging.getLogger("cascade.state")
 
@@ -217,6 +218,7 @@ class RedisState:
         self._hash = prefix + "state"
         self._channel = prefix + "events"
         self._shown_url = _without_credentials(settings.url)
+        self.budgets = RedisBudgets(prefix, settings.timeout)  # client keys' budgets
         metrics.state_up.labels("redis").set(0)
 
     # --- actors ------------------------------------------------------------------------------
@@ -338,10 +340,15 @@ class RedisState:
             self.up, self.down_since = True, None
             self._metrics.state_up.labels("redis").set(1)
             await self._broadcast(BackendState(True))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._listen, pubsub)
-                nursery.start_soon(self._keepalive, client)
-                await self._write_loop(client, write, lease)
+            try:
+                self.budgets.client = client
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._listen, pubsub)
+                    nursery.start_soon(self._keepalive, client)
+                    nursery.start_soon(self.budgets.write_settlements, client)
+                    await self._write_loop(client, write, lease)
+            finally:
+                self.budgets.client = None
 
     async def _resync(self, client: coredis.Redis[bytes], write: Any) -> None:
         """Load what Redis knows into the actors, then publish what they learned on their own."""

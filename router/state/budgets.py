@@ -1,0 +1,177 @@
+"""Budgets shared through Redis: every replica reserves and settles against the same counters,
+so two replicas cannot together overspend a budget (docs/keys-and-budgets.md).
+
+A reservation is one script call (a round trip, only for keys with budgets); a settlement is
+queued and written by the backend's task (idempotent by hold id, replayed after an outage), so
+settling stays synchronous in the request's `finally`. A hold left by a replica that died is
+released by the next reservation after `HOLD_MAX_AGE`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from router.budgets import Budget, Exceeded, Hold, period_end, period_id
+
+if TYPE_CHECKING:
+    import coredis
+
+log = logging.getLogger("cascade.state")
+
+HOLD_MAX_AGE = 3600.0  # longer than any request may take
+SETTLE_QUEUE = 100_000
+
+# KEYS: reserved hash, holds hash, hold times zset, then one spent counter per budget.
+# ARGV: hold id, tokens, cost, now, prefix, budget count, then (unit, limit) per budget.
+_RESERVE = """
+local tokens, cost, now = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - 3600)) do
+  local held = redis.call('HGET', KEYS[2], id)
+  if held then
+    local name, t, c = string.match(held, '^(.*)|([^|]+)|([^|]+)$')
+    local reserved = ARGV[5] .. 'budget:' .. name .. ':reserved'
+    redis.call('HINCRBYFLOAT', reserved, 'tokens', -tonumber(t))
+    redis.call('HINCRBYFLOAT', reserved, 'cost', -tonumber(c))
+    redis.call('HDEL', KEYS[2], id)
+  end
+  redis.call('ZREM', KEYS[3], id)
+end
+local rt = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
+local rc = tonumber(redis.call('HGET', KEYS[1], 'cost') or '0')
+local n = tonumber(ARGV[6])
+for i = 1, n do
+  local unit, limit = ARGV[5 + 2 * i], tonumber(ARGV[6 + 2 * i])
+  local spent = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
+  local held, need = rt, tokens
+  if unit == 'cost' then held, need = rc, cost end
+  if spent + held + need > limit then return i end
+end
+redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', tokens)
+redis.call('HINCRBYFLOAT', KEYS[1], 'cost', cost)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[7 + 2 * n] .. '|' .. tokens .. '|' .. cost)
+redis.call('ZADD', KEYS[3], now, ARGV[1])
+return 0
+"""
+
+# KEYS: reserved hash, holds hash, hold times zset, spent tokens day/month/total, spent cost
+# day/month/total. ARGV: hold id, tokens, cost, day ttl, month ttl (seconds).
+_SETTLE = """
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if not held then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+local _, t, c = string.match(held, '^(.*)|([^|]+)|([^|]+)$')
+redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', -tonumber(t))
+redis.call('HINCRBYFLOAT', KEYS[1], 'cost', -tonumber(c))
+for i = 0, 2 do
+  redis.call('INCRBYFLOAT', KEYS[4 + i], ARGV[2])
+  redis.call('INCRBYFLOAT', KEYS[7 + i], ARGV[3])
+end
+for _, i in ipairs({4, 7}) do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+for _, i in ipairs({5, 8}) do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+return 1
+"""
+
+
+@attrs.frozen
+class _Settle:
+    hold_id: str
+    key: str
+    tokens: float
+    cost: float
+    when: dt.datetime
+
+
+class RedisBudgets:
+    """The Redis side of the ledger. `client` is the backend's live client (None while down)."""
+
+    def __init__(self, prefix: str, timeout: float) -> None:
+        self.prefix = prefix
+        self.timeout = timeout
+        self.client: coredis.Redis[bytes] | None = None
+        self._send, self._receive = trio.open_memory_channel[_Settle](SETTLE_QUEUE)
+        self._unsent: list[_Settle] = []  # settlements that met an outage: replayed after it
+        self._reserve: Any = None
+        self._settle: Any = None
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None
+
+    def _keys(self, key: str) -> list[str]:
+        base = f"{self.prefix}budget:"
+        return [f"{base}{key}:reserved", f"{base}holds", f"{base}holdtimes"]
+
+    def _spent(self, key: str, unit: str, pid: str) -> str:
+        return f"{self.prefix}budget:{key}:spent:{unit}:{pid}"
+
+    async def reserve(
+        self,
+        hold_id: str,
+        key: str,
+        budgets: Iterable[Budget],
+        tokens: float,
+        cost: float,
+        when: dt.datetime,
+    ) -> Hold | Exceeded:
+        """One round trip; raises on a Redis failure (the caller then releases `hold_id`, in
+        case the script ran, and falls back to its own view)."""
+        client = self.client
+        assert client is not None
+        if self._reserve is None:
+            self._reserve = client.register_script(_RESERVE)
+        budgets = list(budgets)
+        keys = self._keys(key) + [
+            self._spent(key, b.unit, period_id(b.period, when)) for b in budgets
+        ]
+        args: list[Any] = [hold_id, tokens, cost, when.timestamp(), self.prefix, len(budgets)]
+        for b in budgets:
+            args += [b.unit, b.limit]
+        args.append(key)
+        over = int(await self._reserve(keys=keys, args=args))
+        if over:
+            budget = budgets[over - 1]
+            return Exceeded(budget, period_end(budget.period, when))
+        return Hold(key, tokens, cost, shared_id=hold_id)
+
+    def settle(self, hold_id: str, key: str, tokens: float, cost: float, when: dt.datetime) -> None:
+        """Queue the settlement (never waits): the backend's task writes it, once Redis is up."""
+        try:
+            self._send.send_nowait(_Settle(hold_id, key, tokens, cost, when))
+        except trio.WouldBlock:
+            log.error("budgets: settlement queue full; hold %s waits for the sweep", hold_id)
+
+    async def write_settlements(self, client: coredis.Redis[bytes]) -> None:
+        """The backend's session runs this: first what an outage held back, then as they come."""
+        self._settle = client.register_script(_SETTLE)
+        while self._unsent:
+            await self._write(self._unsent[0])
+            self._unsent.pop(0)
+        while True:
+            item = await self._receive.receive()
+            try:
+                await self._write(item)
+            except BaseException:
+                self._unsent.append(item)  # the session is failing: keep it for the next one
+                raise
+
+    async def _write(self, item: _Settle) -> None:
+        keys = self._keys(item.key)
+        for unit in ("tokens", "cost"):
+            keys += [
+                self._spent(item.key, unit, period_id(p, item.when))
+                for p in ("day", "month", "total")
+            ]
+        args = [item.hold_id, item.tokens, item.cost, 2 * 86400, 63 * 86400]
+        await self._settle(keys=keys, args=args)
+
+    async def spent(self, key: str, unit: str, pid: str) -> float:
+        assert self.client is not None
+        value = await self.client.get(self._spent(key, unit, pid))
+        return float(value or 0)
