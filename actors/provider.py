@@ -71,7 +71,7 @@ from actors.transport import (
     UpstreamResponse,
     proxy_for,
 )
-from actors.wire import UpstreamWire
+from actors.wire import UpstreamWire, Usage
 
 log = logging.getLogger("cascade.provider")
 
@@ -90,6 +90,7 @@ class _Outcome:
     ttfb: float
     total: float
     tokens: int | None = None
+    usage: Usage | None = None
 
 
 class _DispatcherGone(Exception):
@@ -197,7 +198,7 @@ class _Call:
         usage = self.actor.wire.usage(body)
         answer = Response(response.status, dict(response.headers), body, ttfb, usage)
         tokens = usage.total if usage is not None else None
-        return _Outcome(None, ttfb, self.elapsed(), tokens), answer
+        return _Outcome(None, ttfb, self.elapsed(), tokens, usage), answer
 
     async def stream_start(
         self, response: UpstreamResponse, decoder: SSEDecoder
@@ -245,7 +246,7 @@ class _Call:
             if not chunk:
                 seen = usage.usage
                 tokens = seen.total if seen is not None else None
-                return _Outcome(None, self.ttfb, self.elapsed(), tokens), StreamEnd(seen)
+                return _Outcome(None, self.ttfb, self.elapsed(), tokens, seen), StreamEnd(seen)
 
     async def send(self, message: Reply) -> None:
         try:
@@ -692,6 +693,8 @@ class ProviderActor:
             if self._tpm_lease is not None:  # the estimate was spent: settle the difference
                 self._refund_leases(0, tpm_entry[1] - outcome.tokens)
             self._tpm.correct(tpm_entry, outcome.tokens)
+        if outcome.usage is not None:
+            self._metrics.tokens(outcome.usage.input, outcome.usage.output)
         if failure is None:
             self._metrics.attempt("ok")
             self._ttfbs.add(outcome.ttfb)

@@ -29,6 +29,9 @@ class ProviderMetrics(Protocol):
     def in_flight(self, delta: int) -> None:
         """Upstream calls in flight went up or down by `delta`."""
 
+    def tokens(self, input: int, output: int) -> None:
+        """A successful attempt's usage, as the upstream reported it (what the provider bills)."""
+
 
 class NoMetrics:
     """A ProviderMetrics that records nothing (for an actor used on its own)."""
@@ -49,4 +52,7 @@ class NoMetrics:
         pass
 
     def in_flight(self, delta: int) -> None:
+        pass
+
+    def tokens(self, input: int, output: int) -> None:
         pass

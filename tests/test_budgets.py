@@ -130,6 +130,13 @@ async def test_a_plain_answer_is_charged_its_usage(monkeypatch: pytest.MonkeyPat
     async with budgeted(monkeypatch, {"up": FakeUpstream(answers)}) as gw:
         assert (await post(gw, chat())).status_code == 200
         assert await books(gw) == (18, pytest.approx((11 * 1 + 7 * 2) / 1e6))
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'cascade_upstream_tokens_total{kind="input",provider="up"} 11.0' in metrics
+        assert 'cascade_key_tokens_total{key="team",kind="output",model="m",provider="up"} 7.0' in (
+            metrics
+        )
+        assert 'cascade_key_cost_usd_total{key="team",model="m",provider="up"} 2.5e-05' in metrics
 
 
 async def test_a_stream_is_charged_its_final_usage(monkeypatch: pytest.MonkeyPatch) -> None:

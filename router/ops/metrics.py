@@ -113,6 +113,13 @@ class Metrics:
             ["key", "reason"],
             registry=r,
         )
+        self.upstream_tokens = Counter(
+            "cascade_upstream_tokens_total",
+            "Tokens providers reported using, per provider and kind (input, output): every"
+            " successful attempt's usage, whoever it was for (the operator's bill)",
+            ["provider", "kind"],
+            registry=r,
+        )
         self.tokens = Counter(
             "cascade_key_tokens_total",
             "Tokens charged to client keys, by key name, provider, model and kind (input, output)",
@@ -202,3 +209,8 @@ class _ProviderMetrics:
 
     def in_flight(self, delta: int) -> None:
         self._in_flight.inc(delta)
+
+    def tokens(self, input: int, output: int) -> None:
+        upstream = self._metrics.upstream_tokens
+        upstream.labels(self._name, "input").inc(input)
+        upstream.labels(self._name, "output").inc(output)
