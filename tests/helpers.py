@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -253,3 +256,18 @@ def tls_files(tmp_path: Path, *hosts: str) -> tuple[Path, Path, Path]:
     cert.private_key_pem.write_to_path(str(keyfile))
     ca.cert_pem.write_to_path(str(ca_file))
     return certfile, keyfile, ca_file
+
+
+async def start_cascade(config: Path) -> tuple[trio.Process, str, list[bytes]]:
+    """`cascade serve --config config` as a real process: it, the URL it listens on, and its
+    stderr so far (the caller drains the rest)."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "router", "serve", "--config", str(config)], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    log: list[bytes] = []
+    while not (m := re.search(rb"cascade listening on (http://\S+)", b"".join(log))):
+        chunk = await proc.stderr.receive_some()
+        assert chunk, b"".join(log).decode()
+        log.append(chunk)
+    return proc, m.group(1).decode(), log

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from router.face.serving import serve_asgi
-from tests.helpers import chat
+from tests.helpers import chat, start_cascade
 from tests.live import Exchange, FakeUpstream, healthy
 from tests.redis_server import RedisServer, free_port
 
@@ -59,15 +59,7 @@ class Replica:
 
 
 async def start_replica(nursery: trio.Nursery, config: Path) -> Replica:
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "router", "serve", "--config", str(config)], stderr=subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    log: list[bytes] = []
-    while not (m := re.search(rb"cascade listening on (http://\S+)", b"".join(log))):
-        chunk = await proc.stderr.receive_some()
-        assert chunk, b"".join(log).decode()
-        log.append(chunk)
+    proc, url, log = await start_cascade(config)
 
     async def drain() -> None:
         assert proc.stderr is not None
@@ -75,7 +67,7 @@ async def start_replica(nursery: trio.Nursery, config: Path) -> Replica:
             log.append(chunk)
 
     nursery.start_soon(drain)
-    return Replica(proc, m.group(1).decode(), log)
+    return Replica(proc, url, log)
 
 
 async def stop(replicas: list[Replica]) -> None:

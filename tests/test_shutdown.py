@@ -14,7 +14,7 @@ import httpx
 import trio
 
 from router.face.serving import serve_asgi
-from tests.helpers import chat, sse_data
+from tests.helpers import chat, sse_data, start_cascade
 from tests.live import Exchange, FakeUpstream, chunk_event
 
 
@@ -42,16 +42,7 @@ async def run_gateway(
             }
         )
     )
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "router", "serve", "--config", str(config)], stderr=subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    log: list[bytes] = []
-    while not (m := re.search(rb"cascade listening on (http://\S+)", b"".join(log))):
-        chunk = await proc.stderr.receive_some()
-        assert chunk, b"".join(log).decode()
-        log.append(chunk)
-    return proc, m.group(1).decode(), log
+    return await start_cascade(config)
 
 
 async def stream_then_sigterm(tmp_path: Path, grace: str, events: int) -> tuple[str, int]:

@@ -49,16 +49,24 @@ def render(status: dict[str, Any], recent: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def admin_headers(command: str, token_env: str | None) -> dict[str, str] | None:
+    """The admin token's header from `token_env` (none without one); None, having said why,
+    when the variable is not set."""
+    if not token_env:
+        return {}
+    token = os.environ.get(token_env)
+    if not token:
+        print(
+            f"cascade {command}: the environment variable {token_env} is not set", file=sys.stderr
+        )
+        return None
+    return {"authorization": f"Bearer {token}"}
+
+
 def run(url: str, token_env: str | None, once: bool, interval: float) -> int:
-    headers = {}
-    if token_env:
-        token = os.environ.get(token_env)
-        if not token:
-            print(
-                f"cascade status: the environment variable {token_env} is not set", file=sys.stderr
-            )
-            return 1
-        headers["authorization"] = f"Bearer {token}"
+    headers = admin_headers("status", token_env)
+    if headers is None:
+        return 1
     recent: list[dict[str, Any]] = []
     after = 0
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=10) as client:
@@ -101,15 +109,9 @@ def render_usage(rows: list[dict[str, Any]], group: str) -> str:
 
 def usage(url: str, token_env: str | None, since: float, by: str, as_json: bool) -> int:
     """`cascade usage`: spend over the last `since` seconds, from GET /admin/usage."""
-    headers = {}
-    if token_env:
-        token = os.environ.get(token_env)
-        if not token:
-            print(
-                f"cascade usage: the environment variable {token_env} is not set", file=sys.stderr
-            )
-            return 1
-        headers["authorization"] = f"Bearer {token}"
+    headers = admin_headers("usage", token_env)
+    if headers is None:
+        return 1
     now = time.time()
     try:
         r = httpx.get(
