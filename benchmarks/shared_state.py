@@ -8,7 +8,7 @@ rounds (the VM's speed drifts; the median of per-round ratios is steadier):
   local     one worker, state.backend local, limits rpm/tpm set (today's path)
   redis     one worker, state.backend redis, the same limits: every request spends leases, and
             a lease round trip to Redis happens once per 10% of the limit
-then 1 and 2 workers with redis at c=64 for the scaling ratio. Cascade's CPU per request is the
+then 1 and 2 workers with each backend at c=64 for the scaling ratio. Cascade's CPU per request is the
 process family's user+system time over the requests served; redis-server's CPU is reported
 apart. All traffic stays on 127.0.0.1; every measurement is bounded by --duration.
 """
@@ -77,14 +77,16 @@ def main() -> int:
                             f"  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}",
                             flush=True,
                         )
-        for workers in (1, 2, 1, 2):
-            with bench.cascade(
-                {"up": up}, ["up/bench"], workers=workers, extra=configs["redis"]
-            ) as proc:
-                bench.warm(proc.port)  # type: ignore[attr-defined]
-                r = bench.load.run(proc.port, 64)  # type: ignore[attr-defined]
-                rows.setdefault(f"redis-{workers}w", []).append(r)
-                print(f"redis {workers} worker(s) c=64 {r['rps']:8.1f} req/s", flush=True)
+        for _ in range(2):  # workers: 1 and 2, with each backend, interleaved
+            for name in ("local", "redis"):
+                for workers in (1, 2):
+                    with bench.cascade(
+                        {"up": up}, ["up/bench"], workers=workers, extra=configs[name]
+                    ) as proc:
+                        bench.warm(proc.port)  # type: ignore[attr-defined]
+                        r = bench.load.run(proc.port, 64)  # type: ignore[attr-defined]
+                        rows.setdefault(f"{name}-{workers}w", []).append(r)
+                        print(f"{name} {workers} worker(s) c=64 {r['rps']:8.1f} req/s", flush=True)
     print()
     print("| config | c | req/s (median) | Cascade CPU µs/request | redis-server CPU µs/request |")
     print("|---|---|---|---|---|")
@@ -103,11 +105,10 @@ def main() -> int:
             for a, b in zip(rows[f"local/c{c}"], rows[f"redis/c{c}"], strict=True)
         ]
         print(f"redis / local CPU per request at c={c}: {statistics.median(ratios):.3f} (median)")
-    one = statistics.median(r["rps"] for r in rows["redis-1w"])
-    two = statistics.median(r["rps"] for r in rows["redis-2w"])
-    print(
-        f"2 workers / 1 worker with redis at c=64: {two / one:.2f}x ({two:.0f} / {one:.0f} req/s)"
-    )
+    for name in ("local", "redis"):
+        one = statistics.median(r["rps"] for r in rows[f"{name}-1w"])
+        two = statistics.median(r["rps"] for r in rows[f"{name}-2w"])
+        print(f"2 workers / 1 worker, {name} state, c=64: {two / one:.2f}x ({two:.0f} / {one:.0f})")
     return 0
 
 

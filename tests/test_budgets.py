@@ -137,6 +137,10 @@ async def test_a_plain_answer_is_charged_its_usage(monkeypatch: pytest.MonkeyPat
             metrics
         )
         assert 'cascade_key_cost_usd_total{key="team",model="m",provider="up"} 2.5e-05' in metrics
+        assert (
+            'cascade_key_budget_remaining{key="team",period="day",unit="tokens"} 999982.0'
+            in metrics
+        )
 
 
 async def test_a_stream_is_charged_its_final_usage(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,11 +52,14 @@ class Wire:
     def usage(self, body: bytes) -> Usage | None:
         """`prompt_tokens` (cached ones included, `prompt_tokens_details.cached_tokens` of them
         read from the cache) and `completion_tokens`."""
-        prompt = _PROMPT_TOKENS.search(body)
+        start = body.rfind(b'"usage"')  # usage is the answer's last field: search from there
+        if start < 0:
+            return None
+        prompt = _PROMPT_TOKENS.search(body, start)
         if prompt is None:
             return None
-        completion = _COMPLETION_TOKENS.search(body)
-        cached = _CACHED_TOKENS.search(body)
+        completion = _COMPLETION_TOKENS.search(body, start)
+        cached = _CACHED_TOKENS.search(body, start)
         return Usage(
             int(prompt.group(1)),
             int(completion.group(1)) if completion else 0,

@@ -263,7 +263,7 @@ class App:
                 # unwind a Cancelled through its frames: ~4% of a request's CPU.
         finally:
             if hold is not None:
-                _settle(gateway, hold, request, route_name, winner_of, tracked)
+                _settle(gateway, hold, request, route_name, winner_of, tracked, key)
             elapsed = trio.current_time() - started
             status = tracked.status if tracked.finished else 499  # 499: the client left first
             gateway.metrics.observe_request(route_name, dialect.name, status, elapsed, overhead)
@@ -689,6 +689,7 @@ def _settle(
     route: str,
     winner: Winner | None,
     tracked: TrackedSend,
+    key: KeyConfig | None,
 ) -> None:
     """Book what the request cost its key, however it ended (docs/keys-and-budgets.md)."""
     provider = model = "-"
@@ -710,7 +711,12 @@ def _settle(
     charge = Charge(
         time.time(), hold.key, route, provider, model, usage.input, usage.output, cost, outcome
     )
-    gateway.ledger.settle(hold, charge, dt.datetime.now(dt.UTC))
+    now = dt.datetime.now(dt.UTC)
+    gateway.ledger.settle(hold, charge, now)
+    if key is not None:  # this replica's view of what is left
+        for budget in key.budgets:
+            left = budget.limit - gateway.ledger.spent(key.name, budget.unit, budget.period, now)
+            gateway.metrics.budget_left.labels(key.name, budget.unit, budget.period).set(left)
     if usage.total:
         metrics = gateway.metrics
         metrics.tokens.labels(hold.key, provider, model, "input").inc(usage.input)

@@ -132,6 +132,13 @@ class Metrics:
             ["key", "provider", "model"],
             registry=r,
         )
+        self.budget_left = Gauge(
+            "cascade_key_budget_remaining",
+            "What is left of each client key's budget this period (tokens, or USD for cost), as"
+            " this process saw it at its last settlement",
+            ["key", "unit", "period"],
+            registry=r,
+        )
         self.state_up = Gauge(
             "cascade_state_backend_up",
             "1 while the shared state backend is reachable (with backend local: always 1)",
@@ -176,10 +183,10 @@ class Metrics:
 
 
 class _ProviderMetrics:
-    """`ProviderMetrics` on this registry. The hot children (in flight, first byte, ok) are bound
-    once; the rest are looked up when they happen, which is rarely."""
+    """`ProviderMetrics` on this registry. The hot children (in flight, first byte, ok, tokens)
+    are bound once; the rest are looked up when they happen, which is rarely."""
 
-    __slots__ = ("_attempt_ok", "_in_flight", "_metrics", "_name", "_ttfb")
+    __slots__ = ("_attempt_ok", "_in_flight", "_input", "_metrics", "_name", "_output", "_ttfb")
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self._metrics = metrics
@@ -187,6 +194,8 @@ class _ProviderMetrics:
         self._in_flight = metrics.in_flight.labels(name)
         self._ttfb = metrics.ttfb.labels(name)
         self._attempt_ok = metrics.attempts.labels(name, "ok")
+        self._input = metrics.upstream_tokens.labels(name, "input")
+        self._output = metrics.upstream_tokens.labels(name, "output")
 
     def attempt(self, outcome: str) -> None:
         if outcome == "ok":
@@ -211,6 +220,5 @@ class _ProviderMetrics:
         self._in_flight.inc(delta)
 
     def tokens(self, input: int, output: int) -> None:
-        upstream = self._metrics.upstream_tokens
-        upstream.labels(self._name, "input").inc(input)
-        upstream.labels(self._name, "output").inc(output)
+        self._input.inc(input)
+        self._output.inc(output)
