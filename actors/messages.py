@@ -57,7 +57,9 @@ class Response:
     headers: Mapping[str, str]
     body: bytes
     ttfb: float
-    usage: Usage | None = None  # a 2xx answer's usage, where it says
+    # A 2xx answer's usage, when it was parsed (the actor reads only the total: `Response.body`
+    # has the rest, for the upstream dialect's `wire.usage`)
+    usage: Usage | None = None
 
 
 @attrs.frozen

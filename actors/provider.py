@@ -71,7 +71,7 @@ from actors.transport import (
     UpstreamResponse,
     proxy_for,
 )
-from actors.wire import UpstreamWire, Usage
+from actors.wire import StreamUsage, UpstreamWire
 
 log = logging.getLogger("cascade.provider")
 
@@ -90,7 +90,6 @@ class _Outcome:
     ttfb: float
     total: float
     tokens: int | None = None
-    usage: Usage | None = None
 
 
 class _DispatcherGone(Exception):
@@ -155,10 +154,11 @@ class _Call:
                     if not request.stream:
                         return await self.whole_body(response)
                     decoder = SSEDecoder()
-                    started = await self.stream_start(response, decoder)
+                    usage = actor.wire.stream_usage()  # fed every event, the first ones too
+                    started = await self.stream_start(response, decoder, usage)
                     if started is not None:
                         return started
-                    return await self.pump(response, decoder)
+                    return await self.pump(response, decoder, usage)
             except ConnectTimeout as exc:
                 failure = Failure(Kind.TRANSIENT, "connect_timeout", str(exc), timeout=True)
             except ConnectFailed as exc:
@@ -195,13 +195,12 @@ class _Call:
                 failure = Failure(Kind.PROTOCOL, "body_too_large", "upstream answer too large")
                 return _Outcome(failure, ttfb, self.elapsed()), Failed(failure)
         body = b"".join(parts)
-        usage = self.actor.wire.usage(body)
-        answer = Response(response.status, dict(response.headers), body, ttfb, usage)
-        tokens = usage.total if usage is not None else None
-        return _Outcome(None, ttfb, self.elapsed(), tokens, usage), answer
+        # The total only (one search): who needs the input/output split parses the body itself.
+        answer = Response(response.status, dict(response.headers), body, ttfb)
+        return _Outcome(None, ttfb, self.elapsed(), self.actor.wire.tokens(body)), answer
 
     async def stream_start(
-        self, response: UpstreamResponse, decoder: SSEDecoder
+        self, response: UpstreamResponse, decoder: SSEDecoder, usage: StreamUsage
     ) -> tuple[_Outcome, Reply] | None:
         """Read to the first complete event (the first byte) and hand it over; a verdict when
         the stream cannot start (empty, an in-band error, garbage), else None."""
@@ -220,13 +219,15 @@ class _Call:
         if bad_start is not None:
             return _Outcome(bad_start, ttfb, ttfb), Failed(bad_start)
         self.phase = "streaming"
+        usage.feed(events)  # Anthropic's message_start carries the input tokens
         self.timer.deadline = math.inf  # waiting on the client is not upstream idleness
         await self.send(StreamStart(response.status, dict(response.headers), tuple(events), ttfb))
         return None
 
-    async def pump(self, response: UpstreamResponse, decoder: SSEDecoder) -> tuple[_Outcome, Reply]:
+    async def pump(
+        self, response: UpstreamResponse, decoder: SSEDecoder, usage: StreamUsage
+    ) -> tuple[_Outcome, Reply]:
         """Relay the stream's events until its end."""
-        usage = self.actor.wire.stream_usage()
         reply = self.attempt.reply
         timer = self.timer
         while True:
@@ -246,7 +247,7 @@ class _Call:
             if not chunk:
                 seen = usage.usage
                 tokens = seen.total if seen is not None else None
-                return _Outcome(None, self.ttfb, self.elapsed(), tokens, seen), StreamEnd(seen)
+                return _Outcome(None, self.ttfb, self.elapsed(), tokens), StreamEnd(seen)
 
     async def send(self, message: Reply) -> None:
         try:
@@ -693,8 +694,8 @@ class ProviderActor:
             if self._tpm_lease is not None:  # the estimate was spent: settle the difference
                 self._refund_leases(0, tpm_entry[1] - outcome.tokens)
             self._tpm.correct(tpm_entry, outcome.tokens)
-        if outcome.usage is not None:
-            self._metrics.tokens(outcome.usage.input, outcome.usage.output)
+        if outcome.tokens is not None:
+            self._metrics.tokens(outcome.tokens)
         if failure is None:
             self._metrics.attempt("ok")
             self._ttfbs.add(outcome.ttfb)

@@ -29,8 +29,8 @@ class ProviderMetrics(Protocol):
     def in_flight(self, delta: int) -> None:
         """Upstream calls in flight went up or down by `delta`."""
 
-    def tokens(self, input: int, output: int) -> None:
-        """A successful attempt's usage, as the upstream reported it (what the provider bills)."""
+    def tokens(self, total: int) -> None:
+        """A successful attempt's total tokens, as the upstream reported them (the bill)."""
 
 
 class NoMetrics:
@@ -54,5 +54,5 @@ class NoMetrics:
     def in_flight(self, delta: int) -> None:
         pass
 
-    def tokens(self, input: int, output: int) -> None:
+    def tokens(self, total: int) -> None:
         pass

@@ -37,6 +37,9 @@ class UpstreamWire(Protocol):
     def auth_headers(self, api_key: str) -> Mapping[str, str]:
         """The headers that carry the provider's key."""
 
+    def tokens(self, body: bytes) -> int | None:
+        """A whole (non-streamed) answer's total tokens, if it says (one quick search)."""
+
     def usage(self, body: bytes) -> Usage | None:
         """A whole (non-streamed) answer's usage, if it says."""
 

@@ -22,7 +22,7 @@ from router.budgets import Ledger
 from router.ops.server import Running
 from router.tools.status import usage as usage_command
 from tests.helpers import chat, eventually, sse_data
-from tests.live import Cut, Exchange, FakeUpstream, chunk_event, live_gateway
+from tests.live import Cut, Exchange, FakeUpstream, chunk_event, healthy, live_gateway
 
 KEY = "sk-budget-0123456789abcdef0123456789"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -132,7 +132,7 @@ async def test_a_plain_answer_is_charged_its_usage(monkeypatch: pytest.MonkeyPat
         assert await books(gw) == (18, pytest.approx((11 * 1 + 7 * 2) / 1e6))
         async with httpx.AsyncClient(base_url=gw.url) as client:
             metrics = (await client.get("/metrics")).text
-        assert 'cascade_upstream_tokens_total{kind="input",provider="up"} 11.0' in metrics
+        assert 'cascade_upstream_tokens_total{provider="up"} 18.0' in metrics
         assert 'cascade_key_tokens_total{key="team",kind="output",model="m",provider="up"} 7.0' in (
             metrics
         )
@@ -148,6 +148,19 @@ async def test_a_stream_is_charged_its_final_usage(monkeypatch: pytest.MonkeyPat
         r = await post(gw, chat(stream=True, stream_options={"include_usage": True}))
         assert sse_data(r.text)[-1] == "[DONE]"
         assert await books(gw) == (7, pytest.approx((5 + 2 * 2) / 1e6))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_anthropic_provider_is_charged_its_usage_on_either_face(
+    monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """An OpenAI client served by an Anthropic-dialect provider: the provider's own usage."""
+    async with budgeted(
+        monkeypatch, {"up": FakeUpstream(healthy)}, providers={"up": {"dialect": "anthropic"}}
+    ) as gw:
+        r = await post(gw, chat(stream=stream))
+        assert r.status_code == 200
+        assert (await books(gw))[0] == 3 + 4  # message_start's input, the last output count
 
 
 async def test_a_stream_whose_client_did_not_ask_for_usage_is_still_charged_exactly(

@@ -96,6 +96,10 @@ class Wire:
     def auth_headers(self, api_key: str) -> Mapping[str, str]:
         return {"x-api-key": api_key}
 
+    def tokens(self, body: bytes) -> int | None:
+        usage = self.usage(body)
+        return usage.total if usage is not None else None
+
     def usage(self, body: bytes) -> Usage | None:
         side, outputs = _usage_parts(body)
         if side is None and outputs is None:

@@ -36,6 +36,7 @@ from router.errors import RequestError
 
 DONE = b"[DONE]"
 PATH = "/chat/completions"  # under the provider's base_url, which ends in /v1 (OpenAI's convention)
+_TOTAL_TOKENS = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
@@ -48,6 +49,10 @@ class Wire:
 
     def auth_headers(self, api_key: str) -> Mapping[str, str]:
         return {"authorization": f"Bearer {api_key}"}
+
+    def tokens(self, body: bytes) -> int | None:
+        m = _TOTAL_TOKENS.search(body)
+        return int(m.group(1)) if m else None
 
     def usage(self, body: bytes) -> Usage | None:
         """`prompt_tokens` (cached ones included, `prompt_tokens_details.cached_tokens` of them

@@ -700,7 +700,10 @@ def _settle(
         reply = winner.reply
         if isinstance(reply, Response):  # a whole answer, handed to the client
             outcome = "ok"
-            usage = reply.usage or Usage(request.estimated_input_tokens, len(reply.body) // 4)
+            config = gateway.config.providers[provider]
+            wire = DIALECTS[config.dialect].wire(config)
+            found = reply.usage or wire.usage(reply.body)
+            usage = found or Usage(request.estimated_input_tokens, len(reply.body) // 4)
         elif winner.completed and winner.usage is not None:
             outcome, usage = "ok", winner.usage
         else:  # a stream cut short, or one whose upstream reported no usage: an estimate

@@ -6,8 +6,12 @@ them; see the provider actor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from actors.telemetry import ProviderMetrics
 
@@ -113,13 +117,10 @@ class Metrics:
             ["key", "reason"],
             registry=r,
         )
-        self.upstream_tokens = Counter(
-            "cascade_upstream_tokens_total",
-            "Tokens providers reported using, per provider and kind (input, output): every"
-            " successful attempt's usage, whoever it was for (the operator's bill)",
-            ["provider", "kind"],
-            registry=r,
-        )
+        # Per provider: a plain [int] the actor adds to (no lock on the request path), read
+        # by the collector below at scrape time.
+        self.upstream_tokens: dict[str, list[int]] = {}
+        r.register(_UpstreamTokens(self.upstream_tokens))
         self.tokens = Counter(
             "cascade_key_tokens_total",
             "Tokens charged to client keys, by key name, provider, model and kind (input, output)",
@@ -186,7 +187,7 @@ class _ProviderMetrics:
     """`ProviderMetrics` on this registry. The hot children (in flight, first byte, ok, tokens)
     are bound once; the rest are looked up when they happen, which is rarely."""
 
-    __slots__ = ("_attempt_ok", "_in_flight", "_input", "_metrics", "_name", "_output", "_ttfb")
+    __slots__ = ("_attempt_ok", "_in_flight", "_metrics", "_name", "_tokens", "_ttfb")
 
     def __init__(self, metrics: Metrics, name: str) -> None:
         self._metrics = metrics
@@ -194,8 +195,7 @@ class _ProviderMetrics:
         self._in_flight = metrics.in_flight.labels(name)
         self._ttfb = metrics.ttfb.labels(name)
         self._attempt_ok = metrics.attempts.labels(name, "ok")
-        self._input = metrics.upstream_tokens.labels(name, "input")
-        self._output = metrics.upstream_tokens.labels(name, "output")
+        self._tokens = metrics.upstream_tokens.setdefault(name, [0])
 
     def attempt(self, outcome: str) -> None:
         if outcome == "ok":
@@ -219,6 +219,23 @@ class _ProviderMetrics:
     def in_flight(self, delta: int) -> None:
         self._in_flight.inc(delta)
 
-    def tokens(self, input: int, output: int) -> None:
-        self._input.inc(input)
-        self._output.inc(output)
+    def tokens(self, total: int) -> None:
+        self._tokens[0] += total
+
+
+class _UpstreamTokens(Collector):
+    """`cascade_upstream_tokens_total{provider}`, from the per-provider totals the actors keep."""
+
+    def __init__(self, totals: dict[str, list[int]]) -> None:
+        self._totals = totals
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "cascade_upstream_tokens",
+            "Tokens providers reported using (input + output) in successful attempts, whoever"
+            " they were for: the operator's bill",
+            labels=["provider"],
+        )
+        for name, total in sorted(self._totals.items()):
+            family.add_metric([name], total[0])
+        yield family
