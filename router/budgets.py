@@ -64,9 +64,9 @@ class Budget:
 
 def period_id(period: Period, when: dt.datetime) -> str:
     if period == "day":
-        return when.strftime("%Y-%m-%d")
+        return f"{when.year:04d}-{when.month:02d}-{when.day:02d}"
     if period == "month":
-        return when.strftime("%Y-%m")
+        return f"{when.year:04d}-{when.month:02d}"
     return "total"
 
 
@@ -209,14 +209,11 @@ class Ledger:
         self.in_flight -= 1
         self.settled += 1
         tokens = charge.input + charge.output
-        for period in ("day", "month", "total"):
-            pid = period_id(period, when)
-            self._spent[(hold.key, "tokens", pid)] = (
-                self._spent.get((hold.key, "tokens", pid), 0) + tokens
-            )
-            self._spent[(hold.key, "cost", pid)] = (
-                self._spent.get((hold.key, "cost", pid), 0) + charge.cost
-            )
+        day = period_id("day", when)
+        spent, key = self._spent, hold.key
+        for pid in (day, day[:7], "total"):
+            spent[(key, "tokens", pid)] = spent.get((key, "tokens", pid), 0) + tokens
+            spent[(key, "cost", pid)] = spent.get((key, "cost", pid), 0) + charge.cost
         if self.store is not None:
             self.store.record(charge)
         if hold.shared_id is not None and self.shared is not None:
@@ -227,11 +224,13 @@ class UsageStore:
     """Settled charges in SQLite: one writer task, batched, never on the request path."""
 
     QUEUE = 100_000
+    BATCH = 1.0  # seconds: charges settled within it are written in one transaction
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._send, self._receive = trio.open_memory_channel[Charge](self.QUEUE)
         self.dropped = 0
+        self._writer: sqlite3.Connection | None = None  # the writer task's own, kept open
         with self._connect() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS charges (at REAL, key TEXT, route TEXT,"
@@ -294,13 +293,15 @@ class UsageStore:
         try:
             while True:
                 batch = [await self._receive.receive()]
-                await trio.sleep(0.05)  # let a burst gather into one transaction
+                await trio.sleep(self.BATCH)  # what arrives meanwhile goes in one transaction
                 batch += self._drain()
                 await trio.to_thread.run_sync(self._write, batch)
         finally:
             rest = self._drain()
             if rest:
                 self._write(rest)  # at shutdown: synchronously, nothing left to wait for
+            if self._writer is not None:
+                self._writer.close()
 
     def _drain(self) -> list[Charge]:
         out = []
@@ -311,7 +312,9 @@ class UsageStore:
                 return out
 
     def _write(self, batch: list[Charge]) -> None:
-        with self._connect() as db:
+        if self._writer is None:  # used by one thread at a time: the writer task's calls
+            self._writer = sqlite3.connect(self.path, timeout=5, check_same_thread=False)
+        with self._writer as db:
             db.executemany(
                 "INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [attrs.astuple(c) for c in batch],

@@ -719,12 +719,14 @@ def _settle(
     if key is not None:  # this replica's view of what is left
         for budget in key.budgets:
             left = budget.limit - gateway.ledger.spent(key.name, budget.unit, budget.period, now)
-            gateway.metrics.budget_left.labels(key.name, budget.unit, budget.period).set(left)
+            gateway.metrics.child(
+                gateway.metrics.budget_left, key.name, budget.unit, budget.period
+            ).set(left)
     if usage.total:
         metrics = gateway.metrics
-        metrics.tokens.labels(hold.key, provider, model, "input").inc(usage.input)
-        metrics.tokens.labels(hold.key, provider, model, "output").inc(usage.output)
-        metrics.cost.labels(hold.key, provider, model).inc(cost)
+        metrics.child(metrics.tokens, hold.key, provider, model, "input").inc(usage.input)
+        metrics.child(metrics.tokens, hold.key, provider, model, "output").inc(usage.output)
+        metrics.child(metrics.cost, hold.key, provider, model).inc(cost)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -7,6 +7,7 @@ them; see the provider actor.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -26,6 +27,7 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "cascade_requests_total",
             "Client requests answered, by route, the client's dialect and status",
@@ -158,6 +160,14 @@ class Metrics:
             ["route"],
             registry=r,
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered (its lookup takes a lock; settlement runs per
+        request). Label values come from the config, so the memo is bounded."""
+        found = self._children.get((id(metric), labels))
+        if found is None:
+            found = self._children[(id(metric), labels)] = metric.labels(*labels)
+        return found
 
     def provider(self, name: str) -> ProviderMetrics:
         """The metrics one provider actor reports (actors/telemetry.py), labelled `name`."""
