@@ -290,16 +290,18 @@ class UsageStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write what is queued, in batches, until cancelled; then write what is left."""
         task_status.started()
+        batch: list[Charge] = []  # received, not yet written: the finally writes it if cancelled
         try:
             while True:
-                batch = [await self._receive.receive()]
+                batch.append(await self._receive.receive())
                 await trio.sleep(self.BATCH)  # what arrives meanwhile goes in one transaction
                 batch += self._drain()
-                await trio.to_thread.run_sync(self._write, batch)
+                writing, batch = batch, []
+                await trio.to_thread.run_sync(self._write, writing)  # runs to its end
         finally:
-            rest = self._drain()
-            if rest:
-                self._write(rest)  # at shutdown: synchronously, nothing left to wait for
+            batch += self._drain()
+            if batch:
+                self._write(batch)  # at shutdown: synchronously, nothing left to wait for
             if self._writer is not None:
                 self._writer.close()
 
