@@ -2,9 +2,10 @@
 rpm/tpm limits (docs/keys-and-budgets.md).
 
 Keys are never held in plaintext: the config names an environment variable (read once, hashed)
-or gives the key's SHA-256. A presented key is hashed and looked up by its digest; the digest
-found is compared again in constant time, so the answer's timing says nothing about how much of a
-key matched. Key names, never keys, label logs and metrics.
+or gives the key's SHA-256. A presented key is hashed and looked up by its digest, so no
+comparison ever runs over key bytes: the answer's timing says nothing about how much of a key
+matched (the admin token, compared as bytes, uses hmac.compare_digest). Key names, never keys,
+label logs and metrics.
 """
 
 from __future__ import annotations
@@ -137,12 +138,7 @@ class KeyRing:
     def authenticate(self, presented: str | None) -> KeyConfig | None:
         if not presented:
             return None
-        wanted = digest(presented)
-        key = self._by_digest.get(wanted)
-        if key is None:
-            return None
-        stored = next(d for d, k in self._by_digest.items() if k is key)
-        return key if hmac.compare_digest(stored, wanted) else None
+        return self._by_digest.get(digest(presented))
 
     def admit(self, key: KeyConfig, tokens: int, now: float) -> Decision:
         """Count one request of about `tokens` tokens against `key`'s limits, or refuse it."""

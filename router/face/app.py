@@ -643,7 +643,7 @@ def _key_limits(gateway: Gateway, key: KeyConfig, model: str, tokens: int, send:
             type="rate_limit_error",
             headers=[(b"retry-after", str(wait).encode()), *decision.headers],
         )
-    gateway.metrics.key_requests.labels(key.name).inc()
+    gateway.metrics.child(gateway.metrics.key_requests, key.name).inc()
     return _with_headers(send, decision.headers) if decision.headers else send
 
 
