@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,44 @@ async def test_a_client_that_leaves_pays_only_for_what_it_was_sent(
             assert tokens == input_estimate(chat(stream=True)) + relayed // 4
         else:
             assert tokens == 0
+
+
+@contextmanager
+def full_backlog() -> Iterator[str]:
+    """A URL on 127.0.0.1 whose listen queue is full: a new connection's handshake gets no
+    answer, so a connect to it hangs (the kernel drops the SYNs) until whoever waits gives up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # enough to fill a queue of 0 (+1) on Linux; never accepted
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        for s in [*fillers, listener]:
+            s.close()
+
+
+async def test_a_client_gone_while_the_upstream_connect_hangs_is_refunded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with full_backlog() as url:
+        async with budgeted(
+            monkeypatch,
+            {"up": FakeUpstream(answers)},
+            providers={"up": {"base_url": url, "timeouts": {"connect": "10s"}}},
+        ) as gw:
+            with trio.move_on_after(0.5):
+                await post(gw, chat())
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                metrics = (await client.get("/metrics")).text
+            assert await books(gw) == (0, 0)
+            assert 'cascade_upstream_cancelled_total{phase="connect",provider="up"} 1.0' in metrics
 
 
 async def test_a_client_gone_during_backoff_is_refunded(monkeypatch: pytest.MonkeyPatch) -> None:
