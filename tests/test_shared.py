@@ -253,3 +253,22 @@ async def test_a_lease_ask_that_cannot_be_queued_does_not_park(
     await actor.inbox.send(BackendState(True))
     replies = await attempt(actor, request())
     assert isinstance(replies[-1], Response)  # fail open, at once
+
+
+async def test_a_latency_block_is_published_and_a_peers_one_honoured(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = Backend()
+    upstream = Upstream(ok(delay=2.0))
+    actor = await start(
+        nursery,
+        upstream,
+        backend,
+        latency={"threshold": "1s", "min_triggers": 1, "window": "1m", "block": "30s"},
+    )
+    await attempt(actor, request())  # slow: trips the trigger here
+    assert backend.published == [BlockLearned("p", "latency", "m", 32.0, 0, "", 2.0)]
+    other = await start(nursery, Upstream(ok()), Backend(), latency={"threshold": "1s"})
+    await other.inbox.send(backend.published[0])  # what Redis delivers to the other replica
+    [refusal] = await attempt(other, request())
+    assert refusal == Refused("latency", 32.0)
