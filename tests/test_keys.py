@@ -102,6 +102,11 @@ async def test_no_key_a_wrong_key_or_the_admin_token_is_a_401_in_each_dialect(
             assert (await raw.get("/healthz")).status_code == 200  # not a model endpoint
             metrics = (await raw.get("/metrics")).text
             assert 'cascade_key_refusals_total{key="-",reason="auth"} 6.0' in metrics
+            listed = await raw.get("/admin/keys", headers={"authorization": f"Bearer {ADMIN}"})
+            assert [k["name"] for k in listed.json()["keys"]] == ["team-a", "team-b"]
+            keys = listed.text
+            for secret in (TEAM_A, TEAM_B, ADMIN, hashlib.sha256(TEAM_B.encode()).hexdigest()):
+                assert secret not in metrics and secret not in keys
     assert upstream.exchanges == []  # nothing reached the provider
 
 
