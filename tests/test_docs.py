@@ -27,3 +27,19 @@ def test_every_complete_config_in_the_docs_is_valid(doc: str, block: str) -> Non
 
 def test_the_docs_have_complete_configs() -> None:
     assert {doc for doc, _ in BLOCKS} >= {"configuration.md"}
+
+
+def test_the_dashboard_and_the_promql_use_metrics_that_exist() -> None:
+    """Every cascade_* series named in the Grafana dashboard and in docs/operations.md is one
+    the gateway exports (histograms by their _bucket, counters by their _total)."""
+    from router.ops.metrics import Metrics
+
+    exported = set()
+    for family in Metrics().registry.collect():
+        exported |= {sample.name for sample in family.samples} | {family.name}
+    exported |= {name + "_total" for name in exported} | {name + "_bucket" for name in exported}
+    for doc in ("grafana-dashboard.json", "operations.md"):
+        named = set(re.findall(r"\bcascade_[a-z_]+", (ROOT / "docs" / doc).read_text()))
+        assert named, doc
+        unknown = {n for n in named if n not in exported}
+        assert unknown == set(), (doc, unknown)
