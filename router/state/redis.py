@@ -273,6 +273,8 @@ class RedisState:
                     # Shutdown. coredis's clean-up may add its own errors to the Cancelled
                     # (anyio.ClosedResourceError): nothing is left to clean up after this.
                     return
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
                 await self._went_down(exc)
             if self.up is False and self.down_since is None:
                 self.down_since = self._wall_clock()
