@@ -452,9 +452,6 @@ class ProviderActor:
 
     # --- the shared backend ----------------------------------------------------------------------
 
-    def _wall(self, until: float, now: float) -> float:
-        return self._wall_clock() + (until - now)
-
     def _publish_block(
         self, kind: str, key: str, until: float, now: float, reason: str = "", strikes: int = 0
     ) -> None:

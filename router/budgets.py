@@ -229,7 +229,6 @@ class UsageStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._send, self._receive = trio.open_memory_channel[Charge](self.QUEUE)
-        self.dropped = 0
         self._writer: sqlite3.Connection | None = None  # the writer task's own, kept open
         with self._connect() as db:
             db.execute(
@@ -284,7 +283,7 @@ class UsageStore:
         try:
             self._send.send_nowait(charge)
         except trio.WouldBlock:
-            self.dropped += 1  # the disk cannot keep up: spend is still right in memory
+            # the disk cannot keep up: spend is still right in memory
             log.error("usage store: queue full, a charge was not written to %s", self.path)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

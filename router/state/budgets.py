@@ -170,8 +170,3 @@ class RedisBudgets:
             ]
         args = [item.hold_id, item.tokens, item.cost, 2 * 86400, 63 * 86400]
         await self._settle(keys=keys, args=args)
-
-    async def spent(self, key: str, unit: str, pid: str) -> float:
-        assert self.client is not None
-        value = await self.client.get(self._spent(key, unit, pid))
-        return float(value or 0)

@@ -254,6 +254,8 @@ class RedisState:
     def status(self) -> dict[str, object]:
         """For /readyz: whether Redis is reachable, and since when not."""
         out: dict[str, object] = {"backend": "redis", "up": self.up}
+        if self.link.dropped:  # events the queue to Redis had no room for (resync repairs)
+            out["dropped_events"] = self.link.dropped
         if not self.up and self.down_since is not None:
             out["down_for_s"] = round(self._wall_clock() - self.down_since, 1)
             out["error"] = self.last_error
