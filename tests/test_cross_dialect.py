@@ -11,16 +11,12 @@ from typing import Any
 
 import anthropic
 import openai
-import pytest
 import trio
 
 from router.ops.server import Running
-from tests.live import Exchange, FakeUpstream, live_gateway
+from tests.live import SDK_LEFTOVERS, Exchange, FakeUpstream, live_gateway
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <async_generator object "
-    r"(SSEDecoder|AsyncStream|PoolByteStream|Response|Stream)\.:pytest.PytestUnraisableExceptionWarning"
-)
+pytestmark = SDK_LEFTOVERS
 
 HELLO = [{"role": "user", "content": "hi"}]
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

@@ -9,15 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import openai
-import pytest
 import trio
 
-from tests.live import live_gateway
+from tests.live import SDK_LEFTOVERS, live_gateway
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <async_generator object "
-    r"(SSEDecoder|AsyncStream|PoolByteStream|Response)\.:pytest.PytestUnraisableExceptionWarning"
-)
+pytestmark = SDK_LEFTOVERS
 
 WEATHER = {
     "type": "function",

@@ -6,14 +6,11 @@ import openai
 import pytest
 import trio
 
-from tests.live import FakeUpstream, answers, live_gateway, streams
+from tests.live import SDK_LEFTOVERS, FakeUpstream, answers, live_gateway, streams
 
 # The SDK (and its httpx2) leave their own SSE async generators for the garbage collector once a
 # stream has ended, which trio reports as ResourceWarnings. Those are the SDK's, not Cascade's.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in. <async_generator object "
-    r"(SSEDecoder|AsyncStream|PoolByteStream|Response)\.:pytest.PytestUnraisableExceptionWarning"
-)
+pytestmark = SDK_LEFTOVERS
 
 
 async def test_openai_sdk_non_stream_and_stream() -> None:
