@@ -903,11 +903,19 @@ def config_text(source: Path | None, *, shown_as: str | None = None) -> str:
     ConfigError when the file cannot be read, naming it `shown_as` (default: its path)."""
     if source is None:
         return demo_config_text()
+    name = str(source) if shown_as is None else shown_as
     try:
-        return source.read_text(encoding="utf-8")
+        data = source.read_bytes()
     except OSError as exc:
-        name = str(source) if shown_as is None else shown_as
         raise ConfigError([f"{name}: cannot read ({exc.strerror})"]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            [f"{name}:{line}:{column}: not UTF-8 (byte 0x{data[exc.start]:02x}); save it as UTF-8"]
+        ) from None
 
 
 def demo_config_text() -> str:

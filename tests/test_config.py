@@ -312,3 +312,16 @@ def test_duplicate_yaml_keys_are_an_error() -> None:
     with pytest.raises(ConfigError) as info:
         Config.from_yaml(text, source="c.yaml")
     assert info.value.problems == ["c.yaml:4:5: not valid YAML (duplicate key 'base_url')"]
+
+
+def test_a_config_that_is_not_utf8_is_a_problem_with_its_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Latin-1 bytes in a comment once raised UnicodeDecodeError out of `cascade check` (and out
+    of every reload): now it is one problem, naming the line, the column and the byte."""
+    path = tmp_path / "cascade.yaml"
+    path.write_bytes(b"# ok\n# r\xe9sum\xe9\nroutes: []\n")
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().out == (
+        f"{path}:2:4: not UTF-8 (byte 0xe9); save it as UTF-8\n"
+    )

@@ -227,3 +227,34 @@ async def test_a_failed_reload_does_not_show_the_config_files_path(tmp_path: Pat
             path.unlink()
             r = await reload(client)
             assert r.status_code == 400 and str(tmp_path) not in r.text
+
+
+LATIN1 = "# r\xe9sum\xe9 of the change\n".encode("latin-1")
+
+
+async def test_a_config_that_is_not_utf8_is_refused_by_api_and_by_sighup(tmp_path: Path) -> None:
+    """A non-UTF-8 file once killed the server on SIGHUP and answered a bare 500 to the admin
+    API: both now refuse it, keep serving the old config, and take the next good file."""
+    path = tmp_path / "c.yaml"
+    write(path, {"m": {"mock": {}}}, [{"match": "gpt", "targets": ["m/x"]}])
+    good = path.read_bytes()
+    with trio.fail_after(20):
+        async with (
+            running(path, reload_on_sighup=True) as gw,
+            httpx.AsyncClient(base_url=gw.url) as client,
+        ):
+            path.write_bytes(LATIN1 + good)
+            r = await reload(client)
+            assert r.status_code == 400
+            assert r.json()["error"]["problems"] == [
+                "the config file:1:4: not UTF-8 (byte 0xe9); save it as UTF-8"
+            ]
+            os.kill(os.getpid(), signal.SIGHUP)  # refused and logged; the watcher lives on
+            assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+            write(path, {"m": {"mock": {}}}, [{"match": "renamed", "targets": ["m/x"]}])
+            os.kill(os.getpid(), signal.SIGHUP)
+            with trio.fail_after(5):  # the SIGHUP watcher survived the bad file: it reloads
+                while (
+                    await client.post("/v1/chat/completions", json=chat("renamed"))
+                ).status_code != 200:
+                    await trio.sleep(0.05)

@@ -97,3 +97,5 @@ class Reloader:
                     await self.reload()
                 except ConfigError as exc:
                     log.error("reload refused, still serving the previous config:\n%s", exc)
+                except Exception:  # a bug must not end the watcher, nor the server with it
+                    log.exception("reload failed, still serving the previous config")
