@@ -322,6 +322,4 @@ def test_a_config_that_is_not_utf8_is_a_problem_with_its_place(
     path = tmp_path / "cascade.yaml"
     path.write_bytes(b"# ok\n# r\xe9sum\xe9\nroutes: []\n")
     assert main(["check", str(path)]) == 1
-    assert capsys.readouterr().out == (
-        f"{path}:2:4: not UTF-8 (byte 0xe9); save it as UTF-8\n"
-    )
+    assert capsys.readouterr().out == (f"{path}:2:4: not UTF-8 (byte 0xe9); save it as UTF-8\n")

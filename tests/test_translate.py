@@ -314,8 +314,14 @@ TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",))
 @given(st.lists(st.tuples(st.sampled_from(["user", "assistant"]), TEXT), min_size=1, max_size=6))
 def test_text_conversations_round_trip(turns: list[tuple[str, str]]) -> None:
     """OpenAI -> Anthropic -> OpenAI keeps what both dialects can say: the text of each turn, in
-    order (consecutive turns of one role are merged, as Anthropic requires)."""
+    order (consecutive turns of one role are merged, as Anthropic requires; empty ones, which
+    Anthropic refuses, are left out, and a conversation of nothing but those is a 400)."""
     messages = [{"role": role, "content": text} for role, text in turns]
+    if not any(text for _, text in turns):
+        with pytest.raises(RequestError) as info:
+            openai_to_anthropic({"model": "m", "messages": messages}, "c", 10)
+        assert info.value.param == "messages"
+        return
     anthropic_body = json.loads(openai_to_anthropic({"model": "m", "messages": messages}, "c", 10))
     back = json.loads(anthropic_to_openai(anthropic_body, "g", False))
 
@@ -334,4 +340,60 @@ def test_text_conversations_round_trip(turns: list[tuple[str, str]]) -> None:
                 out.append((m["role"], text))
         return out
 
-    assert merged(back["messages"]) == merged(messages)
+    assert merged(back["messages"]) == merged([m for m in messages if m["content"]])
+
+
+# What translation once built and the target refused (issue 24.5): refused with the field, or
+# translated to something valid where one exists.
+
+
+def refused(call: Any) -> str:
+    with pytest.raises(RequestError) as info:
+        call()
+    assert info.value.status == 400
+    assert info.value.param is not None
+    return info.value.param
+
+
+def test_a_system_only_conversation_is_refused_for_anthropic() -> None:
+    system_only = [{"role": "system", "content": "be brief"}]
+    assert refused(lambda: to_anthropic(messages=system_only)) == "messages"
+
+
+def test_empty_user_text_is_left_out_for_anthropic() -> None:
+    sent = to_anthropic(
+        messages=[
+            {"role": "user", "content": ""},
+            {"role": "assistant", "content": None},  # nothing said: left out as well
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": ""}, {"type": "text", "text": "hi"}],
+            },
+        ]
+    )
+    assert sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+
+
+@pytest.mark.parametrize("arguments", ["[1,2]", '"text"', "3", "null"])
+def test_tool_arguments_that_are_not_an_object_are_refused_for_anthropic(arguments: str) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}]
+    assert refused(lambda: to_anthropic(messages=messages)) == (
+        "messages[1].tool_calls[0].function.arguments"
+    )
+
+
+def test_an_anthropic_conversation_with_no_content_is_refused_for_openai() -> None:
+    assert refused(lambda: to_openai(messages=[{"role": "user", "content": []}])) == "messages"
+
+
+def test_a_thinking_only_assistant_turn_is_left_out_for_openai() -> None:
+    thinking = {"type": "thinking", "thinking": "hm", "signature": "s"}
+    sent = to_openai(
+        messages=[
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": [thinking]},
+            {"role": "user", "content": "b"},
+        ]
+    )
+    assert [m["role"] for m in sent["messages"]] == ["user", "user"]

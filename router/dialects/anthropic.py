@@ -29,6 +29,7 @@ from router.dialects.jsonbody import (
     optional,
     parse_object,
     required_model,
+    string_list,
 )
 from router.dialects.translate import (
     OpenAIToAnthropicStream,
@@ -177,11 +178,14 @@ def _validate(obj: dict[str, Any], *, counting: bool = False) -> None:
         raise RequestError("'system' must be a string or a list of text blocks", param="system")
     if counting:
         return
-    if "max_tokens" not in obj:
+    if obj.get("max_tokens") is None:
         raise RequestError("'max_tokens' is required", param="max_tokens")
     bounded_int(obj, "max_tokens", MAX_OUTPUT_TOKENS)
     optional(obj, "stream", (bool,), "a boolean")
-    optional(obj, "stop_sequences", (list,), "a list of strings")
+    string_list(obj, "stop_sequences")
+    optional(obj, "tools", (list,), "a list")
+    optional(obj, "tool_choice", (dict,), "an object")
+    optional(obj, "metadata", (dict,), "an object")
     bounded_int(obj, "top_k", 1_000_000)
     for key in ("temperature", "top_p"):
         finite_number(obj, key)

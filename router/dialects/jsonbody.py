@@ -124,3 +124,39 @@ def finite_number(obj: dict[str, Any], key: str) -> None:
     optional(obj, key, (int, float), "a number")
     if obj.get(key) is not None and not math.isfinite(obj[key]):
         raise RequestError(f"'{key}' must be a finite number", param=key)
+
+
+# --- checked reads of a request's nested values (translation reads deeper than a parse checks) --
+
+
+def want_object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RequestError(f"'{where}' must be an object", param=where)
+    return value
+
+
+def want_list(value: Any, where: str) -> list[Any]:
+    """A list; an absent (None) one is empty."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RequestError(f"'{where}' must be a list", param=where)
+    return value
+
+
+def want_string(value: Any, where: str, default: str = "") -> str:
+    """A string; an absent (None) one is `default`."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise RequestError(f"'{where}' must be a string", param=where)
+    return value
+
+
+def string_list(obj: dict[str, Any], key: str) -> None:
+    """An optional list of strings."""
+    value = obj.get(key)
+    if value is not None and (
+        not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+    ):
+        raise RequestError(f"'{key}' must be a list of strings", param=key)

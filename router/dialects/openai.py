@@ -26,6 +26,7 @@ from router.dialects.jsonbody import (
     optional,
     parse_object,
     required_model,
+    string_list,
 )
 from router.dialects.translate import (
     AnthropicToOpenAIStream,
@@ -131,6 +132,17 @@ class ChatRequest(JSONRequest):
         return json.dumps(rebuilt).encode()
 
 
+# Top-level fields whose type a translation relies on (deeper values are checked where read).
+_TOP_LEVEL: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("tools", (list,), "a list"),
+    ("tool_choice", (str, dict), "a string or an object"),
+    ("stop", (str, list), "a string or a list of strings"),
+    ("user", (str,), "a string"),
+    ("parallel_tool_calls", (bool,), "a boolean"),
+    ("metadata", (dict,), "an object"),
+)
+
+
 def parse_chat_request(body: bytes) -> ChatRequest:
     text, obj, spans = parse_object(body)
     model = required_model(obj)
@@ -144,6 +156,10 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             )
     optional(obj, "stream", (bool,), "a boolean")
     optional(obj, "stream_options", (dict,), "an object")
+    for key, kinds, what in _TOP_LEVEL:
+        optional(obj, key, kinds, what)
+    if isinstance(obj.get("stop"), list):
+        string_list(obj, "stop")
     for key, top in (
         ("max_tokens", MAX_OUTPUT_TOKENS),
         ("max_completion_tokens", MAX_OUTPUT_TOKENS),

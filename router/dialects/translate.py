@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from actors.sse import SSEEvent
+from router.dialects.jsonbody import want_list, want_object, want_string
 from router.errors import RequestError
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; an OpenAI client may omit it
@@ -70,14 +71,16 @@ _OPENAI_PASSED = {"model", "messages", "stream", "stream_options", "max_tokens",
 
 
 def _text_of(content: Any, where: str) -> str:
+    """The text of a string or of a list of text parts (anything else cannot be said here)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
         for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise RequestError(f"'{where}[{i}]': only text can be said here", param=where)
-            texts.append(str(part.get("text", "")))
+                here = f"{where}[{i}]"
+                raise RequestError(f"'{here}': only text can be said here", param=here)
+            texts.append(want_string(part.get("text"), f"{where}[{i}].text"))
         return "".join(texts)
     if content is None:
         return ""
@@ -85,7 +88,8 @@ def _text_of(content: Any, where: str) -> str:
 
 
 def _image_block(part: dict[str, Any], where: str) -> dict[str, Any]:
-    url = str((part.get("image_url") or {}).get("url", ""))
+    image = want_object(part.get("image_url"), f"{where}.image_url")
+    url = want_string(image.get("url"), f"{where}.image_url.url")
     if url.startswith("data:"):
         head, _, data = url.partition(",")
         media_type = head[len("data:") :].split(";")[0]
@@ -103,15 +107,19 @@ def _image_block(part: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    """A user turn's content as Anthropic blocks; empty text is left out (Anthropic refuses an
+    empty text block, and it says nothing)."""
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        return [{"type": "text", "text": content}] if content else []
     if not isinstance(content, list):
         raise RequestError(f"'{where}' must be a string or a list of parts", param=where)
     blocks = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            blocks.append({"type": "text", "text": str(part.get("text", ""))})
+            text = want_string(part.get("text"), f"{where}[{i}].text")
+            if text:
+                blocks.append({"type": "text", "text": text})
         elif kind == "image_url":
             blocks.append(_image_block(part, f"{where}[{i}]"))
         else:
@@ -122,12 +130,118 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
     return blocks
 
 
+def _tool_use_blocks(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's `tool_calls` as Anthropic tool_use blocks."""
+    blocks = []
+    for j, item in enumerate(want_list(calls, where)):
+        here = f"{where}[{j}]"
+        call = want_object(item, here)
+        function = want_object(call.get("function"), f"{here}.function")
+        raw = want_string(function.get("arguments"), f"{here}.function.arguments", "{}")
+        try:
+            arguments = json.loads(raw or "{}")
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):  # Anthropic's tool input is an object
+            raise RequestError(
+                f"'{here}.function.arguments' must be a JSON object in a string",
+                param=f"{here}.function.arguments",
+            )
+        blocks.append({
+            "type": "tool_use",
+            "id": anthropic_tool_id(want_string(call.get("id"), f"{here}.id")),
+            "name": want_string(function.get("name"), f"{here}.function.name"),
+            "input": arguments,
+        })  # fmt: skip
+    return blocks
+
+
 def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
-    """Anthropic wants user and assistant turns to alternate: merge consecutive ones."""
+    """Anthropic wants user and assistant turns to alternate: merge consecutive ones. A turn
+    with nothing in it is left out (Anthropic refuses empty content)."""
+    if not blocks:
+        return
     if messages and messages[-1]["role"] == role:
         messages[-1]["content"].extend(blocks)
     else:
         messages.append({"role": role, "content": blocks})
+
+
+def _anthropic_messages(obj: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(system texts, Anthropic messages) of an OpenAI conversation."""
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for i, message in enumerate(obj["messages"]):
+        where = f"messages[{i}]"
+        role = message["role"]
+        content = message.get("content")
+        if role in ("system", "developer"):
+            system.append(_text_of(content, f"{where}.content"))
+        elif role == "user":
+            _append(messages, "user", _user_blocks(content, f"{where}.content"))
+        elif role == "assistant":
+            text = _text_of(content, f"{where}.content")
+            blocks = [{"type": "text", "text": text}] if text else []
+            blocks += _tool_use_blocks(message.get("tool_calls"), f"{where}.tool_calls")
+            _append(messages, "assistant", blocks)
+        elif role == "tool":
+            call_id = want_string(message.get("tool_call_id"), f"{where}.tool_call_id")
+            result = {
+                "type": "tool_result",
+                "tool_use_id": anthropic_tool_id(call_id),
+                "content": _text_of(content, f"{where}.content"),
+            }
+            _append(messages, "user", [result])
+        else:
+            raise RequestError(f"'{where}.role' {role!r} cannot be translated", param=where)
+    if not messages:
+        raise RequestError(
+            "'messages' has no user or assistant content: an Anthropic provider needs some",
+            param="messages",
+        )
+    return system, messages
+
+
+def _anthropic_tools(tools: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, tool in enumerate(want_list(tools, "tools")):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise RequestError(f"'tools[{i}]': only function tools", param=f"tools[{i}]")
+        function = want_object(tool.get("function"), f"tools[{i}].function")
+        schema = function.get("parameters")
+        entry = {
+            "name": want_string(function.get("name"), f"tools[{i}].function.name"),
+            "input_schema": {"type": "object"}
+            if schema is None
+            else want_object(schema, f"tools[{i}].function.parameters"),
+        }
+        description = want_string(function.get("description"), f"tools[{i}].function.description")
+        if description:
+            entry["description"] = description
+        out.append(entry)
+    return out
+
+
+def _anthropic_tool_choice(obj: dict[str, Any]) -> dict[str, Any] | None:
+    choice = obj.get("tool_choice")
+    translated: dict[str, Any] | None = None
+    if isinstance(choice, str):
+        simple = {"auto": "auto", "required": "any", "none": "none"}
+        if choice not in simple:
+            raise RequestError(
+                "'tool_choice' must be 'auto', 'required', 'none' or an object",
+                param="tool_choice",
+            )
+        translated = {"type": simple[choice]}
+    elif choice is not None:
+        function = want_object(
+            want_object(choice, "tool_choice").get("function"), "tool_choice.function"
+        )
+        name = want_string(function.get("name"), "tool_choice.function.name")
+        translated = {"type": "tool", "name": name}
+    if obj.get("parallel_tool_calls") is False:
+        translated = {**(translated or {"type": "auto"}), "disable_parallel_tool_use": True}
+    return translated
 
 
 def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int) -> bytes:
@@ -137,45 +251,7 @@ def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int
     if (obj.get("n") or 1) != 1:
         raise RequestError("'n' above 1 cannot be translated for an Anthropic provider", param="n")
     out: dict[str, Any] = {"model": model}
-    system: list[str] = []
-    messages: list[dict[str, Any]] = []
-    for i, message in enumerate(obj["messages"]):
-        where = f"messages[{i}]"
-        role = message.get("role")
-        if role in ("system", "developer"):
-            system.append(_text_of(message.get("content"), f"{where}.content"))
-        elif role == "user":
-            _append(messages, "user", _user_blocks(message.get("content"), f"{where}.content"))
-        elif role == "assistant":
-            blocks: list[dict[str, Any]] = []
-            text = _text_of(message.get("content"), f"{where}.content")
-            if text:
-                blocks.append({"type": "text", "text": text})
-            for j, call in enumerate(message.get("tool_calls") or []):
-                function = call.get("function") or {}
-                try:
-                    arguments = json.loads(function.get("arguments") or "{}")
-                except ValueError:
-                    raise RequestError(
-                        f"'{where}.tool_calls[{j}].function.arguments' is not JSON",
-                        param=f"{where}.tool_calls[{j}]",
-                    ) from None
-                blocks.append({
-                    "type": "tool_use",
-                    "id": anthropic_tool_id(str(call.get("id", ""))),
-                    "name": function.get("name", ""),
-                    "input": arguments,
-                })  # fmt: skip
-            _append(messages, "assistant", blocks or [{"type": "text", "text": ""}])
-        elif role == "tool":
-            result = {
-                "type": "tool_result",
-                "tool_use_id": anthropic_tool_id(str(message.get("tool_call_id", ""))),
-                "content": _text_of(message.get("content"), f"{where}.content"),
-            }
-            _append(messages, "user", [result])
-        else:
-            raise RequestError(f"'{where}.role' {role!r} cannot be translated", param=where)
+    system, messages = _anthropic_messages(obj)
     if system:
         out["system"] = "\n\n".join(system)
     out["messages"] = messages
@@ -195,35 +271,12 @@ def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int
     if stop is not None:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
     if obj.get("tools"):
-        tools = []
-        for i, tool in enumerate(obj["tools"]):
-            if not isinstance(tool, dict) or tool.get("type") != "function":
-                raise RequestError(f"'tools[{i}]': only function tools", param=f"tools[{i}]")
-            function = tool.get("function") or {}
-            entry = {
-                "name": function.get("name", ""),
-                "input_schema": function.get("parameters") or {"type": "object"},
-            }
-            if function.get("description"):
-                entry["description"] = function["description"]
-            tools.append(entry)
-        out["tools"] = tools
-    choice = obj.get("tool_choice")
-    translated: dict[str, Any] | None = None
-    if choice == "auto":
-        translated = {"type": "auto"}
-    elif choice == "required":
-        translated = {"type": "any"}
-    elif choice == "none":
-        translated = {"type": "none"}
-    elif isinstance(choice, dict):
-        translated = {"type": "tool", "name": (choice.get("function") or {}).get("name", "")}
-    if obj.get("parallel_tool_calls") is False:
-        translated = {**(translated or {"type": "auto"}), "disable_parallel_tool_use": True}
-    if translated is not None:
-        out["tool_choice"] = translated
+        out["tools"] = _anthropic_tools(obj["tools"])
+    choice = _anthropic_tool_choice(obj)
+    if choice is not None:
+        out["tool_choice"] = choice
     if obj.get("user"):
-        out["metadata"] = {"user_id": str(obj["user"])}
+        out["metadata"] = {"user_id": obj["user"]}
     if obj.get("stream"):
         out["stream"] = True
     return json.dumps(out).encode()
@@ -233,6 +286,32 @@ def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int
 
 _ANTHROPIC_PASSED = {"model", "messages", "system", "max_tokens", "stream", "temperature", "top_p",
                      "stop_sequences", "tools", "tool_choice", "metadata"}  # fmt: skip
+
+
+def _image_url(block: dict[str, Any], where: str) -> str:
+    source = want_object(block.get("source"), f"{where}.source")
+    kind = source.get("type")
+    if kind == "base64":
+        media_type = want_string(source.get("media_type"), f"{where}.source.media_type")
+        data = want_string(source.get("data"), f"{where}.source.data")
+        return f"data:{media_type};base64,{data}"
+    if kind == "url":
+        return want_string(source.get("url"), f"{where}.source.url")
+    raise RequestError(f"'{where}': this image source cannot be translated", param=where)
+
+
+def _tool_message(block: dict[str, Any], where: str) -> dict[str, Any]:
+    content = block.get("content")
+    text = content if isinstance(content, str) else _text_of(content or [], where + ".content")
+    if block.get("is_error"):
+        text = f"[error] {text}"
+    return {
+        "role": "tool",
+        "tool_call_id": openai_tool_id(
+            want_string(block.get("tool_use_id"), f"{where}.tool_use_id")
+        ),
+        "content": text,
+    }
 
 
 def _openai_parts(
@@ -245,28 +324,11 @@ def _openai_parts(
         kind = block.get("type") if isinstance(block, dict) else None
         here = f"{where}[{i}]"
         if kind == "text":
-            parts.append({"type": "text", "text": str(block.get("text", ""))})
+            parts.append({"type": "text", "text": want_string(block.get("text"), f"{here}.text")})
         elif kind == "image":
-            source = block.get("source") or {}
-            if source.get("type") == "base64":
-                url = f"data:{source.get('media_type')};base64,{source.get('data')}"
-            elif source.get("type") == "url":
-                url = str(source.get("url"))
-            else:
-                raise RequestError(f"'{here}': this image source cannot be translated", param=here)
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, here)}})
         elif kind == "tool_result":
-            content = block.get("content")
-            text = (
-                content if isinstance(content, str) else _text_of(content or [], here + ".content")
-            )
-            if block.get("is_error"):
-                text = f"[error] {text}"
-            tools.append({
-                "role": "tool",
-                "tool_call_id": openai_tool_id(str(block.get("tool_use_id", ""))),
-                "content": text,
-            })  # fmt: skip
+            tools.append(_tool_message(block, here))
         elif kind in ("thinking", "redacted_thinking"):
             continue  # signed for the provider that made it: dropped when crossing dialects
         else:
@@ -276,14 +338,45 @@ def _openai_parts(
     return parts, tools
 
 
-def anthropic_to_openai(obj: dict[str, Any], model: str, stream: bool) -> bytes:
-    for key, value in obj.items():
-        if key not in _ANTHROPIC_PASSED and value is not None:
-            raise RequestError(f"'{key}' cannot be translated for an OpenAI provider", param=key)
+def _openai_assistant(blocks: list[Any], where: str) -> dict[str, Any] | None:
+    """An assistant turn as an OpenAI message; None when nothing in it crosses (thinking only)."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, dict) else None
+        here = f"{where}[{j}]"
+        if kind == "text":
+            texts.append(want_string(block.get("text"), f"{here}.text"))
+        elif kind == "tool_use":
+            calls.append({
+                "id": openai_tool_id(want_string(block.get("id"), f"{here}.id")),
+                "type": "function",
+                "function": {
+                    "name": want_string(block.get("name"), f"{here}.name"),
+                    "arguments": json.dumps(want_object(block.get("input"), f"{here}.input")),
+                },
+            })  # fmt: skip
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # see above
+        else:
+            raise RequestError(
+                f"'{here}': a {kind!r} block cannot be sent to an OpenAI provider", param=here
+            )
+    text = "".join(texts)
+    if not text and not calls:
+        return None
+    turn: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        turn["tool_calls"] = calls
+    return turn
+
+
+def _openai_messages(obj: dict[str, Any]) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     system = obj.get("system")
     if system:
         messages.append({"role": "system", "content": _text_of(system, "system")})
+    spoken = 0
     for i, message in enumerate(obj["messages"]):
         where = f"messages[{i}].content"
         content = message["content"]
@@ -293,65 +386,77 @@ def anthropic_to_openai(obj: dict[str, Any], model: str, stream: bool) -> bytes:
             messages.extend(tool_messages)
             if parts:
                 messages.append({"role": "user", "content": parts})
-        else:
-            texts: list[str] = []
-            calls: list[dict[str, Any]] = []
-            for j, block in enumerate(blocks):
-                kind = block.get("type") if isinstance(block, dict) else None
-                if kind == "text":
-                    texts.append(str(block.get("text", "")))
-                elif kind == "tool_use":
-                    calls.append({
-                        "id": openai_tool_id(str(block.get("id", ""))),
-                        "type": "function",
-                        "function": {
-                            "name": block.get("name", ""),
-                            "arguments": json.dumps(block.get("input") or {}),
-                        },
-                    })  # fmt: skip
-                elif kind in ("thinking", "redacted_thinking"):
-                    continue  # see above
-                else:
-                    raise RequestError(
-                        f"'{where}[{j}]': a {kind!r} block cannot be sent to an OpenAI provider",
-                        param=f"{where}[{j}]",
-                    )
-            turn: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
-            if calls:
-                turn["tool_calls"] = calls
+            spoken += len(tool_messages) + bool(parts)
+        elif (turn := _openai_assistant(blocks, where)) is not None:
             messages.append(turn)
-    out: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": obj["max_tokens"]}
+            spoken += 1
+    if not spoken:
+        raise RequestError(
+            "'messages' has no content: an OpenAI provider needs at least one message with some",
+            param="messages",
+        )
+    return messages
+
+
+def _openai_tools(tools: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, tool in enumerate(want_list(tools, "tools")):
+        if not isinstance(tool, dict) or "input_schema" not in tool:
+            raise RequestError(
+                f"'tools[{i}]': only custom tools (with input_schema) can be translated",
+                param=f"tools[{i}]",
+            )
+        function = {
+            "name": want_string(tool.get("name"), f"tools[{i}].name"),
+            "parameters": want_object(tool["input_schema"], f"tools[{i}].input_schema"),
+        }
+        description = want_string(tool.get("description"), f"tools[{i}].description")
+        if description:
+            function["description"] = description
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _openai_tool_choice(choice: Any, out: dict[str, Any]) -> None:
+    if choice is None:
+        return
+    choice = want_object(choice, "tool_choice")
+    kind = want_string(choice.get("type"), "tool_choice.type")
+    simple = {"auto": "auto", "any": "required", "none": "none"}
+    if kind in simple:
+        out["tool_choice"] = simple[kind]
+    elif kind == "tool":
+        name = want_string(choice.get("name"), "tool_choice.name")
+        out["tool_choice"] = {"type": "function", "function": {"name": name}}
+    else:
+        raise RequestError(
+            "'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'", param="tool_choice.type"
+        )
+    if choice.get("disable_parallel_tool_use"):
+        out["parallel_tool_calls"] = False
+
+
+def anthropic_to_openai(obj: dict[str, Any], model: str, stream: bool) -> bytes:
+    for key, value in obj.items():
+        if key not in _ANTHROPIC_PASSED and value is not None:
+            raise RequestError(f"'{key}' cannot be translated for an OpenAI provider", param=key)
+    out: dict[str, Any] = {
+        "model": model,
+        "messages": _openai_messages(obj),
+        "max_tokens": obj["max_tokens"],
+    }
     for key in ("temperature", "top_p"):
         if obj.get(key) is not None:
             out[key] = obj[key]
     if obj.get("stop_sequences"):
         out["stop"] = list(obj["stop_sequences"])
     if obj.get("tools"):
-        tools = []
-        for i, tool in enumerate(obj["tools"]):
-            if not isinstance(tool, dict) or "input_schema" not in tool:
-                raise RequestError(
-                    f"'tools[{i}]': only custom tools (with input_schema) can be translated",
-                    param=f"tools[{i}]",
-                )
-            function = {"name": tool.get("name", ""), "parameters": tool["input_schema"]}
-            if tool.get("description"):
-                function["description"] = tool["description"]
-            tools.append({"type": "function", "function": function})
-        out["tools"] = tools
-    choice = obj.get("tool_choice")
-    if isinstance(choice, dict):
-        kind = choice.get("type")
-        simple = {"auto": "auto", "any": "required", "none": "none"}
-        out["tool_choice"] = simple.get(str(kind)) or {
-            "type": "function",
-            "function": {"name": choice.get("name", "")},
-        }
-        if choice.get("disable_parallel_tool_use"):
-            out["parallel_tool_calls"] = False
-    user = (obj.get("metadata") or {}).get("user_id")
+        out["tools"] = _openai_tools(obj["tools"])
+    _openai_tool_choice(obj.get("tool_choice"), out)
+    metadata = want_object(obj.get("metadata") or {}, "metadata")
+    user = want_string(metadata.get("user_id"), "metadata.user_id")
     if user:
-        out["user"] = str(user)
+        out["user"] = user
     if stream:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}  # message_delta needs the usage

@@ -93,8 +93,20 @@ async def answer(
     encoding = reply.headers.get("content-encoding")
     if encoding:  # asked for identity, but an upstream may compress anyway: say so
         extra.append((b"content-encoding", encoding.encode()))
-    body = reply.body if client is upstream else client.answer(reply.body, upstream)
-    await respond(send, reply.status, body, request_id, content_type, extra)
+    status, body = reply.status, reply.body
+    if client is not upstream:
+        try:
+            body = client.answer(body, upstream)
+        except (ValueError, TypeError, AttributeError, KeyError):  # not the dialect's shape
+            status, content_type = 502, JSON
+            body = client.error_body(
+                502,
+                "the provider's answer is not a valid answer of its dialect",
+                "upstream_error",
+                "malformed_answer",
+                request_id=request_id,
+            )
+    await respond(send, status, body, request_id, content_type, extra)
     return trio.current_time()
 
 

@@ -152,14 +152,23 @@ class App:
         except ClientGone:
             return  # nobody is left to answer
         except RequestError as exc:
-            # Not a model endpoint: Anthropic's shape on its paths, else OpenAI's.
-            shape = (
-                dialect or DIALECTS["anthropic" if path.startswith("/v1/messages") else "openai"]
-            )
-            body = shape.error_body(
+            body = _error_shape(dialect, path).error_body(
                 exc.status, exc.message, exc.type, exc.code, exc.param, request_id=request_id
             )
             await respond(send, exc.status, body, request_id, extra=exc.headers)
+        except Exception:  # a bug: logged whole, answered in the endpoint's shape, never a crash
+            log.exception("request %s failed inside Cascade", request_id)
+            body = _error_shape(dialect, path).error_body(
+                500,
+                "Cascade failed to handle this request (logged under its request id)",
+                "server_error",
+                "internal_error",
+                request_id=request_id,
+            )
+            try:
+                await respond(send, 500, body, request_id)
+            except Exception:
+                pass  # the answer had already begun: the server ends the connection
 
     # --- chat completions ---------------------------------------------------------------------
 
@@ -796,6 +805,12 @@ def _check_admin(config: Config, scope: Scope) -> None:
             type="authentication_error",
             headers=_BASIC_CHALLENGE,
         )
+
+
+def _error_shape(dialect: Dialect | None, path: str) -> Dialect:
+    """The dialect whose error shape a path answers in: its own on a model endpoint, else
+    Anthropic's on its paths and OpenAI's everywhere else."""
+    return dialect or DIALECTS["anthropic" if path.startswith("/v1/messages") else "openai"]
 
 
 def _is_loopback(host: str) -> bool:
