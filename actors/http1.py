@@ -178,6 +178,11 @@ class _Body(httpx.AsyncByteStream):
         conn.body = []
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def ended(self) -> bool:
+        """The whole body has been parsed and handed out: the next read is its end."""
+        conn = self._conn
+        return conn is None or (conn.complete and not conn.body)
+
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:

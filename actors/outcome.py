@@ -57,3 +57,12 @@ class Failure:
         return cls(
             kind, f"http_{status}", f"upstream answered {status}", status, False, retry_after
         )
+
+
+# A stream whose body ended, cleanly, before its dialect's end of answer (see actors/wire.py
+# `StreamTally.complete`): treated as a cut, never presented as a complete answer.
+INCOMPLETE_STREAM = Failure(
+    Kind.TRANSIENT,
+    "stream_incomplete",
+    "the upstream ended its stream before the answer was complete",
+)

@@ -38,7 +38,7 @@ from actors.messages import (
     StreamStart,
     UpstreamRequest,
 )
-from actors.outcome import Failure, Kind
+from actors.outcome import INCOMPLETE_STREAM, Failure, Kind
 from actors.retry_after import parse_retry_after
 from actors.settings import ProviderConfig
 from actors.shared import (
@@ -71,7 +71,7 @@ from actors.transport import (
     UpstreamResponse,
     proxy_for,
 )
-from actors.wire import StreamUsage, UpstreamWire
+from actors.wire import StreamTally, UpstreamWire
 
 log = logging.getLogger("cascade.provider")
 
@@ -154,11 +154,11 @@ class _Call:
                     if not request.stream:
                         return await self.whole_body(response)
                     decoder = SSEDecoder()
-                    usage = actor.wire.stream_usage()  # fed every event, the first ones too
-                    started = await self.stream_start(response, decoder, usage)
+                    tally = actor.wire.stream_tally()  # fed every event, the first ones too
+                    started = await self.stream_start(response, decoder, tally)
                     if started is not None:
                         return started
-                    return await self.pump(response, decoder, usage)
+                    return await self.pump(response, decoder, tally)
             except ConnectTimeout as exc:
                 failure = Failure(Kind.TRANSIENT, "connect_timeout", str(exc), timeout=True)
             except ConnectFailed as exc:
@@ -200,10 +200,11 @@ class _Call:
         return _Outcome(None, ttfb, self.elapsed(), self.actor.wire.tokens(body)), answer
 
     async def stream_start(
-        self, response: UpstreamResponse, decoder: SSEDecoder, usage: StreamUsage
+        self, response: UpstreamResponse, decoder: SSEDecoder, tally: StreamTally
     ) -> tuple[_Outcome, Reply] | None:
         """Read to the first complete event (the first byte) and hand it over; a verdict when
-        the stream cannot start (empty, an in-band error, garbage), else None."""
+        the stream cannot start (empty, an in-band error, garbage, or already ended before its
+        answer was complete: still before commit, so the cascade can fail over), else None."""
         request = self.attempt.request
         events: list[SSEEvent] = []
         while not events:
@@ -219,15 +220,17 @@ class _Call:
         if bad_start is not None:
             return _Outcome(bad_start, ttfb, ttfb), Failed(bad_start)
         self.phase = "streaming"
-        usage.feed(events)  # Anthropic's message_start carries the input tokens
+        tally.feed(events)  # Anthropic's message_start carries the input tokens
+        if not tally.complete and (not chunk or response.at_end()):
+            return _Outcome(INCOMPLETE_STREAM, ttfb, ttfb), Failed(INCOMPLETE_STREAM)
         self.timer.deadline = math.inf  # waiting on the client is not upstream idleness
         await self.send(StreamStart(response.status, dict(response.headers), tuple(events), ttfb))
         return None
 
     async def pump(
-        self, response: UpstreamResponse, decoder: SSEDecoder, usage: StreamUsage
+        self, response: UpstreamResponse, decoder: SSEDecoder, tally: StreamTally
     ) -> tuple[_Outcome, Reply]:
-        """Relay the stream's events until its end."""
+        """Relay the stream's events until its end: a success if the answer was complete."""
         reply = self.attempt.reply
         timer = self.timer
         while True:
@@ -235,7 +238,7 @@ class _Call:
             chunk = await response.read_chunk()
             events = decoder.feed(chunk) if chunk else decoder.finish()
             if events:
-                usage.feed(events)
+                tally.feed(events)
                 message = StreamEvents(tuple(events))
                 try:
                     reply.send_nowait(message)
@@ -245,8 +248,11 @@ class _Call:
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     raise _DispatcherGone() from None
             if not chunk:
-                seen = usage.usage
+                seen = tally.usage
                 tokens = seen.total if seen is not None else None
+                if not tally.complete:
+                    outcome = _Outcome(INCOMPLETE_STREAM, self.ttfb, self.elapsed(), tokens)
+                    return outcome, Failed(INCOMPLETE_STREAM)
                 return _Outcome(None, self.ttfb, self.elapsed(), tokens), StreamEnd(seen)
 
     async def send(self, message: Reply) -> None:

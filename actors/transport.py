@@ -78,6 +78,12 @@ class UpstreamResponse:
         except _HTTPX_ERRORS as exc:
             raise _map_error(exc) from None
 
+    def at_end(self) -> bool:
+        """The body is known to be over without another read (the transport has parsed its
+        end already); False when that cannot be known."""
+        ended = getattr(self._chunks, "ended", None)
+        return self.finished or bool(ended and ended())
+
     async def close_body(self) -> None:
         """Finish the body iterator now rather than leave it to the garbage collector."""
         aclose = getattr(self._chunks, "aclose", None)

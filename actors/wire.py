@@ -43,15 +43,22 @@ class UpstreamWire(Protocol):
     def usage(self, body: bytes) -> Usage | None:
         """A whole (non-streamed) answer's usage, if it says."""
 
-    def stream_usage(self) -> StreamUsage:
-        """A counter for one streamed answer's usage, fed its events as they pass."""
+    def stream_tally(self) -> StreamTally:
+        """A tally of one streamed answer, fed its events as they pass."""
 
 
-class StreamUsage(Protocol):
-    """Usage may come in parts (Anthropic: input at the start, cumulative output at the end)."""
+class StreamTally(Protocol):
+    """What a stream's events say as they pass: its usage, which may come in parts (Anthropic:
+    input at the start, cumulative output at the end), and whether the answer is complete by
+    its dialect's own definition (OpenAI: a choice's finish_reason; Anthropic: message_stop).
+    A stream whose body ends before it is complete is a failed attempt, not a success."""
 
     @property
     def usage(self) -> Usage | None:
         """The usage seen so far (None: no usage yet)."""
+
+    @property
+    def complete(self) -> bool:
+        """The dialect's end of the answer has passed."""
 
     def feed(self, events: Sequence[SSEEvent]) -> None: ...

@@ -56,7 +56,9 @@ def stream_events(n: int) -> list[bytes]:
         "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}],
     }
     one = b"data: " + json.dumps(event).encode() + b"\n\n"
-    return [_chunk(one) for _ in range(n)] + [_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"]
+    event["choices"] = [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    last = b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n"
+    return [_chunk(one) for _ in range(n)] + [_chunk(last) + b"0\r\n\r\n"]
 
 
 class Upstream(asyncio.Protocol):

@@ -171,7 +171,8 @@ async def test_stream_relays_events_then_end(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     actor = await start(
-        nursery, Upstream(stream([chunk("a"), chunk("b")], first_delay=0.5, interval=0.1))
+        nursery,
+        Upstream(stream([chunk("a"), chunk("b", finish="stop")], first_delay=0.5, interval=0.1)),
     )
     replies = await attempt(actor, request(stream=True))
     start_reply = replies[0]

@@ -361,7 +361,9 @@ async def test_stream_without_done_is_finalised_promptly(
 async def test_malformed_upstream_events_never_reach_the_client(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    a = Upstream(stream([chunk("a"), b"data: {not json\n\n", b"data: [1,2]\n\n", chunk("b")]))
+    a = Upstream(
+        stream([chunk("a"), b"data: {not json\n\n", b"data: [1,2]\n\n", chunk("b", finish="stop")])
+    )
     async with gateway(config(["a"], route("a/m")), {"a": a}) as gw:
         r = await post(gw, chat(stream=True))
     data = sse_data(r.text)
@@ -446,7 +448,11 @@ async def test_a_stream_that_sent_done_is_settled_as_a_success(
     # [DONE] arrives before the upstream closes the body: the client is answered at once, and the
     # attempt still ends as a success (not a cancellation), so the actor learns from it.
     a = Upstream(
-        stream([chunk("a"), b"data: [DONE]\n\n", b": closing\n\n"], interval=0.5, done=False)
+        stream(
+            [chunk("a", finish="stop"), b"data: [DONE]\n\n", b": closing\n\n"],
+            interval=0.5,
+            done=False,
+        )
     )
     async with gateway(config(["a"], route("a/m")), {"a": a}) as gw:
         r = await post(gw, chat(stream=True))

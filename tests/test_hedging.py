@@ -109,8 +109,8 @@ async def test_hedge_after_p95_uses_the_targets_observed_first_byte(
 
 
 async def test_streams_hedge_on_the_first_event(autojump_clock: trio.testing.MockClock) -> None:
-    a = Upstream(stream([chunk("from a")], first_delay=5))
-    b = Upstream(stream([chunk("from b")], first_delay=1))
+    a = Upstream(stream([chunk("from a", finish="stop")], first_delay=5))
+    b = Upstream(stream([chunk("from b", finish="stop")], first_delay=1))
     async with gateway(config(["a", "b"], hedged("a/m", "b/m")), {"a": a, "b": b}) as gw:
         r = await post(gw, chat(stream=True))
     assert "from b" in r.text and sse_data(r.text)[-1] == "[DONE]"

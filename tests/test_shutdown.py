@@ -24,6 +24,7 @@ def slow_stream(events: int, interval: float) -> Any:
         for i in range(events):
             await exchange.body_part(chunk_event(f"w{i} "))
             await trio.sleep(interval)
+        await exchange.body_part(chunk_event("", finish="stop"))
         await exchange.body_part(b"data: [DONE]\n\n", more=False)
 
     return handler
@@ -76,7 +77,8 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_zero(tmp_path: P
         body, code = await stream_then_sigterm(tmp_path, grace="10s", events=10)
     data = sse_data(body)
     assert [json.loads(d)["choices"][0]["delta"]["content"] for d in data[:-1]] == [
-        f"w{i} " for i in range(10)
+        *(f"w{i} " for i in range(10)),
+        "",
     ]
     assert data[-1] == "[DONE]"
     assert code == 0

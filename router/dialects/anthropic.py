@@ -107,19 +107,21 @@ class Wire:
             return None
         return attrs.evolve(side or Usage(), output=outputs or 0)
 
-    def stream_usage(self) -> _StreamUsage:
-        return _StreamUsage()
+    def stream_tally(self) -> _StreamTally:
+        return _StreamTally()
 
 
-class _StreamUsage:
+class _StreamTally:
     """message_start carries the input (and a first output count), message_delta the
-    cumulative output: the total is the start's input plus the latest output."""
+    cumulative output: the total is the start's input plus the latest output. The answer is
+    complete at message_stop."""
 
-    __slots__ = ("_input", "_output")
+    __slots__ = ("_input", "_output", "complete")
 
     def __init__(self) -> None:
         self._input: Usage | None = None
         self._output: int | None = None
+        self.complete = False
 
     @property
     def usage(self) -> Usage | None:
@@ -129,10 +131,13 @@ class _StreamUsage:
 
     def feed(self, events: Sequence[SSEEvent]) -> None:
         for event in events:
-            if event.event in (b"message_start", b"message_delta"):
+            name = event.event
+            if name in (b"message_start", b"message_delta"):
                 side, outputs = _usage_parts(event.data)
                 self._input = side if side is not None else self._input
                 self._output = outputs if outputs is not None else self._output
+            elif name == b"message_stop" or (not name and b"message_stop" in event.data):
+                self.complete = True  # (the second: an upstream that writes no event lines)
 
 
 def error_type(status: int) -> str:
@@ -278,9 +283,9 @@ class Stream:
         return b"".join(out), None
 
     def finish(self) -> bytes:
-        """A stream whose body ended cleanly without message_stop is closed as complete, as an
-        OpenAI stream without [DONE] is (docs/failure-semantics.md)."""
-        return b"" if self.done else frame(SSEEvent(b'{"type":"message_stop"}', b"message_stop"))
+        """Nothing: a complete Anthropic stream has relayed its own message_stop (a body that
+        ends without one is a failed attempt, ended with `fail`)."""
+        return b""
 
     def fail(self, message: str, code: str) -> bytes:
         status = 529 if code.startswith("overloaded") else 502

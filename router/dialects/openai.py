@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from actors.outcome import Failure, Kind
+from actors.outcome import INCOMPLETE_STREAM, Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
 from actors.wire import Usage
@@ -72,20 +72,27 @@ class Wire:
             int(cached.group(1)) if cached else 0,
         )
 
-    def stream_usage(self) -> _StreamUsage:
-        return _StreamUsage(self)
+    def stream_tally(self) -> _StreamTally:
+        return _StreamTally(self)
 
 
-class _StreamUsage:
-    """The usage chunk comes last but for [DONE] after it, and holds the whole usage."""
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')  # a finish_reason that is not null
 
-    __slots__ = ("_wire", "usage")
+
+class _StreamTally:
+    """The usage chunk comes last but for [DONE] after it, and holds the whole usage. The answer
+    is complete once a choice has its finish_reason."""
+
+    __slots__ = ("_wire", "complete", "usage")
 
     def __init__(self, wire: Wire) -> None:
         self._wire = wire
         self.usage: Usage | None = None
+        self.complete = False
 
     def feed(self, events: Sequence[SSEEvent]) -> None:
+        if not self.complete:
+            self.complete = any(_FINISHED.search(event.data) for event in events)
         for event in events[-2:]:
             if (usage := self._wire.usage(event.data)) is not None:
                 self.usage = usage
@@ -224,14 +231,24 @@ def check_start(events: tuple[SSEEvent, ...]) -> Failure | None:
     return None
 
 
+def finished(chunk: dict[str, Any]) -> bool:
+    """A chunk in which a choice has its finish_reason: the answer is complete."""
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") for c in choices
+    )
+
+
 @attrs.define
 class StreamFilter:
     """Checks upstream events before they reach the client.
 
     Drops malformed events (not JSON), notices the [DONE] sentinel and in-band error events.
+    An answer is complete once a choice has its finish_reason: a [DONE] before that is an error.
     """
 
     done: bool = False
+    finished: bool = False  # a choice's finish_reason has passed
     dropped: int = 0
     hide_usage: bool = False  # drop the usage-only chunk (Cascade asked for it, not the client)
 
@@ -241,6 +258,8 @@ class StreamFilter:
         for event in events:
             data = event.data
             if data == DONE:
+                if not self.finished:
+                    return good, {"message": INCOMPLETE_STREAM.message}
                 self.done = True
                 break
             try:
@@ -251,6 +270,8 @@ class StreamFilter:
             if not isinstance(parsed, dict):
                 self.dropped += 1
                 continue
+            if not self.finished:
+                self.finished = finished(parsed)
             if "error" in parsed:
                 error = parsed["error"]
                 return good, error if isinstance(error, dict) else {"message": str(error)}

@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from actors.outcome import INCOMPLETE_STREAM
 from actors.sse import SSEEvent
 from router.dialects.jsonbody import want_list, want_object, want_string
 from router.errors import RequestError
@@ -577,6 +578,7 @@ class OpenAIToAnthropicStream:
         self._tool_blocks: dict[int, int] = {}  # OpenAI tool index -> block index
         self._block_kind: str | None = None
         self._stop_reason = "end_turn"
+        self._finished = False  # the choice's finish_reason has passed: the answer is complete
         self._usage: dict[str, int] = {"output_tokens": 0}
 
     def _open(self, kind: str, block: dict[str, Any]) -> bytes:
@@ -596,6 +598,8 @@ class OpenAIToAnthropicStream:
         out: list[bytes] = []
         for event in events:
             if event.data == b"[DONE]":
+                if not self._finished:
+                    return b"".join(out), INCOMPLETE_STREAM.message
                 out.append(self._end())
                 break
             try:
@@ -632,6 +636,7 @@ class OpenAIToAnthropicStream:
                 for call in delta.get("tool_calls") or []:
                     out.append(self._tool_delta(call))
                 if choice.get("finish_reason"):
+                    self._finished = True
                     self._stop_reason = FINISH_TO_STOP.get(choice["finish_reason"], "end_turn")
         return b"".join(out), None
 

@@ -188,7 +188,7 @@ async def _relay(
             elif isinstance(reply, StreamEnd):
                 tail.extend(out)
                 winner.usage, winner.completed = reply.usage, True
-                return writer.finish(), True  # finalise even when upstream sent no end event
+                return writer.finish(), True  # complete (the actor judged): [DONE] if missing
             elif isinstance(reply, Failed):
                 tail.extend(out)
                 failure = reply.failure
