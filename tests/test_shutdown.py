@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,45 +96,71 @@ async def test_a_stream_that_outlives_the_grace_ends_with_an_in_band_error(tmp_p
     assert code == 0
 
 
-async def test_two_workers_share_a_port_and_stop_together(tmp_path: Path) -> None:
-    config = tmp_path / "workers.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "server": {"port": 0, "workers": 2, "grace": "2s"},
-                "providers": {"m": {"mock": {"latency": "1ms"}}},
-                "routes": [{"match": "gpt", "targets": ["m/x"]}],
-            }
-        )
-    )
-    with trio.fail_after(40):
-        proc, url, pids = await start_workers(config)
-        assert len(pids) == 2  # one port, two processes
-        for _ in range(10):
-            async with httpx.AsyncClient(base_url=url) as client:  # a new connection each time
-                r = await client.post("/v1/chat/completions", json=chat())
-                assert r.status_code == 200
-        proc.send_signal(signal.SIGTERM)
-        assert await proc.wait() == 0
-        await proc.stderr.aclose()
+class Workers:
+    """`cascade serve` with `server.workers: 2` as a real process, its stderr drained into `log`
+    as it comes (a test that stopped reading could fill the pipe and stall the processes)."""
+
+    LISTENING = rb"cascade listening on (http://\S+) \(pid (\d+)\)"
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.log = b""
+        self._grew = trio.Event()
+
+    async def drain(self) -> None:
+        assert self.proc.stderr is not None
+        while chunk := await self.proc.stderr.receive_some():
+            self.log += chunk
+            self._grew.set()
+            self._grew = trio.Event()
+
+    async def wait_for(self, pattern: bytes, count: int = 1) -> list[Any]:
+        """The matches of `pattern` in the log, once there are `count` of them."""
+        while len(found := re.findall(pattern, self.log)) < count:
+            assert self.proc.poll() is None, self.log.decode()
+            await self._grew.wait()
+        return found
+
+    async def listening(self, count: int = 2) -> tuple[str, list[int]]:
+        """The one URL every worker listens on, and the workers' pids in order of start."""
+        found = await self.wait_for(self.LISTENING, count)
+        [url] = {u for u, _ in found}
+        return url.decode(), [int(p) for _, p in found]
+
+    async def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return await self.proc.wait()
 
 
-async def start_workers(config: Path) -> tuple[trio.Process, str, set[bytes]]:
-    """`cascade serve` with two workers: the process, the one URL both listen on, their pids."""
+@asynccontextmanager
+async def workers(config: Path) -> AsyncIterator[Workers]:
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "router", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,
     )
-    assert proc.stderr is not None
-    log = b""
-    pattern = rb"cascade listening on (http://\S+) \(pid (\d+)\)"
-    while len(re.findall(pattern, log)) < 2:
-        chunk = await proc.stderr.receive_some()
-        assert chunk, log.decode()
-        log += chunk
-    listening = re.findall(pattern, log)
-    [url] = {u for u, _ in listening}
-    return proc, url.decode(), {p for _, p in listening}
+    running = Workers(proc)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(running.drain)
+            yield running
+    finally:
+        if proc.poll() is None:
+            print(running.log.decode())  # shown with the failure: where it stood
+            proc.kill()
+            await proc.wait()
+        assert proc.stderr is not None
+        await proc.stderr.aclose()
+
+
+async def test_two_workers_share_a_port_and_stop_together(tmp_path: Path) -> None:
+    config = tmp_path / "workers.yaml"
+    workers_config(config, "gpt")
+    with trio.fail_after(40):
+        async with workers(config) as running:
+            url, pids = await running.listening()
+            assert len(set(pids)) == 2  # one port, two processes
+            assert await served(url, "gpt", times=10) == {200}
+            assert await running.stop() == 0
 
 
 def workers_config(path: Path, route: str, **mock: Any) -> None:
@@ -157,13 +186,13 @@ async def served(url: str, model: str, times: int = 12) -> set[int]:
 
 async def test_workers_reload_together_from_the_operators_file(tmp_path: Path) -> None:
     """POST /admin/reload to any worker reloads every worker from the file Cascade was started
-    with (never the demo); a broken file changes nothing; SIGHUP to the supervisor reloads all
-    and kills nobody (issue 9.5)."""
+    with (never the demo); a broken file changes nothing, a file that is not UTF-8 included;
+    SIGHUP to the supervisor reloads all and kills nobody (issue 9.5)."""
     config = tmp_path / "workers.yaml"
     workers_config(config, "first")
     with trio.fail_after(60):
-        proc, url, _ = await start_workers(config)
-        try:
+        async with workers(config) as running:
+            url, _ = await running.listening()
             assert await served(url, "first") == {200}
             workers_config(config, "second")
             async with httpx.AsyncClient(base_url=url) as client:
@@ -186,18 +215,52 @@ async def test_workers_reload_together_from_the_operators_file(tmp_path: Path) -
             assert str(tmp_path) not in r.text
             assert await served(url, "second") == {200}  # nothing changed anywhere
 
+            workers_config(config, "second")
+            config.write_bytes(b"# r\xe9sum\xe9\n" + config.read_bytes())  # Latin-1
+            async with httpx.AsyncClient(base_url=url) as client:
+                r = await client.post("/admin/reload")
+            assert r.status_code == 400
+            assert "not UTF-8" in r.json()["error"]["problems"][0]
+            running.proc.send_signal(signal.SIGHUP)  # the supervisor refuses it and lives on
+            await running.wait_for(rb"reload refused")
+
             workers_config(config, "third")
-            proc.send_signal(signal.SIGHUP)
-            assert proc.stderr is not None
-            log = b""
-            with trio.fail_after(10):  # the supervisor logs once every worker has confirmed:
-                while log.count(b"config reloaded on 2 of 2 workers") < 2:  # POST's, then this
-                    chunk = await proc.stderr.receive_some()
-                    assert chunk, log.decode()
-                    log += chunk
+            running.proc.send_signal(signal.SIGHUP)
+            # the supervisor logs once every worker has confirmed: the POST's, then this one
+            await running.wait_for(rb"config reloaded on 2 of 2 workers", 2)
             assert await served(url, "third") == {200}
-            assert proc.returncode is None  # SIGHUP killed nobody
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            assert await proc.wait() == 0
-            await proc.stderr.aclose()
+            assert running.proc.poll() is None  # SIGHUP killed nobody
+            assert await running.stop() == 0
+
+
+async def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
+    """kill -9 one of two workers: the other serves meanwhile; the supervisor logs the death,
+    starts a new worker, counts it in /metrics and /readyz, and reloads reach the new one."""
+    config = tmp_path / "workers.yaml"
+    workers_config(config, "gpt")
+    with trio.fail_after(60):
+        async with workers(config) as running:
+            url, pids = await running.listening()
+            async with httpx.AsyncClient(base_url=url) as client:
+                ready = (await client.get("/readyz")).json()
+            assert ready["workers"] == {"wanted": 2, "running": 2, "restarts": 0}
+            os.kill(pids[0], signal.SIGKILL)
+            await running.wait_for(rb"worker \d \(pid %d\) died" % pids[0])
+            assert await served(url, "gpt") == {200}  # the other worker serves meanwhile
+            url_after, pids_after = await running.listening(3)  # the replacement is up
+            assert url_after == url and pids_after[2] not in pids
+            await running.wait_for(rb"worker \d replaced")
+            async with httpx.AsyncClient(base_url=url) as client:
+                for _ in range(4):  # new connections: whichever worker answers knows
+                    ready = (await client.get("/readyz", headers={"connection": "close"})).json()
+                    assert ready["workers"] == {"wanted": 2, "running": 2, "restarts": 1}
+                metrics = (await client.get("/metrics")).text
+            assert "cascade_worker_restarts_total 1.0" in metrics
+            assert 'cascade_workers{state="running"} 2.0' in metrics
+            workers_config(config, "renamed")
+            async with httpx.AsyncClient(base_url=url) as client:
+                r = await client.post("/admin/reload")
+            assert r.json()["status"] == "reloaded", r.text
+            assert all(w["status"] == "reloaded" for w in r.json()["workers"])
+            assert await served(url, "renamed") == {200}  # on both, the new worker included
+            assert await running.stop() == 0

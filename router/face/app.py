@@ -323,6 +323,8 @@ class App:
         answer: dict[str, object] = {"status": "ready" if ready else "not ready"}
         if gateway.shared is not None:  # an outage shows here, not in the status: keep serving
             answer["state"] = gateway.shared.status()
+        if gateway.metrics.supervisor:  # a worker: its supervisor's figures (a dead one shows)
+            answer["workers"] = dict(gateway.metrics.supervisor)
         await respond(send, 200 if ready else 503, json.dumps(answer).encode(), request_id)
 
     async def _models(self, gateway: Gateway, send: Send, request_id: str) -> None:

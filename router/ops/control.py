@@ -31,6 +31,9 @@ class WorkerLink:
         self._send_lock = trio.Lock()
         self._ask_lock = trio.Lock()  # one reload question at a time from this worker
         self._answers, self._answers_in = trio.open_memory_channel[dict[str, Any]](1)
+        # The supervisor's figures ({"wanted", "running", "restarts"}), updated in place as they
+        # come: /readyz and /metrics read them.
+        self.status: dict[str, int] = {}
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
@@ -53,6 +56,8 @@ class WorkerLink:
                     message = json.loads(line)
                     if message["type"] == "apply":
                         await self._apply(apply, message["config"])
+                    elif message["type"] == "status":
+                        self.status.update({k: v for k, v in message.items() if k != "type"})
                     else:  # the answer to this worker's own question
                         await self._answers.send(message)
 

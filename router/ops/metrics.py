@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -123,6 +123,9 @@ class Metrics:
         # by the collector below at scrape time.
         self.upstream_tokens: dict[str, list[int]] = {}
         r.register(_UpstreamTokens(self.upstream_tokens))
+        # A worker's supervisor's figures (router/ops/workers.py), filled in by its control link
+        self.supervisor: dict[str, int] = {}
+        r.register(_Supervisor(self.supervisor))
         self.tokens = Counter(
             "cascade_key_tokens_total",
             "Tokens charged to client keys, by key name, provider, model and kind (input, output)",
@@ -249,3 +252,28 @@ class _UpstreamTokens(Collector):
         for name, total in sorted(self._totals.items()):
             family.add_metric([name], total[0])
         yield family
+
+
+class _Supervisor(Collector):
+    """`cascade_workers{state}` and `cascade_worker_restarts_total`, as the supervisor last told
+    this worker; nothing for a gateway that runs as one process."""
+
+    def __init__(self, figures: dict[str, int]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        if not self._figures:
+            return
+        workers = GaugeMetricFamily(
+            "cascade_workers",
+            "Worker processes the supervisor wants and has running",
+            labels=["state"],
+        )
+        for state in ("wanted", "running"):
+            workers.add_metric([state], self._figures.get(state, 0))
+        yield workers
+        yield CounterMetricFamily(
+            "cascade_worker_restarts",
+            "Workers the supervisor replaced after they died",
+            value=self._figures.get("restarts", 0),
+        )

@@ -151,6 +151,7 @@ async def serve(
             if reload_on_sighup:
                 await actor_nursery.start(watch_sighup)
             if link is not None:
+                link.status = metrics.supervisor  # one dict: /metrics and /readyz read it
                 await actor_nursery.start(serve_link, link)
             async with trio.open_nursery() as http:
                 url = await http.start(

@@ -5,6 +5,10 @@ Each worker binds its own SO_REUSEPORT socket, so the kernel spreads new connect
 own without listening on it, which reserves the port — so `port: 0` works — and then supervises:
 
 - SIGTERM or SIGINT is passed on once, as SIGTERM; it exits 0 when every worker did.
+- A worker that dies otherwise (a crash, the OOM killer, `kill -9`) is replaced, after a back-off
+  that doubles while replacements keep dying young (0.5 s up to 30 s); each death is logged and
+  every worker is told the supervisor's figures (wanted, running, restarts) for its /readyz and
+  its /metrics (`cascade_worker_restarts_total`, `cascade_workers`).
 - Reloads are the supervisor's: SIGHUP to it, or `POST /admin/reload` to any worker (which asks
   the supervisor over its control socket). The supervisor reads and validates the config once; a
   broken one changes nothing anywhere (the asking worker answers 400 with every problem); a good
@@ -16,6 +20,7 @@ Control messages are JSON lines over one socketpair per worker:
     supervisor ── {"type": "apply", "config": <text>} ──▶ every worker
     worker ── {"type": "applied", "summary": {...}} | {"type": "failed", "error": "..."} ──▶ supervisor
     supervisor ── {"type": "invalid", "problems": [...]} | {"type": "done", "result": {...}} ──▶ asker
+    supervisor ── {"type": "status", "wanted": n, "running": k, "restarts": r} ──▶ every worker
 
 Each worker has its own provider actors, so rate-limit blocks, circuits and limits are per worker
 (a 429 seen by one worker does not block the others; rpm/tpm limits apply per worker).
@@ -75,14 +80,19 @@ def _worker(config: Config, index: int, source: Path | None, control: socket.soc
 
 # --- the supervisor ---------------------------------------------------------------------------
 
+RESTART_FIRST = 0.5  # seconds before a dead worker is replaced; doubled for each quick death
+RESTART_MAX = 30.0
+STABLE_AFTER = 10.0  # a worker that lived this long died of something new: back to RESTART_FIRST
+
 
 @attrs.define(eq=False)
 class _Child:
     index: int
     process: multiprocessing.process.BaseProcess
     control: socket.socket
+    started: float  # time.monotonic() when it was started
     buffer: bytes = b""
-    alive: bool = True
+    alive: bool = True  # its control socket still answers
 
     def send(self, message: dict[str, Any]) -> None:
         try:
@@ -105,9 +115,18 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, source: Path | None, children: list[_Child]) -> None:
+    """Keeps `workers` worker processes running: starts them, replaces any that dies (with a
+    back-off, logged, counted), runs reloads for all of them, and stops them on SIGTERM."""
+
+    def __init__(self, config: Config, source: Path | None, workers: int) -> None:
+        self.config = config  # what a new worker starts with: the last config applied
         self.source = source
-        self.children = children
+        self.wanted = workers
+        self.children: dict[int, _Child] = {}
+        self.restart_at: dict[int, float] = {}  # dead workers' replacement times (monotonic)
+        self.delays = dict.fromkeys(range(workers), RESTART_FIRST)
+        self.restarts = 0
+        self.context = multiprocessing.get_context("spawn")
         self.wake_read, self.wake_write = socket.socketpair()
         self.wake_write.setblocking(False)
         self.reload_wanted = False
@@ -121,12 +140,11 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        log.info(
-            "received %s: stopping %d workers", signal.Signals(signum).name, len(self.children)
-        )
-        for child in self.children:
+        log.info("received %s: stopping %d workers", signal.Signals(signum).name, self.wanted)
+        for child in self.children.values():
             if child.process.pid is not None and child.process.is_alive():
                 os.kill(child.process.pid, signal.SIGTERM)
+        self._wake()  # the loop looks again: no worker is restarted from now on
 
     def _wake(self) -> None:
         try:
@@ -134,16 +152,95 @@ class Supervisor:
         except OSError:
             pass  # already awake
 
+    def start(self, index: int) -> _Child:
+        mine, theirs = socket.socketpair()
+        process = self.context.Process(
+            target=_worker,
+            args=(self.config, index, self.source, theirs),
+            name=f"cascade-worker-{index}",
+        )
+        process.start()
+        theirs.close()  # the worker holds its own copy
+        child = self.children[index] = _Child(index, process, mine, time.monotonic())
+        return child
+
+    def status(self) -> dict[str, int]:
+        running = sum(c.process.is_alive() for c in self.children.values())
+        return {"wanted": self.wanted, "running": running, "restarts": self.restarts}
+
+    def tell_status(self) -> None:
+        """Every worker learns the supervisor's figures (its /readyz and /metrics show them)."""
+        message = {"type": "status", **self.status()}
+        for child in self.children.values():
+            if child.alive:
+                child.send(message)
+
+    def _reap(self) -> list[_Child]:
+        """The workers alive now. Dead ones: close their sockets and, unless stopping, schedule
+        their replacement. (One look at each: a worker seen alive here is waited on by the
+        caller, so its death wakes the loop; seen dead, it is handled here.)"""
+        now = time.monotonic()
+        died = False
+        live = []
+        for index, child in self.children.items():
+            if child.process.is_alive():
+                live.append(child)
+                continue
+            if index in self.restart_at or self.stopping:
+                continue
+            lived = now - child.started
+            delay = RESTART_FIRST if lived >= STABLE_AFTER else self.delays[index]
+            self.delays[index] = min(delay * 2, RESTART_MAX)
+            self.restart_at[index] = now + delay
+            child.alive = False
+            child.control.close()
+            died = True
+            log.error(
+                "worker %d (pid %s) died (exit code %s) after %.1fs: starting a new one in %.1fs",
+                index,
+                child.process.pid,
+                child.process.exitcode,
+                lived,
+                delay,
+            )
+        if died:
+            self.tell_status()
+        return live
+
+    def _replace_due(self) -> list[_Child]:
+        now = time.monotonic()
+        due = [index for index, at in self.restart_at.items() if at <= now]
+        started = []
+        for index in due:
+            del self.restart_at[index]
+            self.children[index].process.join()
+            self.restarts += 1
+            started.append(child := self.start(index))
+            log.warning("worker %d replaced (new pid %d)", index, child.process.pid)
+        if due:
+            self.tell_status()
+        return started
+
     def loop(self) -> None:
-        """Until every worker has exited: answer reload questions, run SIGHUP reloads."""
+        """Until stopped and every worker has exited: replace dead workers, answer reload
+        questions, run SIGHUP reloads."""
         pending: list[_Child] = []  # workers whose reload question waits for an answer
-        while any(c.process.is_alive() for c in self.children):
-            sentinels = [c.process.sentinel for c in self.children if c.process.is_alive()]
-            controls = [c.control for c in self.children if c.alive]
-            ready = multiprocessing.connection.wait([self.wake_read, *controls, *sentinels])
+        while True:
+            live = self._reap()
+            if self.restart_at and not self.stopping:
+                live += self._replace_due()
+            if self.stopping and not live:
+                return
+            controls = [c.control for c in live if c.alive]
+            timeout = None
+            if self.restart_at and not self.stopping:
+                timeout = max(0.0, min(self.restart_at.values()) - time.monotonic())
+            ready = multiprocessing.connection.wait(
+                [self.wake_read, *controls, *(c.process.sentinel for c in live)], timeout
+            )
             if self.wake_read in ready:
                 self.wake_read.recv(4096)
-            for child in self.children:
+            for child in live:
                 if child.alive and child.control in ready:
                     for message in child.read_messages():
                         if message["type"] == "reload":
@@ -155,19 +252,54 @@ class Supervisor:
                 self.reload(pending)
                 pending = []
 
+    def _validated(self) -> tuple[str, Config]:
+        """The config source's text and its Config, as a worker would start with it."""
+        text = config_text(self.source, shown_as=SHOWN_AS)
+        new = Config.from_yaml(text, source=SHOWN_AS)
+        kept = {f: getattr(self.config.server, f) for f in ("host", "port", "workers")}
+        return text, attrs.evolve(new, server=attrs.evolve(new.server, **kept))
+
     def reload(self, askers: list[_Child]) -> None:
-        """Validate the config once; apply it to every worker or to none."""
+        """Validate the config once; apply it to every worker or to none. A worker waiting to
+        be replaced starts on the new config."""
         try:
-            text = config_text(self.source, shown_as=SHOWN_AS)
-            Config.from_yaml(text, source=SHOWN_AS)
+            text, self.config = self._validated()
         except ConfigError as exc:
             log.error("reload refused, still serving the previous config:\n%s", exc)
             for child in askers:
                 child.send({"type": "invalid", "problems": exc.problems})
             return
-        live = [c for c in self.children if c.alive]
+        except Exception:  # a bug must not end the supervisor's loop
+            log.exception("reload failed, still serving the previous config")
+            for child in askers:
+                child.send({"type": "invalid", "problems": ["the reload failed: see the log"]})
+            return
+        live = [c for c in self.children.values() if c.alive]
         for child in live:
             child.send({"type": "apply", "config": text})
+        results = self._confirmations(live, askers)
+        workers = []
+        for index in sorted(self.children):
+            outcome = results.get(index)
+            if index in self.restart_at:
+                workers.append({"worker": index, "status": "restarting"})  # on the new config
+            elif outcome is not None and outcome["type"] == "applied":
+                workers.append({"worker": index, "status": "reloaded", **outcome["summary"]})
+            else:
+                error = outcome["error"] if outcome else "no confirmation"
+                workers.append({"worker": index, "status": "failed", "error": error})
+        ok = all(w["status"] in ("reloaded", "restarting") for w in workers)
+        result = {"status": "reloaded" if ok else "partial", "workers": workers}
+        log.info(
+            "config reloaded on %d of %d workers",
+            sum(w["status"] == "reloaded" for w in workers),
+            len(workers),
+        )
+        for child in askers:
+            child.send({"type": "done", "result": result})
+
+    def _confirmations(self, live: list[_Child], askers: list[_Child]) -> dict[int, dict[str, Any]]:
+        """Each live worker's answer to an apply, within APPLY_TIMEOUT."""
         results: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + APPLY_TIMEOUT
         waiting = {c.control: c for c in live if c.alive}
@@ -183,23 +315,7 @@ class Supervisor:
                         waiting.pop(child.control, None)
                 if not child.alive:
                     waiting.pop(child.control, None)
-        workers = []
-        for child in self.children:
-            outcome = results.get(child.index)
-            if outcome is not None and outcome["type"] == "applied":
-                workers.append({"worker": child.index, "status": "reloaded", **outcome["summary"]})
-            else:
-                error = outcome["error"] if outcome else "no confirmation"
-                workers.append({"worker": child.index, "status": "failed", "error": error})
-        ok = all(w["status"] == "reloaded" for w in workers)
-        result = {"status": "reloaded" if ok else "partial", "workers": workers}
-        log.info(
-            "config reloaded on %d of %d workers",
-            sum(w["status"] == "reloaded" for w in workers),
-            len(workers),
-        )
-        for child in askers:
-            child.send({"type": "done", "result": result})
+        return results
 
 
 def run_workers(config: Config, workers: int, source: Path | None) -> int:
@@ -214,26 +330,16 @@ def run_workers(config: Config, workers: int, source: Path | None) -> int:
     reserved = _reuseport_socket(config.server.host, config.server.port)
     port = reserved.getsockname()[1]
     config = attrs.evolve(config, server=attrs.evolve(config.server, port=port))
-    context = multiprocessing.get_context("spawn")
-    children: list[_Child] = []
-    ends: list[socket.socket] = []
-    for i in range(workers):
-        mine, theirs = socket.socketpair()
-        ends.append(theirs)
-        process = context.Process(
-            target=_worker, args=(config, i, source, theirs), name=f"cascade-worker-{i}"
-        )
-        children.append(_Child(i, process, mine))
-    supervisor = Supervisor(source, children)
+    supervisor = Supervisor(config, source, workers)
     signal.signal(signal.SIGTERM, supervisor.on_stop)
     signal.signal(signal.SIGINT, supervisor.on_stop)
     signal.signal(signal.SIGHUP, supervisor.on_sighup)
-    for child in children:
-        child.process.start()
-    for end in ends:
-        end.close()  # the workers hold their own copies
+    for index in range(workers):
+        supervisor.start(index)
+    supervisor.tell_status()
     log.info("started %d workers on port %d", workers, port)
     supervisor.loop()
+    children = list(supervisor.children.values())
     for child in children:
         child.process.join()
         child.control.close()
