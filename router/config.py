@@ -605,6 +605,7 @@ class ServerConfig:
     grace: float = 30.0
     workers: int = 1
     admin_token_env: str | None = None
+    metrics_token_env: str | None = None  # when set, /metrics needs this token (or the admin one)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
 
@@ -623,6 +624,7 @@ class ServerConfig:
             grace=f.duration("grace", d.grace),
             workers=f.integer("workers", d.workers, minimum=1, maximum=64),
             admin_token_env=f.optional_string("admin_token_env"),
+            metrics_token_env=f.optional_string("metrics_token_env"),
             log_level=f.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
             log_format=f.choice("log_format", d.log_format, ("text", "json")),
         )

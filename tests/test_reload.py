@@ -259,3 +259,38 @@ async def test_a_config_that_is_not_utf8_is_refused_by_api_and_by_sighup(tmp_pat
                     if r.status_code == 200:
                         break
                     await trio.sleep(0.05)
+
+
+async def test_a_metrics_token_guards_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a reverse proxy on the same host every client looks like loopback, and /metrics
+    shows key names and spend: server.metrics_token_env puts a token on it (the admin token
+    works too); other endpoints are unchanged."""
+    monkeypatch.setenv("CASCADE_METRICS_TOKEN", "m3trics")
+    monkeypatch.setenv("CASCADE_ADMIN_TOKEN", "s3cret")
+    path = tmp_path / "c.json"
+    routes = [{"match": "gpt", "targets": ["m/x"]}]
+    write(
+        path,
+        {"m": {"mock": {}}},
+        routes,
+        metrics_token_env="CASCADE_METRICS_TOKEN",
+        admin_token_env="CASCADE_ADMIN_TOKEN",
+    )
+    with trio.fail_after(20):
+        async with running(path) as gw, httpx.AsyncClient(base_url=gw.url) as client:
+            refused = await client.get("/metrics")
+            assert refused.status_code == 401
+            assert "m3trics" not in refused.text and "cascade_" not in refused.text
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            for wrong in ("Bearer m3tric", "Bearer s3cre", "m3trics"):
+                r = await client.get("/metrics", headers={"authorization": wrong})
+                assert r.status_code == 401
+            for good in ("Bearer m3trics", "bearer s3cret"):
+                r = await client.get("/metrics", headers={"authorization": good})
+                assert r.status_code == 200 and "cascade_requests_total" in r.text
+            assert (await client.get("/healthz")).status_code == 200
+            # The metrics token is not the admin token.
+            r = await client.get("/admin/providers", headers={"authorization": "Bearer m3trics"})
+            assert r.status_code == 401

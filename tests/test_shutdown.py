@@ -17,7 +17,7 @@ import httpx
 import trio
 
 from router.face.serving import serve_asgi
-from tests.helpers import chat, sse_data, start_cascade
+from tests.helpers import chat, eventually, sse_data, start_cascade
 from tests.live import Exchange, FakeUpstream, chunk_event
 
 
@@ -94,6 +94,47 @@ async def test_a_stream_that_outlives_the_grace_ends_with_an_in_band_error(tmp_p
     assert json.loads(data[-1])["error"]["code"] == "shutting_down"
     assert "[DONE]" not in data
     assert code == 0
+
+
+async def test_while_draining_readyz_answers_503_and_new_requests_are_refused(
+    tmp_path: Path,
+) -> None:
+    """After SIGTERM, with a stream still in flight, the listener stays open: a load balancer's
+    new connection to /readyz gets 503 (not a refused connection), a new model request 503
+    `shutting_down` with Retry-After; the stream finishes and the process exits 0."""
+    async with trio.open_nursery() as nursery:
+        upstream = FakeUpstream(slow_stream(30, 0.1))
+        upstream_url = await nursery.start(serve_asgi, upstream, "127.0.0.1", 0)
+        proc, url, log = await run_gateway(tmp_path, upstream_url, "10s")
+        nursery.start_soon(_drain, proc, log)
+        with trio.fail_after(30):
+            async with (
+                httpx.AsyncClient(base_url=url, timeout=20) as streaming,
+                streaming.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r,
+            ):
+                body = b""
+                async for piece in r.aiter_raw():
+                    if not body:
+                        proc.send_signal(signal.SIGTERM)
+                        await eventually(lambda: b"shutting down" in b"".join(log))
+                        async with httpx.AsyncClient(base_url=url) as balancer:  # new connection
+                            ready = await balancer.get("/readyz")
+                            late = await balancer.post("/v1/chat/completions", json=chat())
+                    body += piece
+            assert await proc.wait() == 0
+        nursery.cancel_scope.cancel()
+    assert proc.stderr is not None
+    await proc.stderr.aclose()
+    assert ready.status_code == 503 and ready.json()["status"] == "not ready"
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert late.headers["retry-after"] == "1"
+    assert sse_data(body.decode())[-1] == "[DONE]"  # the stream in flight finished whole
+
+
+async def _drain(proc: trio.Process, log: list[bytes]) -> None:
+    assert proc.stderr is not None
+    while chunk := await proc.stderr.receive_some():
+        log.append(chunk)
 
 
 class Workers:

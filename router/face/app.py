@@ -64,6 +64,8 @@ class App:
         self.shutting_down = False
         self._stream_cutoff = math.inf
         self._streams: set[trio.CancelScope] = set()
+        self._in_flight = 0  # model requests being served
+        self._drained = trio.Event()  # set once shutting down with none in flight
         self.feed = Feed()  # recent cascades, recorded only while someone watches
 
     def begin_shutdown(self, grace: float) -> None:
@@ -75,6 +77,14 @@ class App:
         self._stream_cutoff = trio.current_time() + grace
         for scope in self._streams:
             scope.deadline = self._stream_cutoff
+        if self._in_flight == 0:
+            self._drained.set()
+
+    async def wait_drained(self) -> None:
+        """Returns once shutdown has begun and no model request is in flight. Until then the
+        server keeps accepting: /readyz answers 503 and new model requests 503 `shutting_down`,
+        so a load balancer learns why instead of meeting a refused connection."""
+        await self._drained.wait()
 
     @contextmanager
     def _tracked_stream(self) -> Iterator[trio.CancelScope]:
@@ -100,12 +110,28 @@ class App:
         try:
             if path.startswith("/admin/"):
                 _check_admin(gateway.config, scope)
+            elif path == "/metrics" and gateway.config.server.metrics_token_env is not None:
+                _check_metrics(gateway.config, scope)
             elif gateway.keys.enabled and path.startswith("/v1/"):  # every model endpoint
                 key = _client_key(gateway, scope)
             if dialect is not None:
                 if method != "POST":
                     raise RequestError("use POST", status=405)
-                await self._chat(dialect, gateway, scope, receive, send, request_id, key)
+                if self.shutting_down:
+                    raise RequestError(
+                        "the gateway is shutting down: retry the request (on another replica)",
+                        status=503,
+                        type="server_error",
+                        code="shutting_down",
+                        headers=_DRAINING,
+                    )
+                self._in_flight += 1
+                try:
+                    await self._chat(dialect, gateway, scope, receive, send, request_id, key)
+                finally:
+                    self._in_flight -= 1
+                    if self.shutting_down and self._in_flight == 0:
+                        self._drained.set()
             elif path == "/v1/messages/count_tokens":
                 if method != "POST":
                     raise RequestError("use POST", status=405)
@@ -770,6 +796,8 @@ _PAGE = [
         b" connect-src 'self'; img-src data:; frame-ancestors 'none'",
     ),
 ]
+# A draining gateway's answer to new work: the client retries elsewhere, on a new connection
+_DRAINING = [(b"retry-after", b"1"), (b"connection", b"close")]
 # A browser asks for the admin token with its own dialog (any user name, the token as password)
 _BASIC_CHALLENGE = [(b"www-authenticate", b'Basic realm="cascade admin", charset="UTF-8"')]
 
@@ -788,6 +816,35 @@ def _check_admin(config: Config, scope: Scope) -> None:
                 type="permission_error",
             )
         return
+    if not _presents_token(scope, env):
+        raise RequestError(
+            "the admin API needs the admin token",
+            status=401,
+            type="authentication_error",
+            headers=_BASIC_CHALLENGE,
+        )
+
+
+def _check_metrics(config: Config, scope: Scope) -> None:
+    """/metrics needs server.metrics_token_env's token (or the admin token) when it is set."""
+    server = config.server
+    assert server.metrics_token_env is not None
+    if _presents_token(scope, server.metrics_token_env) or (
+        server.admin_token_env is not None and _presents_token(scope, server.admin_token_env)
+    ):
+        return
+    raise RequestError(
+        "/metrics needs the metrics token",
+        status=401,
+        type="authentication_error",
+        headers=[(b"www-authenticate", b'Bearer realm="cascade metrics"')],
+    )
+
+
+def _presents_token(scope: Scope, env: str) -> bool:
+    """The request carries the token held in the environment variable `env`: `Authorization:
+    Bearer <token>`, or Basic with the token as the password. False when `env` is unset or empty
+    (a missing secret never lets anyone in)."""
     token = os.environ.get(env)
     scheme, _, given = (header(scope, b"authorization") or b"").partition(b" ")
     scheme, given = scheme.lower(), given.strip()  # the scheme is case-insensitive (RFC 9110)
@@ -796,17 +853,11 @@ def _check_admin(config: Config, scope: Scope) -> None:
             given = base64.b64decode(given, validate=True).partition(b":")[2]
         except ValueError:
             given = b""
-    if (
-        not token
-        or scheme not in (b"bearer", b"basic")
-        or not hmac.compare_digest(given, token.encode())
-    ):
-        raise RequestError(
-            "the admin API needs the admin token",
-            status=401,
-            type="authentication_error",
-            headers=_BASIC_CHALLENGE,
-        )
+    return (
+        bool(token)
+        and scheme in (b"bearer", b"basic")
+        and hmac.compare_digest(given, (token or "").encode())
+    )
 
 
 def _error_shape(dialect: Dialect | None, path: str) -> Dialect:

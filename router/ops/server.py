@@ -136,7 +136,14 @@ async def serve(
                 else:
                     await shutdown_trigger()
                 app.begin_shutdown(server.grace)
-                log.info("shutting down: no new connections; %gs grace", server.grace)
+                log.info(
+                    "shutting down: requests in flight finish (%gs grace), new ones get 503",
+                    server.grace,
+                )
+                # Keep the listener open while requests are in flight, so /readyz answers 503
+                # instead of refusing the connection; then hypercorn stops accepting.
+                with trio.move_on_after(server.grace):
+                    await app.wait_drained()
 
             control = trio.CancelScope()  # SIGHUP watcher and worker link: until hypercorn is done
 
