@@ -14,12 +14,12 @@ import attrs
 import trio
 
 from router.config import Config, ConfigError, MockSettings
-from router.ops.logs import setup_logging
+from router.telemetry.logs import setup_logging
 from router.units import parse_duration
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from router.ops.server import run, wait_for_signal
+    from router.serving.server import run, wait_for_signal
 
     try:
         config = Config.load(Path(args.config) if args.config else None)
@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     source = Path(args.config) if args.config else None
     try:
         if config.server.workers > 1:
-            from router.ops.workers import run_workers
+            from router.serving.workers import run_workers
 
             return run_workers(config, config.server.workers, source)
         run(config, shutdown_trigger=wait_for_signal, source=source, reload_on_sighup=True)
@@ -79,9 +79,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from router.face.serving import serve_asgi
-    from router.ops.server import wait_for_signal
+    from router.serving.server import wait_for_signal
     from router.tools.mock import MockUpstream
+    from router.web.server import serve_asgi
 
     settings = MockSettings(
         latency=args.latency,

@@ -5,7 +5,7 @@
     │                       in the client dialect's error shape; it never reaches a provider
     ├── CascadeError        (router/cascade/dispatcher.py) the cascade ended without a success:
     │                       the provider's own 4xx, or 429/502/504 `retry_exhausted` with attempts
-    └── ConfigError         (router/config.py) a config is invalid: every problem, with its path
+    └── ConfigError         (router/config/) a config is invalid: every problem, with its path
 
 Failures of single upstream attempts are values (actors/outcome.py `Failure`), never exceptions.
 """

@@ -26,8 +26,8 @@ from router.cascade.dispatcher import Dispatcher
 from router.config import Config
 from router.dialects.openai import WIRE
 from router.face.app import App
-from router.ops.gateway import Gateway
-from router.ops.metrics import Metrics
+from router.face.gateway import Gateway
+from router.telemetry.metrics import Metrics
 
 Step = Callable[[httpx.Request], Awaitable[httpx.Response]]
 

@@ -18,9 +18,9 @@ import pytest
 import trio
 
 from router.config import Config
-from router.face.asgi import lifespan, read_body
-from router.face.serving import serve_asgi
-from router.ops.server import Running, serve
+from router.serving.server import Running, serve
+from router.web.asgi import lifespan, read_body
+from router.web.server import serve_asgi
 from tests.helpers import chat, completion, sse_data
 
 Handler = Callable[["Exchange"], Awaitable[None]]

@@ -21,7 +21,7 @@ from actors.messages import (
 from actors.provider import ProviderActor
 from router.config import Config
 from router.dialects.openai import WIRE
-from router.ops.metrics import Metrics
+from router.telemetry.metrics import Metrics
 from tests.helpers import Upstream, chunk, ok, stall, status, stream
 
 TERMINAL = (Refused, Response, Failed, StreamEnd)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from router.ops.server import Running
+from router.serving.server import Running
 from tests.live import SDK_LEFTOVERS, Exchange, FakeUpstream, live_gateway
 
 pytestmark = SDK_LEFTOVERS

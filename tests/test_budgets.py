@@ -19,8 +19,8 @@ import openai
 import pytest
 import trio
 
-from router.budgets import Ledger
-from router.ops.server import Running
+from router.keys.ledger import Ledger
+from router.serving.server import Running
 from router.tools.status import usage as usage_command
 from tests.helpers import chat, eventually, sse_data
 from tests.live import Cut, Exchange, FakeUpstream, chunk_event, healthy, live_gateway

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from actors.provider import ProviderActor
-from router.ops.server import Running
+from router.serving.server import Running
 from tests.helpers import Upstream, asgi_client, chat, config, eventually, gateway, status
 from tests.live import Exchange, Face, FakeUpstream, chunk_event, faces, live_gateway
 

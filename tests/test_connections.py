@@ -12,7 +12,7 @@ import struct
 import pytest
 import trio
 
-from router.ops.server import raise_fd_limit
+from router.serving.server import raise_fd_limit
 from tests.helpers import chat, eventually
 from tests.live import FakeUpstream, answers, live_gateway
 

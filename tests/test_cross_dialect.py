@@ -13,7 +13,7 @@ import anthropic
 import openai
 import trio
 
-from router.ops.server import Running
+from router.serving.server import Running
 from tests.live import SDK_LEFTOVERS, Exchange, FakeUpstream, live_gateway
 
 pytestmark = SDK_LEFTOVERS

@@ -32,7 +32,7 @@ def test_the_docs_have_complete_configs() -> None:
 def test_the_dashboard_and_the_promql_use_metrics_that_exist() -> None:
     """Every cascade_* series named in the Grafana dashboard and in docs/operations.md is one
     the gateway exports (histograms by their _bucket, counters by their _total)."""
-    from router.ops.metrics import Metrics
+    from router.telemetry.metrics import Metrics
 
     metrics = Metrics()
     metrics.supervisor.update(wanted=2, running=2, restarts=0)  # as in a worker (workers > 1)

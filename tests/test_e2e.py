@@ -15,7 +15,7 @@ import trio
 
 from router.cli import main
 from router.config import Config, demo_config_text
-from router.ops.server import serve
+from router.serving.server import serve
 from tests.helpers import chat, sse_data
 from tests.live import Cut, Exchange, FakeUpstream, answers, chunk_event, live_gateway, streams
 

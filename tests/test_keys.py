@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from router.config import Config, ConfigError
-from router.ops.server import Running
+from router.serving.server import Running
 from tests.helpers import chat
 from tests.live import FakeUpstream, healthy, live_gateway
 

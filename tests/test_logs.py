@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from router.ops.logs import JSONFormatter
+from router.telemetry.logs import JSONFormatter
 from tests.helpers import Upstream, asgi_client, chat, config, gateway, ok, status
 
 SECRET_KEY = "sk-proj-SECRETKEYVALUE0123456789"

@@ -19,7 +19,7 @@ import trio
 
 from actors.transport import proxy_for
 from router.config import Config, ConfigError
-from router.face.serving import serve_asgi
+from router.web.server import serve_asgi
 from tests.helpers import chat, tls_files
 from tests.live import FakeUpstream, answers, live_gateway
 

@@ -17,8 +17,8 @@ import trio
 
 from router.config import Config
 from router.face.app import App
-from router.face.serving import serve_asgi
-from router.ops.server import Running, serve
+from router.serving.server import Running, serve
+from router.web.server import serve_asgi
 from tests.helpers import Upstream, asgi_client, chat, config, eventually, gateway
 from tests.live import Exchange, FakeUpstream, answers
 

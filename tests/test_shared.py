@@ -27,7 +27,7 @@ from actors.shared import (
 )
 from actors.state import Circuits, RateLimits
 from router.dialects.openai import WIRE
-from router.ops.metrics import Metrics
+from router.telemetry.metrics import Metrics
 from tests.helpers import Upstream, ok, status
 from tests.test_actor import TERMINAL, attempt, provider, request
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from router.face.serving import serve_asgi
+from router.web.server import serve_asgi
 from tests.helpers import chat, start_cascade
 from tests.live import Exchange, FakeUpstream, healthy
 from tests.redis_server import RedisServer, free_port

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import trio
 
-from router.face.serving import serve_asgi
+from router.web.server import serve_asgi
 from tests.helpers import chat, eventually, sse_data, start_cascade
 from tests.live import Exchange, FakeUpstream, chunk_event
 

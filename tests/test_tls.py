@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from router.face.serving import serve_asgi
+from router.web.server import serve_asgi
 from tests.helpers import chat, tls_files
 from tests.live import FakeUpstream, answers, live_gateway
 

@@ -33,7 +33,7 @@ from actors.wire import Usage
 from router.cascade.policy import Action, Plan, backoff_delay, decide
 from router.config import Config, Route, Target
 from router.dialects.base import UpstreamCall
-from router.ops.metrics import Metrics
+from router.telemetry.metrics import Metrics
 
 log = logging.getLogger("cascade.dispatch")
 

@@ -15,7 +15,7 @@ from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, St
 from router.cascade.dispatcher import CascadeError, Winner
 from router.dialects import translate
 from router.dialects.base import Dialect, StreamWriter
-from router.face.asgi import Message, Receive, Send
+from router.web.asgi import Message, Receive, Send
 
 JSON = b"application/json"
 _UPSTREAM_END_GRACE = 2.0

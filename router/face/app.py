@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import Any
 from urllib.parse import parse_qs
 
 import attrs
@@ -31,23 +31,22 @@ import trio.lowlevel
 from actors.messages import ManualBlock, ManualUnblock, Response
 from actors.settings import ProviderConfig
 from actors.wire import Usage
-from router.budgets import Charge, Hold
 from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch, Winner
 from router.config import Config, ConfigError, Route, ServerConfig, Target, parse_key
+from router.config.keys import KeyConfig
 from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
 from router.dialects.base import ClientRequest, Dialect, UpstreamCall
 from router.dialects.jsonbody import check_model_name
 from router.errors import RequestError
 from router.face.answers import TrackedSend, answer, cascade_error, respond, stream
-from router.face.asgi import ClientGone, Message, Receive, Scope, Send, header, lifespan, read_body
-from router.keys import KeyConfig, presented_key
-from router.ops.feed import Feed
-from router.ops.gateway import Gateway
-from router.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from router.face.gateway import Gateway
+from router.keys.ledger import Charge
+from router.keys.ring import presented_key
+from router.state.budgets import Hold
+from router.telemetry.feed import Feed
+from router.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.units import parse_duration
-
-if TYPE_CHECKING:
-    from router.ops.reload import Reloader
+from router.web.asgi import ClientGone, Message, Receive, Scope, Send, header, lifespan, read_body
 
 log = logging.getLogger("cascade.request")
 
@@ -60,7 +59,8 @@ class App:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.reloader: Reloader | None = None  # set by the server: /admin/reload
+        # Set by the server: re-reads the config and swaps the gateway (/admin/reload).
+        self.reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
         self.shutting_down = False
         self._stream_cutoff = math.inf
         self._streams: set[trio.CancelScope] = set()
@@ -374,10 +374,10 @@ class App:
         )
 
     async def _reload(self, send: Send, request_id: str) -> None:
-        if self.reloader is None or self.shutting_down:
+        if self.reload is None or self.shutting_down:
             raise RequestError("reload is not available now", status=503, code="unavailable")
         try:
-            summary = await self.reloader.reload()
+            summary = await self.reload()
         except ConfigError as exc:
             body = DIALECTS["openai"].error_body(
                 400,

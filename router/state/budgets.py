@@ -12,17 +12,58 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
 
-from router.budgets import Budget, Exceeded, Hold, period_end, period_id
+from router.config.keys import Budget, period_end, period_id
 
 if TYPE_CHECKING:
     import coredis
 
 log = logging.getLogger("cascade.state")
+
+
+@attrs.define
+class Hold:
+    """One request's reservation: settled exactly once."""
+
+    key: str
+    tokens: float
+    cost: float
+    settled: bool = False
+    shared_id: str | None = None  # the hold's id in the shared backend (Redis), if taken there
+
+
+class SharedBudgets(Protocol):
+    """Budgets kept in a backend every replica shares (`RedisBudgets` below)."""
+
+    timeout: float
+
+    @property
+    def up(self) -> bool: ...
+
+    async def reserve(
+        self,
+        hold_id: str,
+        key: str,
+        budgets: Iterable[Budget],
+        tokens: float,
+        cost: float,
+        when: dt.datetime,
+    ) -> Hold | Exceeded: ...
+
+    def settle(
+        self, hold_id: str, key: str, tokens: float, cost: float, when: dt.datetime
+    ) -> None: ...
+
+
+@attrs.frozen
+class Exceeded:
+    budget: Budget
+    reset: dt.datetime | None  # when the period ends (None: a total budget never resets)
+
 
 HOLD_MAX_AGE = 3600.0  # longer than any request may take
 SETTLE_QUEUE = 100_000

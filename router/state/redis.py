@@ -41,8 +41,8 @@ from actors.shared import (
     SharedEvent,
 )
 from router.config import StateConfig
-from router.ops.metrics import Metrics
 from router.state.budgets import RedisBudgets
+from router.telemetry.metrics import Metrics
 
 log = logging.getLogger("cascade.state")
 

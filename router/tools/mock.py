@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from router.config import MockSettings
-from router.face.asgi import lifespan, read_body
+from router.web.asgi import lifespan, read_body
 
 Scope = MutableMapping[str, Any]
 _MAX_BODY = 64 * 1024 * 1024

@@ -23,14 +23,14 @@ import httpx
 import trio
 
 from actors.provider import ProviderActor
-from router.budgets import Ledger, UsageStore
 from router.config import Config
 from router.face.app import App
-from router.face.serving import serve_asgi
-from router.ops.control import WorkerLink
-from router.ops.gateway import Assembly, MockServers
-from router.ops.metrics import Metrics
-from router.ops.reload import Reloader
+from router.keys.ledger import Ledger, UsageStore
+from router.serving.assembly import Assembly, MockServers
+from router.serving.control import WorkerLink
+from router.serving.reload import Reloader
+from router.telemetry.metrics import Metrics
+from router.web.server import serve_asgi
 
 if TYPE_CHECKING:
     from router.state.redis import RedisState
@@ -127,7 +127,8 @@ async def serve(
             )
             gateway, _ = await assembly.build(config)
             app = App(gateway)
-            reloader = app.reloader = Reloader(app, source, assembly, link)
+            reloader = Reloader(app, source, assembly, link)
+            app.reload = reloader.reload
             server = gateway.config.server
 
             async def trigger() -> None:

@@ -10,8 +10,6 @@ label logs and metrics.
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import hmac
 import logging
 import math
@@ -21,41 +19,9 @@ from collections.abc import Iterable
 import attrs
 
 from actors.state import SlidingWindow
-from router.budgets import Budget
+from router.config.keys import AuthConfig, KeyConfig, digest
 
 log = logging.getLogger("cascade.keys")
-
-
-def digest(key: str) -> bytes:
-    return hashlib.sha256(key.strip().encode()).digest()
-
-
-@attrs.frozen
-class KeyConfig:
-    """One `auth.keys[]` entry as configured (the secret itself is not here)."""
-
-    name: str
-    key_env: str | None = None
-    sha256: str | None = None  # hex
-    models: tuple[str, ...] = ("*",)  # globs over the model names clients ask for
-    rpm: int | None = None
-    tpm: int | None = None
-    budgets: tuple[Budget, ...] = ()
-
-    def allows(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, glob) for glob in self.models)
-
-
-@attrs.frozen
-class AuthConfig:
-    keys: tuple[KeyConfig, ...] = ()
-    # A request's reservation counts this many output tokens when it does not say max_tokens.
-    default_max_tokens: int = 4096
-    usage_db: str | None = None  # SQLite file: spend and usage records survive restarts
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.keys)
 
 
 @attrs.frozen

@@ -1,4 +1,4 @@
-"""A worker's control socket to its supervisor (router/ops/workers.py has the protocol)."""
+"""A worker's control socket to its supervisor (router/serving/workers.py has the protocol)."""
 
 from __future__ import annotations
 

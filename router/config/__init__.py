@@ -27,8 +27,7 @@ from actors.settings import (
     RetryBudget,
     Timeouts,
 )
-from router.budgets import Budget, Period, Price
-from router.keys import AuthConfig, KeyConfig
+from router.config.keys import AuthConfig, Budget, KeyConfig, Period, Price
 from router.units import parse_duration, parse_size
 
 T = TypeVar("T")
@@ -931,4 +930,4 @@ def demo_config_text() -> str:
     try:
         return files("router.configs").joinpath("demo.yaml").read_text(encoding="utf-8")
     except ModuleNotFoundError:
-        return (Path(__file__).parent.parent / "configs" / "demo.yaml").read_text(encoding="utf-8")
+        return (Path(__file__).parents[2] / "configs" / "demo.yaml").read_text(encoding="utf-8")

@@ -21,103 +21,14 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, Protocol
 
 import attrs
 import trio
 
-from actors.wire import Usage
+from router.config.keys import Budget, Period, Unit, period_end, period_id
+from router.state.budgets import Exceeded, Hold, SharedBudgets
 
 log = logging.getLogger("cascade.budgets")
-
-Period = Literal["day", "month", "total"]
-Unit = Literal["tokens", "cost"]
-
-
-@attrs.frozen
-class Price:
-    """USD per million tokens."""
-
-    input: float = 0.0
-    output: float = 0.0
-    cache_read: float | None = None  # default: the input price
-    cache_write: float | None = None  # default: the input price
-
-    def cost(self, usage: Usage) -> float:
-        read = self.input if self.cache_read is None else self.cache_read
-        write = self.input if self.cache_write is None else self.cache_write
-        plain = usage.input - usage.cache_read - usage.cache_write
-        return (
-            plain * self.input
-            + usage.cache_read * read
-            + usage.cache_write * write
-            + usage.output * self.output
-        ) / 1e6
-
-
-@attrs.frozen
-class Budget:
-    unit: Unit
-    limit: float
-    period: Period
-
-
-def period_id(period: Period, when: dt.datetime) -> str:
-    if period == "day":
-        return f"{when.year:04d}-{when.month:02d}-{when.day:02d}"
-    if period == "month":
-        return f"{when.year:04d}-{when.month:02d}"
-    return "total"
-
-
-def period_end(period: Period, when: dt.datetime) -> dt.datetime | None:
-    """When the period that holds `when` ends (UTC); None for `total`."""
-    if period == "day":
-        return dt.datetime(when.year, when.month, when.day, tzinfo=dt.UTC) + dt.timedelta(days=1)
-    if period == "month":
-        year, month = (when.year + 1, 1) if when.month == 12 else (when.year, when.month + 1)
-        return dt.datetime(year, month, 1, tzinfo=dt.UTC)
-    return None
-
-
-@attrs.define
-class Hold:
-    """One request's reservation: settled exactly once."""
-
-    key: str
-    tokens: float
-    cost: float
-    settled: bool = False
-    shared_id: str | None = None  # the hold's id in the shared backend (Redis), if taken there
-
-
-class SharedBudgets(Protocol):
-    """Budgets kept in a backend every replica shares (router/state/budgets.py)."""
-
-    timeout: float
-
-    @property
-    def up(self) -> bool: ...
-
-    async def reserve(
-        self,
-        hold_id: str,
-        key: str,
-        budgets: Iterable[Budget],
-        tokens: float,
-        cost: float,
-        when: dt.datetime,
-    ) -> Hold | Exceeded: ...
-
-    def settle(
-        self, hold_id: str, key: str, tokens: float, cost: float, when: dt.datetime
-    ) -> None: ...
-
-
-@attrs.frozen
-class Exceeded:
-    budget: Budget
-    reset: dt.datetime | None  # when the period ends (None: a total budget never resets)
 
 
 @attrs.frozen

@@ -15,44 +15,21 @@ import trio
 from actors.messages import Reconfigure
 from actors.provider import ProviderActor
 from actors.settings import ProviderConfig
-from router.budgets import Ledger
 from router.cascade.dispatcher import Dispatcher
-from router.config import Config, MockSettings, Route, parse_key
+from router.config import Config, MockSettings, parse_key
+from router.config.keys import KeyConfig
 from router.dialects import upstream_wire
-from router.face.serving import serve_asgi
-from router.keys import AuthConfig, KeyConfig, KeyRing
-from router.ops.metrics import Metrics
+from router.face.gateway import Gateway
+from router.keys.ledger import Ledger
+from router.keys.ring import KeyRing
+from router.telemetry.metrics import Metrics
 from router.tools.mock import MockUpstream
+from router.web.server import serve_asgi
 
 if TYPE_CHECKING:  # imported by `serve` only with `state.backend: redis` (coredis is slow to load)
     from router.state.redis import RedisState
 
 log = logging.getLogger("cascade.gateway")
-
-
-@attrs.define
-class Gateway:
-    """Everything a request needs, swapped as a whole on reload (requests keep their snapshot)."""
-
-    config: Config
-    actors: Mapping[str, ProviderActor]
-    dispatcher: Dispatcher
-    metrics: Metrics
-    shared: RedisState | None = None
-    keys: KeyRing = attrs.field(factory=lambda: KeyRing(AuthConfig()))
-    ledger: Ledger = attrs.field(factory=Ledger)  # one per process: it outlives reloads
-    _dialects: dict[int, frozenset[str]] = attrs.field(factory=dict, init=False, repr=False)
-
-    def dialects_of(self, route: Route) -> frozenset[str]:
-        """The dialects of the providers a route may use (remembered for configured routes)."""
-        known = self._dialects.get(id(route))
-        if known is not None:
-            return known
-        targets = route.targets + route.alternatives + route.on_context_overflow
-        found = frozenset(self.config.providers[t.provider].dialect for t in targets)
-        if any(r is route for r in self.config.routes):  # not a direct address's route
-            self._dialects[id(route)] = found
-        return found
 
 
 class MockServers:

@@ -44,8 +44,8 @@ from typing import Any
 import attrs
 
 from router.config import Config, ConfigError, config_text
-from router.ops.control import SHOWN_AS, WorkerLink, encode
-from router.ops.logs import setup_logging
+from router.serving.control import SHOWN_AS, WorkerLink, encode
+from router.telemetry.logs import setup_logging
 
 log = logging.getLogger("cascade.workers")
 
@@ -62,7 +62,7 @@ def _reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 def _worker(config: Config, index: int, source: Path | None, control: socket.socket) -> None:
-    from router.ops.server import run, wait_for_signal
+    from router.serving.server import run, wait_for_signal
 
     setup_logging(config.server.log_level, config.server.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM

@@ -123,7 +123,7 @@ class Metrics:
         # by the collector below at scrape time.
         self.upstream_tokens: dict[str, list[int]] = {}
         r.register(_UpstreamTokens(self.upstream_tokens))
-        # A worker's supervisor's figures (router/ops/workers.py), filled in by its control link
+        # A worker's supervisor's figures (router/serving/workers.py), filled in by its control link
         self.supervisor: dict[str, int] = {}
         r.register(_Supervisor(self.supervisor))
         self.tokens = Counter(

@@ -20,11 +20,11 @@ import attrs
 import trio
 
 from router.config import Config, ConfigError
-from router.ops.gateway import Assembly
+from router.serving.assembly import Assembly
 
 if TYPE_CHECKING:
     from router.face.app import App
-    from router.ops.control import WorkerLink
+    from router.serving.control import WorkerLink
 
 log = logging.getLogger("cascade.reload")
 

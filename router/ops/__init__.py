@@ -1,1 +1,0 @@
-"""Operations: serving, the gateway's assembly, reload, workers, metrics and logs."""
