@@ -21,12 +21,10 @@ import httpx
 import trio
 import trustme
 
-from actors.provider import ProviderActor
-from router.cascade.dispatcher import Dispatcher
 from router.config import Config
-from router.dialects.openai import WIRE
 from router.face.app import App
 from router.face.gateway import Gateway
+from router.serving.assembly import Assembly, MockServers
 from router.telemetry.metrics import Metrics
 
 Step = Callable[[httpx.Request], Awaitable[httpx.Response]]
@@ -199,22 +197,22 @@ def config(
 async def gateway(
     cfg: Config, upstreams: dict[str, Upstream], seed: int = 0
 ) -> AsyncIterator[Gateway]:
-    """Real actors and dispatcher, with each provider's HTTP served by its scripted Upstream."""
+    """The gateway `cascade serve` assembles (real actors of each provider's dialect, dispatcher,
+    key gate), with each provider's HTTP served by its scripted Upstream, a seeded rng and a
+    fixed wall clock."""
     metrics = Metrics()
     async with trio.open_nursery() as nursery:
-        actors = {}
-        for name, provider in cfg.providers.items():
-            actor = ProviderActor(
-                provider,
-                metrics.provider(name),
-                wire=WIRE,
-                http_transport=upstreams[name].transport(),
-                wall_clock=lambda: 1_000_000.0,
-            )
-            await nursery.start(actor.run)
-            actors[name] = actor
-        yield Gateway(cfg, actors, Dispatcher(cfg, actors, metrics, random.Random(seed)), metrics)
-        for actor in actors.values():
+        assembly = Assembly(
+            metrics,
+            nursery,
+            MockServers(nursery),
+            {name: upstream.transport() for name, upstream in upstreams.items()},
+            rng=random.Random(seed),
+            wall_clock=lambda: 1_000_000.0,
+        )
+        gw, _ = await assembly.build(cfg)
+        yield gw
+        for actor in gw.actors.values():
             actor.close()
 
 

@@ -167,6 +167,6 @@ async def test_the_status_page_asks_a_browser_for_the_admin_token(
 
 
 def test_the_page_is_in_the_package() -> None:
-    from router.face.app import STATUS_PAGE
+    from router.face.admin import STATUS_PAGE
 
     assert STATUS_PAGE == (Path(__file__).parent.parent / "router/face/status.html").read_bytes()

@@ -29,7 +29,6 @@ from actors.messages import (
 from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
 from actors.state import SlidingWindow
-from actors.wire import Usage
 from router.cascade.policy import Action, Plan, backoff_delay, decide
 from router.config import Config, Route, Target
 from router.dialects.base import UpstreamCall
@@ -103,7 +102,7 @@ class _Live:
     hedge_token: list[float] | None  # set for a hedge: its share of the route's hedge budget
 
 
-@attrs.define
+@attrs.frozen
 class Winner:
     """The attempt that answered. For a stream, `replies` carries the rest of it."""
 
@@ -113,11 +112,6 @@ class Winner:
     attempt_count: int  # upstream calls made (refusals are not calls)
     replied_at: float  # trio time the winning reply (the answer, or a stream's first events) came
     started: float  # trio time the winning attempt started
-    # A stream's delivery, for settlement: the usage its end reported, and whether it ended
-    # cleanly; `relayed` counts the bytes of upstream event data passed on.
-    usage: Usage | None = None
-    completed: bool = False
-    relayed: int = 0
 
 
 class Dispatcher:
@@ -145,10 +139,11 @@ class Dispatcher:
 class Dispatch:
     """The context manager `Dispatcher.dispatch` returns (a class: it runs once per request)."""
 
-    __slots__ = ("run",)
+    __slots__ = ("run", "winner")
 
     def __init__(self, run: _Run) -> None:
         self.run = run
+        self.winner: Winner | None = None  # once the cascade has one
 
     @property
     def calls(self) -> int:
@@ -162,7 +157,8 @@ class Dispatch:
 
     async def __aenter__(self) -> Winner:
         try:
-            return await self.run.first_byte()
+            self.winner = await self.run.first_byte()
+            return self.winner
         except BaseException:
             self.run.cancel_all()
             raise

@@ -8,11 +8,14 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+import attrs
 import trio
 import trio.lowlevel
 
 from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, StreamStart
+from actors.wire import Usage
 from router.cascade.dispatcher import CascadeError, Winner
+from router.config import Target
 from router.dialects import translate
 from router.dialects.base import Dialect, StreamWriter
 from router.web.asgi import Message, Receive, Send
@@ -20,6 +23,20 @@ from router.web.asgi import Message, Receive, Send
 JSON = b"application/json"
 _UPSTREAM_END_GRACE = 2.0
 _BURST_ROUNDS = 4
+
+
+@attrs.define
+class Delivery:
+    """What reached the client, filled in as it is written, so that a request cancelled half-way
+    still knows what it delivered: the pipeline's record step (settlement, metrics, the log)
+    reads it once the request has ended, however it ended."""
+
+    target: Target | None = None  # the target that served
+    first_byte: float | None = None  # trio time the answer's first byte went to the server
+    answer: Response | None = None  # a whole answer, as the provider sent it
+    usage: Usage | None = None  # a stream's usage, when its end said
+    completed: bool = False  # a stream that ended with its dialect's end of answer
+    relayed: int = 0  # bytes of upstream event data relayed to the client
 
 
 class TrackedSend:
@@ -83,11 +100,17 @@ async def respond(
 
 
 async def answer(
-    send: Send, winner: Winner, request_id: str, client: Dialect, upstream: Dialect
-) -> float:
-    """Write a complete answer; returns when its first byte was handed to the server."""
+    send: Send,
+    winner: Winner,
+    request_id: str,
+    client: Dialect,
+    upstream: Dialect,
+    delivery: Delivery,
+) -> None:
+    """Write a complete answer."""
     reply = winner.reply
     assert isinstance(reply, Response)
+    delivery.target, delivery.answer = winner.target, reply
     content_type = reply.headers.get("content-type", "application/json").encode()
     extra = served_headers(winner)
     encoding = reply.headers.get("content-encoding")
@@ -107,7 +130,7 @@ async def answer(
                 request_id=request_id,
             )
     await respond(send, status, body, request_id, content_type, extra)
-    return trio.current_time()
+    delivery.first_byte = trio.current_time()
 
 
 async def stream(
@@ -116,27 +139,27 @@ async def stream(
     request_id: str,
     writer: StreamWriter,
     tracked: Callable[[], AbstractContextManager[trio.CancelScope]],
-) -> float:
-    """Relay a committed stream; it ends complete or, on any failure, with an in-band error.
-
-    Returns when its first byte (the head) was handed to the server."""
+    delivery: Delivery,
+) -> None:
+    """Relay a committed stream; it ends complete or, on any failure, with an in-band error."""
     start = winner.reply
     assert isinstance(start, StreamStart)
+    delivery.target = winner.target
     headers = base_headers(request_id, b"text/event-stream")
     headers += [(b"cache-control", b"no-cache"), *served_headers(winner)]
     await send({"type": "http.response.start", "status": start.status, "headers": headers})
-    first_byte = trio.current_time()
+    delivery.first_byte = trio.current_time()
     first, _ = writer.relay(start.events)  # check_start has already refused an in-band error
-    winner.relayed += sum(len(e.data) for e in start.events)
+    delivery.relayed += sum(len(e.data) for e in start.events)
     tail = [first]
     upstream_done = False
     if writer.done:
-        winner.completed = True
+        delivery.completed = True
         ending = writer.finish()
     else:
         await send({"type": "http.response.body", "body": tail.pop(), "more_body": True})
         with tracked() as cutoff:
-            ending, upstream_done = await _relay(send, writer, winner, tail)
+            ending, upstream_done = await _relay(send, writer, winner.replies, delivery, tail)
         if cutoff.cancelled_caught:
             ending = writer.fail("the gateway is shutting down", "shutting_down")
             upstream_done = True  # nothing more to wait for: the attempt is cancelled
@@ -151,12 +174,15 @@ async def stream(
             while not isinstance(reply := await winner.replies.receive(), StreamEnd | Failed):
                 pass
             if isinstance(reply, StreamEnd):
-                winner.usage = reply.usage
-    return first_byte
+                delivery.usage = reply.usage
 
 
 async def _relay(
-    send: Send, writer: StreamWriter, winner: Winner, tail: list[bytes]
+    send: Send,
+    writer: StreamWriter,
+    replies: trio.MemoryReceiveChannel[Reply],
+    delivery: Delivery,
+    tail: list[bytes],
 ) -> tuple[bytes, bool]:
     """Forward events until the stream ends.
 
@@ -165,7 +191,6 @@ async def _relay(
     already queued when one arrives go out in the same write (coalescing); the events that belong
     with the ending are left in `tail`, to be written together with it.
     """
-    replies = winner.replies
     while True:
         batch = [await replies.receive()]
         await _gather_burst(replies, batch)
@@ -173,7 +198,7 @@ async def _relay(
         out: list[bytes] = []
         for reply in batch:
             if isinstance(reply, StreamEvents):
-                winner.relayed += sum(len(e.data) for e in reply.events)
+                delivery.relayed += sum(len(e.data) for e in reply.events)
                 data, error = writer.relay(reply.events)
                 out.append(data)
                 if error is not None:
@@ -181,13 +206,13 @@ async def _relay(
                     return writer.fail(error, "upstream_stream_error"), upstream_done
                 if writer.done:
                     tail.extend(out)
-                    winner.completed = True
+                    delivery.completed = True
                     if isinstance(end := batch[-1], StreamEnd):  # already here: its usage too
-                        winner.usage = end.usage
+                        delivery.usage = end.usage
                     return writer.finish(), upstream_done
             elif isinstance(reply, StreamEnd):
                 tail.extend(out)
-                winner.usage, winner.completed = reply.usage, True
+                delivery.usage, delivery.completed = reply.usage, True
                 return writer.finish(), True  # complete (the actor judged): [DONE] if missing
             elif isinstance(reply, Failed):
                 tail.extend(out)

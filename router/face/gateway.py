@@ -11,8 +11,11 @@ import attrs
 
 from actors.provider import ProviderActor
 from router.cascade.dispatcher import Dispatcher
-from router.config import Config, Route
+from router.config import Config
 from router.config.keys import AuthConfig
+from router.dialects import DIALECTS
+from router.dialects.base import Dialect
+from router.keys.gate import KeyGate
 from router.keys.ledger import Ledger
 from router.keys.ring import KeyRing
 from router.telemetry.metrics import Metrics
@@ -23,7 +26,9 @@ if TYPE_CHECKING:  # imported by `serve` only with `state.backend: redis` (cored
 
 @attrs.define
 class Gateway:
-    """Everything a request needs, swapped as a whole on reload (requests keep their snapshot)."""
+    """Everything a request needs, swapped as a whole on reload (requests keep their snapshot).
+
+    Each provider's dialect is resolved once, here, when the gateway is built from its config."""
 
     config: Config
     actors: Mapping[str, ProviderActor]
@@ -32,15 +37,12 @@ class Gateway:
     shared: RedisState | None = None
     keys: KeyRing = attrs.field(factory=lambda: KeyRing(AuthConfig()))
     ledger: Ledger = attrs.field(factory=Ledger)  # one per process: it outlives reloads
-    _dialects: dict[int, frozenset[str]] = attrs.field(factory=dict, init=False, repr=False)
+    gate: KeyGate = attrs.field(init=False, repr=False)
+    # provider name -> the dialect it speaks
+    dialects: Mapping[str, Dialect] = attrs.field(init=False, repr=False)
 
-    def dialects_of(self, route: Route) -> frozenset[str]:
-        """The dialects of the providers a route may use (remembered for configured routes)."""
-        known = self._dialects.get(id(route))
-        if known is not None:
-            return known
-        targets = route.targets + route.alternatives + route.on_context_overflow
-        found = frozenset(self.config.providers[t.provider].dialect for t in targets)
-        if any(r is route for r in self.config.routes):  # not a direct address's route
-            self._dialects[id(route)] = found
-        return found
+    def __attrs_post_init__(self) -> None:
+        self.gate = KeyGate(self.config, self.keys, self.ledger, self.metrics)
+        self.dialects = {
+            name: DIALECTS[provider.dialect] for name, provider in self.config.providers.items()
+        }

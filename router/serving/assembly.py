@@ -5,7 +5,8 @@ stopped, and mock upstreams are started for `mock:` providers. Serving and reloa
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -90,8 +91,13 @@ class Assembly:
         http_transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         shared: RedisState | None = None,
         ledger: Ledger | None = None,
+        *,
+        rng: random.Random | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.metrics = metrics
+        self.rng = rng  # the dispatcher's jitter (tests: a seeded one)
+        self.wall_clock = wall_clock  # the actors' (tests: a fixed one)
         self.shared = shared
         self.ledger = ledger or Ledger()
         self.actor_nursery = actor_nursery
@@ -122,7 +128,7 @@ class Assembly:
                     changes["reconfigured"].append(name)
                 else:
                     changes["kept"].append(name)
-        dispatcher = Dispatcher(config, actors, self.metrics)
+        dispatcher = Dispatcher(config, actors, self.metrics, self.rng)
         keys = KeyRing(config.auth, config.server.admin_token_env, self._runtime_keys(config))
         if previous is not None:
             keys.adopt(previous.keys)  # a key's rpm/tpm windows survive a reload
@@ -154,6 +160,7 @@ class Assembly:
             wire=upstream_wire(provider),
             http_transport=self.http_transports.get(provider.name),
             shared=self.shared.link if self.shared is not None else None,
+            **({"wall_clock": self.wall_clock} if self.wall_clock is not None else {}),
         )
         await self.actor_nursery.start(actor.run)
         if self.shared is not None:

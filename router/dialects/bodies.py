@@ -1,0 +1,75 @@
+"""The body each target of one request is sent: built once per upstream dialect, then only the
+`model` value swapped, whichever target (and however many attempts) it is for.
+
+A target of the client's dialect gets the client's own bytes with `model` replaced. A target of
+another dialect gets the translation, made once for the request (the first time a target of that
+dialect is asked for, or up front by `check`, which refuses what cannot be said there).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+from actors.settings import ProviderConfig
+from router.config import Target
+from router.dialects.base import ClientRequest, Dialect, UpstreamCall
+from router.dialects.jsonbody import swap
+
+_MODEL_FIRST = '{"model": '  # how every translation begins: the model value's place is known
+
+
+class UpstreamBodies:
+    """`call_for(target)`: the call to make on `target`, for the dispatcher (dialect-free)."""
+
+    __slots__ = ("_built", "_client", "_dialects", "_forwarded", "_providers", "_request")
+
+    def __init__(
+        self,
+        request: ClientRequest,
+        client: Dialect,
+        dialects: Mapping[str, Dialect],
+        providers: Mapping[str, ProviderConfig],
+        forwarded: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        self._request = request
+        self._client = client
+        self._dialects = dialects  # provider name -> its dialect
+        self._providers = providers
+        self._forwarded = forwarded  # client headers for providers of the client's dialect
+        # (dialect, the provider's default max_tokens) -> (a call, its body's text, model span)
+        self._built: dict[tuple[str, int], tuple[UpstreamCall, str, tuple[int, int]]] = {}
+
+    def call_for(self, target: Target) -> UpstreamCall:
+        upstream = self._dialects[target.provider]
+        provider = self._providers[target.provider]
+        if upstream is self._client:
+            call = self._request.call_for(upstream, target.model, provider)
+            return attrs.evolve(call, headers=self._forwarded) if self._forwarded else call
+        call, text, span = self._translated(upstream, provider, target.model)
+        return attrs.evolve(call, body=swap(text, span, target.model))
+
+    def check(self, targets: Iterable[Target]) -> None:
+        """Translate now for every dialect among `targets` that is not the client's: a request
+        that cannot be said in one of them is a 400 naming the field, before any call."""
+        for target in targets:
+            upstream = self._dialects[target.provider]
+            if upstream is not self._client:
+                self._translated(upstream, self._providers[target.provider], target.model)
+
+    def _translated(
+        self, upstream: Dialect, provider: ProviderConfig, model: str
+    ) -> tuple[UpstreamCall, str, tuple[int, int]]:
+        # The translation depends on the upstream dialect and on the provider's default
+        # max_tokens (for a request that does not say), nothing else of the provider.
+        key = (upstream.name, provider.default_max_tokens)
+        built = self._built.get(key)
+        if built is None:
+            call = self._request.call_for(upstream, model, provider)
+            text = call.body.decode()
+            assert text.startswith(_MODEL_FIRST), "a translation starts with its model"
+            start = len(_MODEL_FIRST)
+            built = self._built[key] = (call, text, (start, start + len(json.dumps(model))))
+        return built

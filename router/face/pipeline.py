@@ -1,0 +1,319 @@
+"""One model request, whatever its face: parse (the client's dialect) → admit (the key gate:
+auth, limits, reservation) → dispatch (the cascade, asking for each target's body) → deliver (in
+the client's dialect, into a `Delivery`) → record (settle, metrics, feed, log), in one place.
+
+A new face is a dialect module and an entry in the app's route table; nothing here changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import attrs
+import trio
+
+from actors.wire import Usage
+from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch
+from router.config import Route, ServerConfig, Target
+from router.config.keys import KeyConfig
+from router.dialects.base import ClientRequest, Dialect
+from router.dialects.bodies import UpstreamBodies
+from router.errors import RequestError
+from router.face.answers import Delivery, TrackedSend, answer, cascade_error, stream
+from router.face.gateway import Gateway
+from router.state.budgets import Hold
+from router.telemetry.feed import Feed
+from router.units import parse_duration
+from router.web.asgi import Message, Receive, Scope, Send, header, read_body
+
+log = logging.getLogger("cascade.request")
+
+StreamScope = Callable[[], AbstractContextManager[trio.CancelScope]]
+
+
+@attrs.frozen
+class Parsed:
+    """A request that parsed and has a route: what the rest of the pipeline works from."""
+
+    request: ClientRequest
+    route_name: str
+    route: Route
+    deadline: float  # trio time: the whole cascade's
+
+
+class Pipeline:
+    """The model endpoints' one path. `feed` records cascades for the status page; `streams`
+    opens the cancel scope that ends a stream at shutdown's cutoff."""
+
+    def __init__(self, feed: Feed, streams: StreamScope) -> None:
+        self.feed = feed
+        self.streams = streams
+
+    async def serve(
+        self,
+        face: Dialect,
+        gateway: Gateway,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
+        key: KeyConfig | None,
+    ) -> None:
+        started = trio.current_time()
+        parsed = await parse(face, gateway, scope, receive, started)
+        request = parsed.request
+        if key is not None:  # limits before anything else happens for this request
+            extra = gateway.gate.admit(key, request.model, request.estimated_tokens)
+            send = with_headers(send, extra) if extra else send
+            if key.budgets and request.stream:  # the exact usage, to settle the budget with
+                request = request.asking_usage()
+                parsed = attrs.evolve(parsed, request=request)
+        dispatch = gateway.dispatcher.dispatch(job_for(face, gateway, scope, parsed, request_id))
+        tracked, delivery = TrackedSend(send), Delivery()
+        hold = None
+        if key is not None and key.budgets:  # the last step before the try: its finally settles
+            hold = await gateway.gate.reserve(
+                key, request.estimated_input_tokens, request.max_output_tokens, targets(parsed)
+            )
+        before_cascade = trio.current_time() - started
+        try:
+            await self.deliver(face, gateway, request, dispatch, tracked, receive, delivery,
+                               request_id)  # fmt: skip
+        finally:
+            if hold is not None and key is not None:
+                settle(gateway, hold, key, parsed, tracked, delivery)
+            self.record(face, gateway, parsed, key, request_id, started, before_cascade, dispatch,
+                        tracked, delivery)  # fmt: skip
+
+    async def deliver(
+        self,
+        face: Dialect,
+        gateway: Gateway,
+        request: ClientRequest,
+        dispatch: Dispatch,
+        tracked: TrackedSend,
+        receive: Receive,
+        delivery: Delivery,
+        request_id: str,
+    ) -> None:
+        """Run the cascade and write what it gives, in the client's dialect; a client that goes
+        away cancels it all, wherever it is."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tracked.watch_disconnect, receive, nursery.cancel_scope)
+            try:
+                async with dispatch as winner:
+                    upstream = gateway.dialects[winner.target.provider]
+                    if request.stream:
+                        writer = face.stream_writer(upstream, request)
+                        await stream(tracked, winner, request_id, writer, self.streams, delivery)
+                    else:
+                        await answer(tracked, winner, request_id, face, upstream, delivery)
+            except CascadeError as exc:
+                failed_on = exc.attempts[-1].provider if exc.attempts else None
+                upstream = gateway.dialects[failed_on] if failed_on else face
+                await cascade_error(tracked, exc, request_id, face, upstream)
+            # The answer is complete, so the server now reports http.disconnect (the ASGI spec's
+            # answer to any receive() after a response; hypercorn queues it during the last
+            # send) and the watcher returns on it by itself. Cancelling it instead would unwind
+            # a Cancelled through its frames: ~4% of a request's CPU.
+
+    def record(
+        self,
+        face: Dialect,
+        gateway: Gateway,
+        parsed: Parsed,
+        key: KeyConfig | None,
+        request_id: str,
+        started: float,
+        before_cascade: float,
+        dispatch: Dispatch,
+        tracked: TrackedSend,
+        delivery: Delivery,
+    ) -> None:
+        """Metrics, the live feed and the log line, for every ending."""
+        elapsed = trio.current_time() - started
+        status = tracked.status if tracked.finished else 499  # 499: the client left first
+        overhead = None
+        winner = dispatch.winner
+        if delivery.first_byte is not None and winner is not None:
+            # Cascade's own time: before the cascade, and from the upstream's first byte to the
+            # client's (upstream waits and backoffs are not ours).
+            overhead = before_cascade + delivery.first_byte - winner.replied_at
+        gateway.metrics.observe_request(parsed.route_name, face.name, status, elapsed, overhead)
+        served_by = str(delivery.target) if delivery.target is not None else None
+        if self.feed.watching():
+            self.feed.record(
+                {
+                    "request_id": request_id,
+                    "route": parsed.route_name,
+                    "dialect": face.name,
+                    "status": status,
+                    "served_by": served_by,
+                    "ms": round(elapsed * 1000, 1),
+                    "attempts": [a.to_json() for a in dispatch.attempts],
+                }
+            )
+        if gateway.config.server.log_format == "json":
+            log_json(request_id, parsed.route_name, face, status, elapsed, dispatch, key)
+        else:
+            log.info(
+                "request %s%s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
+                request_id,
+                "" if key is None else f" key={key.name}",
+                parsed.request.model,
+                parsed.route_name,
+                status,
+                served_by or "-",
+                dispatch.calls,  # upstream calls made, whether answered, failed or left
+                elapsed * 1000,
+            )
+
+
+async def parse(
+    face: Dialect, gateway: Gateway, scope: Scope, receive: Receive, started: float
+) -> Parsed:
+    """The request in the client's dialect, its route (404 for an unknown model) and the
+    cascade's deadline (the route's or the server's, shortened by `x-cascade-deadline`)."""
+    server = gateway.config.server
+    request = face.parse(await read_in_time(server, scope, receive))
+    resolved = gateway.config.resolve(request.model)
+    if resolved is None:
+        raise RequestError(
+            f"the model {request.model!r} does not exist on this gateway",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    route_name, route = resolved
+    deadline = route.deadline or server.deadline
+    asked = header(scope, b"x-cascade-deadline")
+    if asked is not None:
+        try:
+            deadline = min(deadline, parse_duration(asked.decode()))
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(
+                'x-cascade-deadline must be a duration like "30s" or a number of seconds',
+                param="x-cascade-deadline",
+            ) from None
+    return Parsed(request, route_name, route, started + deadline)
+
+
+def targets(parsed: Parsed) -> tuple[Target, ...]:
+    """Every target the request may go to, in the route's order."""
+    route = parsed.route
+    return route.targets + route.alternatives + route.on_context_overflow
+
+
+def job_for(
+    face: Dialect, gateway: Gateway, scope: Scope, parsed: Parsed, request_id: str
+) -> ChatJob:
+    """What the dispatcher needs: the route, the deadline, and each target's body (built once
+    per upstream dialect; a request a target's dialect cannot say is refused here, 400)."""
+    forwarded = (
+        tuple((k, v) for k, v in scope["headers"] if k in face.forwarded_headers)
+        if face.forwarded_headers
+        else ()
+    )
+    request = parsed.request
+    bodies = UpstreamBodies(request, face, gateway.dialects, gateway.config.providers, forwarded)
+    bodies.check(targets(parsed))
+    return ChatJob(
+        route_name=parsed.route_name,
+        route=parsed.route,
+        call_for=bodies.call_for,
+        stream=request.stream,
+        estimated_tokens=request.estimated_tokens,
+        request_id=request_id,
+        deadline=parsed.deadline,
+    )
+
+
+def settle(
+    gateway: Gateway,
+    hold: Hold,
+    key: KeyConfig,
+    parsed: Parsed,
+    tracked: TrackedSend,
+    delivery: Delivery,
+) -> None:
+    """Book what the request cost its key, however it ended (docs/keys-and-budgets.md)."""
+    request = parsed.request
+    usage, outcome = Usage(), "refunded"  # no answer, or none of it reached the client
+    target = delivery.target if tracked.status else None
+    if target is not None:
+        whole = delivery.answer
+        if whole is not None:  # a whole answer, handed to the client
+            wire = gateway.dialects[target.provider].wire(gateway.config.providers[target.provider])
+            found = whole.usage or wire.usage(whole.body)
+            usage = found or Usage(request.estimated_input_tokens, len(whole.body) // 4)
+            outcome = "ok"
+        elif delivery.completed and delivery.usage is not None:
+            outcome, usage = "ok", delivery.usage
+        else:  # a stream cut short, or one whose upstream reported no usage: an estimate
+            outcome = "ok" if delivery.completed else "partial"
+            usage = Usage(request.estimated_input_tokens, delivery.relayed // 4)
+    gateway.gate.settle(hold, key, parsed.route_name, target, usage, outcome)
+
+
+async def read_in_time(
+    server: ServerConfig, scope: Scope, receive: Receive, limit: int | None = None
+) -> bytes:
+    """The request body, within `server.body_timeout` (408 after it: a client that sends one
+    byte and waits must not hold a request, and its fd, forever) and `limit` (413)."""
+    body = None
+    with trio.move_on_after(server.body_timeout):
+        body = await read_body(scope, receive, server.max_body if limit is None else limit)
+    if body is None:
+        raise RequestError(
+            f"the request body did not arrive within {server.body_timeout:g} s",
+            status=408,
+            code="request_timeout",
+        )
+    return body
+
+
+def log_json(
+    request_id: str,
+    route: str,
+    face: Dialect,
+    status: int,
+    elapsed: float,
+    dispatch: Dispatch,
+    key: KeyConfig | None = None,
+) -> None:
+    """The request's JSON log line: names, numbers and outcomes, never a key or content."""
+    attempts: list[dict[str, object]] = [
+        {"provider": a.provider, "model": a.model, "outcome": a.error_type,
+         "status": a.status, "ms": a.elapsed_ms}
+        for a in dispatch.attempts
+    ]  # fmt: skip
+    winner = dispatch.winner
+    if winner is not None:
+        ms = round((winner.replied_at - winner.started) * 1000, 1)
+        target = winner.target
+        attempts.append({"provider": target.provider, "model": target.model, "outcome": "ok",
+                         "status": getattr(winner.reply, "status", None), "ms": ms})  # fmt: skip
+    fields = {
+        "request_id": request_id,
+        "key": key.name if key is not None else None,
+        "route": route,
+        "dialect": face.name,
+        "provider": winner.target.provider if winner else None,
+        "model": winner.target.model if winner else None,
+        "attempts": attempts,
+        "calls": dispatch.calls,
+        "status": status,
+        "ms": round(elapsed * 1000, 1),
+    }
+    log.info("request %s status=%s", request_id, status, extra={"fields": fields})
+
+
+def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def send_with(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message["headers"], *extra]}
+        await send(message)
+
+    return send_with
