@@ -1,4 +1,5 @@
-"""A deliberately minimal OpenAI-compatible upstream for benchmarks: asyncio protocol, canned answers.
+"""A deliberately minimal upstream for benchmarks, of both dialects: asyncio protocol, canned answers
+(OpenAI's chat completions; Anthropic's messages for requests to `/v1/messages`).
 
 It must never be the bottleneck (the benchmark checks its direct throughput is at least 3x the
 gateway's), so it parses only what it needs: the request line, Content-Length, and whether the
@@ -38,6 +39,22 @@ LIMITED = (
         LIMITED_BODY,
     )
 )
+ANTHROPIC_ANSWER = json.dumps(
+    {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": "bench",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 1},
+    }
+).encode()
+ANTHROPIC_OK = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+    % (len(ANTHROPIC_ANSWER), ANTHROPIC_ANSWER)
+)
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 )
@@ -61,12 +78,49 @@ def stream_events(n: int) -> list[bytes]:
     return [_chunk(one) for _ in range(n)] + [_chunk(last) + b"0\r\n\r\n"]
 
 
+def anthropic_events(n: int) -> list[bytes]:
+    """An Anthropic Messages stream of `n` text deltas, framed as chunks."""
+
+    def event(name: str, data: dict[str, object]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    message = {"id": "msg_bench", "type": "message", "role": "assistant", "model": "bench",
+               "content": [], "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": 5, "output_tokens": 1}}  # fmt: skip
+    head = event("message_start", {"type": "message_start", "message": message}) + event(
+        "content_block_start",
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    )
+    delta = event(
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "tok "},
+        },
+    )
+    tail = (
+        event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        + event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": n},
+            },
+        )
+        + event("message_stop", {"type": "message_stop"})
+    )
+    return [_chunk(head), *(_chunk(delta) for _ in range(n)), _chunk(tail) + b"0\r\n\r\n"]
+
+
 class Upstream(asyncio.Protocol):
     def __init__(self, args: argparse.Namespace, counter: list[int]) -> None:
         self.args = args
         self.counter = counter
         self.buffer = b""
         self.events = stream_events(args.chunks)
+        self.anthropic_events = anthropic_events(args.chunks)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -89,28 +143,30 @@ class Upstream(asyncio.Protocol):
                 return
             body = self.buffer[end + 4 : end + 4 + length]
             self.buffer = self.buffer[end + 4 + length :]
-            self.respond(b'"stream":true' in body.replace(b" ", b""))
+            anthropic = head.startswith(b"post /v1/messages ")
+            self.respond(b'"stream":true' in body.replace(b" ", b""), anthropic)
 
-    def respond(self, stream: bool) -> None:
+    def respond(self, stream: bool, anthropic: bool = False) -> None:
         self.counter[0] += 1
         rate = self.args.rate_429
         limited = rate > 0 and (self.counter[0] * rate) % 1 < rate  # evenly spread, deterministic
         if self.args.latency:
-            asyncio.get_running_loop().call_later(self.args.latency, self.send, stream, limited)
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.args.latency, self.send, stream, limited, anthropic)
         else:
-            self.send(stream, limited)
+            self.send(stream, limited, anthropic)
 
-    def send(self, stream: bool, limited: bool) -> None:
+    def send(self, stream: bool, limited: bool, anthropic: bool = False) -> None:
         if self.transport.is_closing():
             return
         if limited:
             self.transport.write(LIMITED)
         elif stream:
             self.transport.write(STREAM_HEAD)
-            for event in self.events:
+            for event in self.anthropic_events if anthropic else self.events:
                 self.transport.write(event)
         else:
-            self.transport.write(OK)
+            self.transport.write(ANTHROPIC_OK if anthropic else OK)
 
 
 def _duration(text: str) -> float:

@@ -13,6 +13,9 @@ It needs valgrind (`apt-get install valgrind`) and takes a minute or two.
 `--keys` adds Cascade with a client key that has rpm/tpm limits and a budget (every request
 authenticated, limited, reserved and settled, spend written to SQLite).
 
+`--cross` adds Cascade serving OpenAI clients from an Anthropic-dialect provider (the request
+and the answer translated).
+
 `--state` adds Cascade with rpm/tpm limits set, once with `state.backend: local` and once with
 `redis` (a redis-server on a free port; needs redis-server): what the shared backend costs per
 request, leases and all.
@@ -101,6 +104,7 @@ def main() -> int:
     p.add_argument("--state", action="store_true", help="also: limits with local vs redis state")
     p.add_argument("--keys", action="store_true", help="also: a client key with limits, budget")
     p.add_argument("--only", action="append", help="only the servers whose name has this")
+    p.add_argument("--cross", action="store_true", help="also: a cross-dialect route")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -132,6 +136,11 @@ def main() -> int:
             "bare hypercorn-trio": [PYTHON, str(HERE / "bare_app.py"), "--port", str(port)],
             "Cascade, 1 worker": config("plain"),
         }
+        if args.cross:  # OpenAI clients, an Anthropic-dialect provider: translated both ways
+            root = {"base_url": f"http://127.0.0.1:{upstream_port}", "dialect": "anthropic"}
+            servers["Cascade, OpenAI client to an Anthropic provider"] = config(
+                "cross", provider=root
+            )
         if args.state:
             redis_port = free_port()
             redis = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]

@@ -102,7 +102,7 @@ class _Live:
     hedge_token: list[float] | None  # set for a hedge: its share of the route's hedge budget
 
 
-@attrs.frozen
+@attrs.define
 class Winner:
     """The attempt that answered. For a stream, `replies` carries the rest of it."""
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 
-import attrs
-
 from actors.settings import ProviderConfig
 from router.config import Target
 from router.dialects.base import ClientRequest, Dialect, UpstreamCall
@@ -47,9 +45,11 @@ class UpstreamBodies:
         provider = self._providers[target.provider]
         if upstream is self._client:
             call = self._request.call_for(upstream, target.model, provider)
-            return attrs.evolve(call, headers=self._forwarded) if self._forwarded else call
+            if self._forwarded:
+                return UpstreamCall(call.path, call.body, self._forwarded, call.check_start)
+            return call
         call, text, span = self._translated(upstream, provider, target.model)
-        return attrs.evolve(call, body=swap(text, span, target.model))
+        return UpstreamCall(call.path, swap(text, span, target.model), (), call.check_start)
 
     def check(self, targets: Iterable[Target]) -> None:
         """Translate now for every dialect among `targets` that is not the client's: a request

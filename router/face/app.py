@@ -123,7 +123,7 @@ class App:
         """POST to a face's endpoint (/v1/chat/completions, /v1/messages): the pipeline."""
         gateway = self.gateway
         key: KeyConfig | None = None
-        if gateway.gate.enabled:
+        if gateway.keys.enabled:
             key = gateway.gate.authenticate(
                 header(scope, b"authorization"), header(scope, b"x-api-key")
             )
@@ -155,7 +155,7 @@ class App:
             admin.check_admin(gateway.config, scope)
         elif path == "/metrics" and gateway.config.server.metrics_token_env is not None:
             admin.check_metrics(gateway.config, scope)
-        elif gateway.gate.enabled and path.startswith("/v1/"):
+        elif gateway.keys.enabled and path.startswith("/v1/"):
             gateway.gate.authenticate(header(scope, b"authorization"), header(scope, b"x-api-key"))
         method = scope["method"]
         methods = _route(path)

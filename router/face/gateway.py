@@ -11,7 +11,7 @@ import attrs
 
 from actors.provider import ProviderActor
 from router.cascade.dispatcher import Dispatcher
-from router.config import Config
+from router.config import Config, Route
 from router.config.keys import AuthConfig
 from router.dialects import DIALECTS
 from router.dialects.base import Dialect
@@ -40,6 +40,20 @@ class Gateway:
     gate: KeyGate = attrs.field(init=False, repr=False)
     # provider name -> the dialect it speaks
     dialects: Mapping[str, Dialect] = attrs.field(init=False, repr=False)
+
+    _crossing: dict[tuple[int, str], bool] = attrs.field(factory=dict, init=False, repr=False)
+
+    def crosses(self, route: Route, face: Dialect) -> bool:
+        """Whether a target `route` may use speaks another dialect than `face` (remembered for
+        the configured routes; a direct address's route is made per request)."""
+        known = self._crossing.get((id(route), face.name))
+        if known is not None:
+            return known
+        targets = route.targets + route.alternatives + route.on_context_overflow
+        found = any(self.dialects[t.provider] is not face for t in targets)
+        if not route.direct:
+            self._crossing[(id(route), face.name)] = found
+        return found
 
     def __attrs_post_init__(self) -> None:
         self.gate = KeyGate(self.config, self.keys, self.ledger, self.metrics)

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-import attrs
 import trio
 
 from actors.wire import Usage
@@ -33,14 +32,18 @@ log = logging.getLogger("cascade.request")
 StreamScope = Callable[[], AbstractContextManager[trio.CancelScope]]
 
 
-@attrs.frozen
 class Parsed:
     """A request that parsed and has a route: what the rest of the pipeline works from."""
 
-    request: ClientRequest
-    route_name: str
-    route: Route
-    deadline: float  # trio time: the whole cascade's
+    __slots__ = ("deadline", "request", "route", "route_name")
+
+    def __init__(
+        self, request: ClientRequest, route_name: str, route: Route, deadline: float
+    ) -> None:
+        self.request = request
+        self.route_name = route_name
+        self.route = route
+        self.deadline = deadline  # trio time: the whole cascade's
 
 
 class Pipeline:
@@ -68,8 +71,7 @@ class Pipeline:
             extra = gateway.gate.admit(key, request.model, request.estimated_tokens)
             send = with_headers(send, extra) if extra else send
             if key.budgets and request.stream:  # the exact usage, to settle the budget with
-                request = request.asking_usage()
-                parsed = attrs.evolve(parsed, request=request)
+                request = parsed.request = request.asking_usage()
         dispatch = gateway.dispatcher.dispatch(job_for(face, gateway, scope, parsed, request_id))
         tracked, delivery = TrackedSend(send), Delivery()
         hold = None
@@ -218,7 +220,8 @@ def job_for(
     )
     request = parsed.request
     bodies = UpstreamBodies(request, face, gateway.dialects, gateway.config.providers, forwarded)
-    bodies.check(targets(parsed))
+    if gateway.crosses(parsed.route, face):  # translated: is all of it sayable there?
+        bodies.check(targets(parsed))
     return ChatJob(
         route_name=parsed.route_name,
         route=parsed.route,

@@ -35,10 +35,6 @@ class KeyGate:
         self.ledger = ledger
         self.metrics = metrics
 
-    @property
-    def enabled(self) -> bool:
-        return self.keys.enabled
-
     def authenticate(self, authorization: bytes | None, x_api_key: bytes | None) -> KeyConfig:
         """The key a model endpoint was called with; 401 (before anything else) without one."""
         presented = presented_key(authorization, x_api_key)
