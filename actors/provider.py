@@ -18,10 +18,10 @@ import attrs
 import httpx
 import trio
 
+from actors.admission import PARKED, Admission, Learned, Outcome
 from actors.http1 import header_problem
 from actors.messages import (
     Attempt,
-    Block,
     CircuitView,
     Failed,
     ManualBlock,
@@ -46,22 +46,12 @@ from actors.shared import (
     BlockLearned,
     BlockLifted,
     CircuitChanged,
-    Lease,
     LeaseAnswer,
-    LimitKind,
     ProbeAnswer,
     SharedLink,
 )
 from actors.sse import SSEDecoder, SSEEvent
-from actors.state import (
-    Circuits,
-    LatencySamples,
-    LatencyTriggers,
-    ManualBlocks,
-    RateLimits,
-    RetryBudgetState,
-    SlidingWindow,
-)
+from actors.state import LatencySamples
 from actors.telemetry import ProviderMetrics
 from actors.transport import (
     ConnectFailed,
@@ -79,17 +69,6 @@ MAX_BODY = 64 * 1024 * 1024  # a non-streamed answer larger than this is a proto
 MAX_ERROR_BODY = 64 * 1024  # an error answer is cut to this
 INBOX_SIZE = 64
 _WARN_RETRY_AFTER = 24 * 3600.0
-_PARKED = Refused("lease")  # admission's answer while the lease an attempt needs is on its way
-
-
-@attrs.define
-class _Outcome:
-    """What one finished attempt taught the actor."""
-
-    failure: Failure | None
-    ttfb: float
-    total: float
-    tokens: int | None = None
 
 
 class _DispatcherGone(Exception):
@@ -136,7 +115,7 @@ class _Call:
     def idle_deadline(self) -> float:
         return min(trio.current_time() + self.timeouts.idle, self.total_deadline)
 
-    async def run(self) -> tuple[_Outcome, Reply] | None:
+    async def run(self) -> tuple[Outcome, Reply] | None:
         """What was learned and the last reply to send; None when the dispatcher cancelled."""
         request = self.attempt.request
         actor = self.actor
@@ -168,21 +147,21 @@ class _Call:
                 failure = Failure(
                     Kind.TRANSIENT, "stream_cut" if cut else "connection_lost", str(exc)
                 )
-            return _Outcome(failure, self.ttfb, self.elapsed()), Failed(failure)
+            return Outcome(failure, self.ttfb, self.elapsed()), Failed(failure)
         if trio.current_time() < self.timer.deadline:
             return None  # cancelled by the dispatcher: nobody waits for an answer
         return self.timed_out()
 
-    async def error_answer(self, response: UpstreamResponse) -> tuple[_Outcome, Reply]:
+    async def error_answer(self, response: UpstreamResponse) -> tuple[Outcome, Reply]:
         body = await response.read_all(MAX_ERROR_BODY)
         ttfb = self.ttfb = self.elapsed()
         headers = response.headers
         answer = Response(response.status, dict(headers), body, ttfb)
         retry_after = parse_retry_after(headers, self.actor._wall_clock())
         failure = Failure.from_status(response.status, body, retry_after)
-        return _Outcome(failure, ttfb, ttfb), Failed(failure, answer)
+        return Outcome(failure, ttfb, ttfb), Failed(failure, answer)
 
-    async def whole_body(self, response: UpstreamResponse) -> tuple[_Outcome, Reply]:
+    async def whole_body(self, response: UpstreamResponse) -> tuple[Outcome, Reply]:
         parts = [await response.read_chunk()]
         ttfb = self.ttfb = self.elapsed()
         self.phase = "streaming"
@@ -193,15 +172,15 @@ class _Call:
             size += len(parts[-1])
             if size > MAX_BODY:
                 failure = Failure(Kind.PROTOCOL, "body_too_large", "upstream answer too large")
-                return _Outcome(failure, ttfb, self.elapsed()), Failed(failure)
+                return Outcome(failure, ttfb, self.elapsed()), Failed(failure)
         body = b"".join(parts)
         # The total only (one search): who needs the input/output split parses the body itself.
         answer = Response(response.status, dict(response.headers), body, ttfb)
-        return _Outcome(None, ttfb, self.elapsed(), self.actor.wire.tokens(body)), answer
+        return Outcome(None, ttfb, self.elapsed(), self.actor.wire.tokens(body)), answer
 
     async def stream_start(
         self, response: UpstreamResponse, decoder: SSEDecoder, tally: StreamTally
-    ) -> tuple[_Outcome, Reply] | None:
+    ) -> tuple[Outcome, Reply] | None:
         """Read to the first complete event (the first byte) and hand it over; a verdict when
         the stream cannot start (empty, an in-band error, garbage, or already ended before its
         answer was complete: still before commit, so the cascade can fail over), else None."""
@@ -214,22 +193,22 @@ class _Call:
                 break
         if not events:
             failure = Failure(Kind.PROTOCOL, "empty_stream", "upstream stream had no events")
-            return _Outcome(failure, self.elapsed(), self.elapsed()), Failed(failure)
+            return Outcome(failure, self.elapsed(), self.elapsed()), Failed(failure)
         ttfb = self.ttfb = self.elapsed()
         bad_start = request.check_start(tuple(events)) if request.check_start else None
         if bad_start is not None:
-            return _Outcome(bad_start, ttfb, ttfb), Failed(bad_start)
+            return Outcome(bad_start, ttfb, ttfb), Failed(bad_start)
         self.phase = "streaming"
         tally.feed(events)  # Anthropic's message_start carries the input tokens
         if not tally.complete and (not chunk or response.at_end()):
-            return _Outcome(INCOMPLETE_STREAM, ttfb, ttfb), Failed(INCOMPLETE_STREAM)
+            return Outcome(INCOMPLETE_STREAM, ttfb, ttfb), Failed(INCOMPLETE_STREAM)
         self.timer.deadline = math.inf  # waiting on the client is not upstream idleness
         await self.send(StreamStart(response.status, dict(response.headers), tuple(events), ttfb))
         return None
 
     async def pump(
         self, response: UpstreamResponse, decoder: SSEDecoder, tally: StreamTally
-    ) -> tuple[_Outcome, Reply]:
+    ) -> tuple[Outcome, Reply]:
         """Relay the stream's events until its end: a success if the answer was complete."""
         reply = self.attempt.reply
         timer = self.timer
@@ -251,9 +230,9 @@ class _Call:
                 seen = tally.usage
                 tokens = seen.total if seen is not None else None
                 if not tally.complete:
-                    outcome = _Outcome(INCOMPLETE_STREAM, self.ttfb, self.elapsed(), tokens)
+                    outcome = Outcome(INCOMPLETE_STREAM, self.ttfb, self.elapsed(), tokens)
                     return outcome, Failed(INCOMPLETE_STREAM)
-                return _Outcome(None, self.ttfb, self.elapsed(), tokens), StreamEnd(seen)
+                return Outcome(None, self.ttfb, self.elapsed(), tokens), StreamEnd(seen)
 
     async def send(self, message: Reply) -> None:
         try:
@@ -261,7 +240,7 @@ class _Call:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _DispatcherGone() from None
 
-    def timed_out(self) -> tuple[_Outcome, Reply]:
+    def timed_out(self) -> tuple[Outcome, Reply]:
         """The timer fired: which limit it was."""
         if trio.current_time() >= self.total_deadline:
             failure = Failure(
@@ -274,7 +253,7 @@ class _Call:
                 Kind.SLOW, "first_byte_timeout", "no first byte in time", timeout=True
             )
         elapsed = self.elapsed()
-        return _Outcome(failure, min(self.ttfb, elapsed), elapsed), Failed(failure)
+        return Outcome(failure, min(self.ttfb, elapsed), elapsed), Failed(failure)
 
 
 class ProviderActor:
@@ -299,21 +278,15 @@ class ProviderActor:
         self._attempts = 0
         self._failures = 0
         self._ttfbs = LatencySamples()
-        self._rpm = SlidingWindow(60.0)
-        self._tpm = SlidingWindow(60.0)
         self._nursery: trio.Nursery | None = None
         self._calls: set[_Call] = set()  # the running attempts (their phases, for snapshots)
-        self._manual = ManualBlocks()  # an operator's, kept across reconfiguration
         # The shared backend (None: this process alone): what other replicas learned arrives as
         # messages; rpm/tpm capacity comes in leases while the backend is up.
         self._shared = shared
-        self._shared_up = False
-        self._rpm_lease: Lease | None = None
-        self._tpm_lease: Lease | None = None
         self._peer_events = 0
         self._peer_lag: float | None = None
         self._peer_last: float | None = None  # wall clock of the last event from a peer
-        self._parked: collections.deque[Attempt] = collections.deque()  # waiting for a lease
+        self.admission = Admission(config.name, config, shared)
         self.config: ProviderConfig = config
         self.wire = wire
         self._apply(config, wire, first=True)
@@ -325,46 +298,38 @@ class ProviderActor:
         old: ProviderConfig | None = None if first else self.config
         self.config = config
         self.wire = wire
-        if old is None or old.rate_limit != config.rate_limit:
-            self._rate_limits = RateLimits(config.rate_limit)
-        if old is None or old.latency != config.latency:
-            self._latency = (
-                LatencyTriggers(config.latency, config.rate_limit.max_tracked)
-                if config.latency
-                else None
-            )
-        if old is None or old.circuit != config.circuit:
-            self._circuits = Circuits(config.circuit, config.rate_limit.max_tracked)
-            self._circuits.shared = self._shared_up
-        if self._shared is not None and (old is None or old.limits != config.limits):
-            limits, shared = config.limits, self._shared
-            self._rpm_lease = Lease(shared.lease_size(limits.rpm)) if limits.rpm else None
-            self._tpm_lease = Lease(shared.lease_size(limits.tpm)) if limits.tpm else None
-        if old is None or old.retry_budget != config.retry_budget:
-            self._budget = RetryBudgetState(config.retry_budget)
+        if not first:
+            self.admission.apply(config)
+        if old is None or _connection_settings(old) != _connection_settings(config):
+            self._connect(config)
+        self._headers = self._encoded_headers(config, wire)
 
-        def connection_settings(c: ProviderConfig) -> tuple[object, ...]:
-            return (c.base_url, c.timeouts.connect, c.max_connections, c.ca_file, c.proxy)
-
-        if old is None or connection_settings(old) != connection_settings(config):
-            previous = getattr(self, "_transport", None)
-            proxy = proxy_for(config.base_url, config.proxy)
-            if proxy is not None:  # host and port only: a proxy URL may carry credentials
-                log.info(
-                    "provider %s: calls go through the proxy %s",
-                    self.name,
-                    proxy.netloc.decode().rpartition("@")[2],
-                )
-            self._transport = Transport(
-                config.base_url,
-                connect_timeout=config.timeouts.connect,
-                max_connections=config.max_connections,
-                http_transport=self._http_transport,
-                ca_file=config.ca_file,
-                proxy=proxy,
+    def _connect(self, config: ProviderConfig) -> None:
+        """A new transport for `config`; the old one closes once its calls are done."""
+        previous = getattr(self, "_transport", None)
+        proxy = proxy_for(config.base_url, config.proxy)
+        if proxy is not None:  # host and port only: a proxy URL may carry credentials
+            log.info(
+                "provider %s: calls go through the proxy %s",
+                self.name,
+                proxy.netloc.decode().rpartition("@")[2],
             )
-            if previous is not None and self._nursery is not None:
-                self._nursery.start_soon(previous.aclose)
+        self._transport = Transport(
+            config.base_url,
+            connect_timeout=config.timeouts.connect,
+            max_connections=config.max_connections,
+            http_transport=self._http_transport,
+            ca_file=config.ca_file,
+            proxy=proxy,
+        )
+        if previous is not None and self._nursery is not None:
+            self._nursery.start_soon(previous.aclose)
+
+    def _encoded_headers(
+        self, config: ProviderConfig, wire: UpstreamWire
+    ) -> list[tuple[bytes, bytes]]:
+        """Every call's headers, encoded once; each attempt adds only `accept` and
+        `x-request-id`."""
         # identity: bodies are relayed as read (SSE must flow event by event, undecoded)
         headers = {
             "content-type": "application/json",
@@ -391,8 +356,7 @@ class ProviderActor:
                 self.name,
                 config.api_key_env,
             )
-        # Encoded once here; each attempt adds only `accept` and `x-request-id`.
-        self._headers = [
+        return [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in headers.items()
             if k.lower() not in ("accept", "x-request-id")
@@ -434,7 +398,7 @@ class ProviderActor:
             self._apply(message.config, message.wire)
         elif isinstance(message, ManualBlock):
             now = trio.current_time()
-            self._manual.block(message.model, message.until, message.reason, now)
+            self.admission.manual.block(message.model, message.until, message.reason, now)
             self._publish_block("manual", message.model or "*", message.until, now, message.reason)
             self._metrics.blocked("manual", message.until - now)
             log.warning(
@@ -449,7 +413,7 @@ class ProviderActor:
                 self._shared.publish(
                     BlockLifted(self.name, "manual", message.model, self._wall_clock())
                 )
-            if self._manual.unblock(message.model):
+            if self.admission.manual.unblock(message.model):
                 log.warning(
                     "provider %s: %s unblocked by hand", self.name, message.model or "every model"
                 )
@@ -476,150 +440,32 @@ class ProviderActor:
 
     def _shared_message(self, message: Message) -> None:
         """What the backend says: another replica's learning, or an answer to this actor."""
-        now = trio.current_time()
+        if not isinstance(
+            message,
+            BlockLearned | BlockLifted | CircuitChanged | ProbeAnswer | LeaseAnswer | BackendState,
+        ):
+            log.warning("provider %s: unexpected message %r", self.name, type(message).__name__)
+            return
+        wall = self._wall_clock()
         if isinstance(message, BlockLearned | BlockLifted | CircuitChanged):
-            wall = self._wall_clock()
             self._peer_events += 1
             self._peer_lag = max(0.0, wall - message.at) if message.at else None
             self._peer_last = wall
-            if isinstance(message, BlockLearned):
-                until = now + (message.until - wall)
-                if message.kind == "rate_limited":
-                    self._rate_limits.merge(message.key, until, message.strikes, now)
-                elif message.kind == "latency" and self._latency is not None:
-                    self._latency.merge(message.key, until, now)
-                elif message.kind == "manual":
-                    model = None if message.key == "*" else message.key
-                    self._manual.block(model, until, message.reason, now)
-            elif isinstance(message, BlockLifted):
-                self._manual.unblock(message.key)
-            elif message.open:
-                self._circuits.merge_open(message.model, now + (message.until - wall))
-            else:
-                self._circuits.success(message.model)
-        elif isinstance(message, ProbeAnswer):
-            self._circuits.grant(message.model, message.granted)
-        elif isinstance(message, LeaseAnswer):
-            lease = self._rpm_lease if message.kind == "rpm" else self._tpm_lease
-            if lease is not None and self._shared_up:
-                lease.granted(message.amount, message.retry_in, now)
-                self._unpark()
-        elif isinstance(message, BackendState):
-            self._shared_up = message.up
-            self._circuits.shared = message.up
-            for lease in (self._rpm_lease, self._tpm_lease):
-                if lease is not None:
-                    lease.reset()
-            if message.up:
-                self._want_leases(now, 1, 1)
-            self._unpark()  # down: each replica's own count (or a refusal); up: a fresh lease
-
-    def _refund_leases(self, requests: float, tokens: float) -> None:
-        if self._shared_up:
-            if self._rpm_lease is not None:
-                self._rpm_lease.refund(requests)
-            if self._tpm_lease is not None:
-                self._tpm_lease.refund(tokens)
-
-    def _want_leases(self, now: float, requests: float, tokens: float) -> bool:
-        """Ask for the next lease of each limit whose balance runs low (answers come later):
-        enough for `requests` and `tokens` (what is waiting). False if the ask was dropped."""
-        shared, limits = self._shared, self.config.limits
-        assert shared is not None
-        asked = True
-        checks: tuple[tuple[Lease | None, LimitKind, float | None, float], ...] = (
-            (self._rpm_lease, "rpm", limits.rpm, requests),
-            (self._tpm_lease, "tpm", limits.tpm, tokens),
-        )
-        for lease, kind, limit, need in checks:
-            if lease is not None and limit is not None:
-                amount = lease.wanted(need, now)
-                if amount is not None and not shared.want_lease(self.name, kind, limit, amount):
-                    lease.pending = False  # not even queued: no answer will come
-                    asked = False
-        return asked
-
-    def _shared_limits(self, tokens: float, now: float) -> Refused | None:
-        """rpm/tpm against the deployment: spend this replica's leases. An empty balance parks
-        the attempt (`_PARKED`) until the lease asked for arrives (one round trip to the backend,
-        only when the prefetch fell behind); a full shared window refuses."""
-        shared = self._shared
-        assert shared is not None
-        if not self._shared_up:  # the backend is down: this replica's own count, or refuse
-            return None if shared.fail_open else Refused("limits_unavailable")
-        rpm, tpm = self._rpm_lease, self._tpm_lease
-        short = None
-        if rpm is not None and (self._parked or rpm.balance < 1):
-            short = Refused("rpm", rpm.exhausted_until) if rpm.exhausted_until > now else _PARKED
-        if short is None and tpm is not None and (self._parked or tpm.balance < tokens):
-            short = Refused("tpm", tpm.exhausted_until) if tpm.exhausted_until > now else _PARKED
-        if short is None:
-            if rpm is not None:
-                rpm.take(1)
-            if tpm is not None:
-                tpm.take(tokens)
-        waiting = self._parked_need if short is _PARKED else (0.0, 0.0)
-        if not self._want_leases(now, waiting[0] + 1, waiting[1] + tokens) and short is _PARKED:
-            return None if shared.fail_open else Refused("limits_unavailable")
-        return short
-
-    @property
-    def _parked_need(self) -> tuple[float, float]:
-        return float(len(self._parked)), float(
-            sum(a.request.estimated_tokens for a in self._parked)
-        )
+        if self.admission.merge(message, trio.current_time(), wall):
+            self._unpark()
 
     def _unpark(self) -> None:
         """Admit (or refuse) the attempts waiting for a lease, in their order."""
-        parked, self._parked = self._parked, collections.deque()
-        for attempt in parked:
-            if not attempt.cancel_scope.cancel_called:  # else the dispatcher has given up on it
-                self._start_attempt(attempt)
+        for attempt in self.admission.unpark():
+            self._start_attempt(attempt)
 
     # --- admission ---------------------------------------------------------------------------
 
-    def _admit(self, attempt: Attempt, now: float) -> Refused | None:
-        model = attempt.request.model
-        if (until := self._manual.blocked_until(model, now)) is not None:
-            return Refused("manual", until)
-        if (until := self._rate_limits.blocked_until(model, now)) is not None:
-            return Refused("rate_limited", until)
-        if self._latency and (until := self._latency.blocked_until(model, now)) is not None:
-            return Refused("latency", until)
-        if self.in_flight >= self.config.max_in_flight:
-            return Refused("busy")
-        if attempt.is_retry and not self._budget.allows_retry(now):
-            return Refused("retry_budget")
-        limits = self.config.limits
-        if limits.rpm is not None and (until := self._rpm.room(now, 1, limits.rpm)) is not None:
-            return Refused("rpm", until)
-        tokens = attempt.request.estimated_tokens
-        if (
-            limits.tpm is not None
-            and (until := self._tpm.room(now, tokens, limits.tpm)) is not None
-        ):
-            return Refused("tpm", until)
-        shared = self._shared
-        leased = shared is not None and (limits.rpm is not None or limits.tpm is not None)
-        if leased and (refusal := self._shared_limits(min(tokens, limits.tpm or tokens), now)):
-            return refusal  # or _PARKED
-        admitted, until = self._circuits.admit(model, now)
-        if not admitted:
-            if leased:  # give back what _shared_limits took
-                self._refund_leases(1, min(tokens, limits.tpm or tokens))
-            if shared is not None and self._shared_up:
-                hold = self.config.timeouts.total + 1.0
-                if self._circuits.ask_probe(model, now, hold):
-                    shared.want_probe(self.name, model, hold)
-            return Refused("circuit_open" if until is not None else "circuit_probe", until)
-        return None
-
     def _start_attempt(self, attempt: Attempt) -> None:
         now = trio.current_time()
-        refusal = self._admit(attempt, now)
-        if refusal is _PARKED:
-            if len(self._parked) < self.config.max_in_flight:
-                self._parked.append(attempt)
+        refusal = self.admission.decide(attempt, self.in_flight, now)
+        if refusal is PARKED:
+            if self.admission.park(attempt):
                 return
             refusal = Refused("busy")
         if refusal is not None:
@@ -631,9 +477,7 @@ class ProviderActor:
             return
         self.in_flight += 1
         self._metrics.in_flight(1)
-        self._budget.record(now, attempt.is_retry)
-        self._rpm.add(now, 1)
-        tpm_entry = self._tpm.add(now, attempt.request.estimated_tokens)
+        tpm_entry = self.admission.started(attempt, now)
         assert self._nursery is not None
         self._nursery.start_soon(self._attempt, attempt, tpm_entry)
 
@@ -651,7 +495,7 @@ class ProviderActor:
             except Exception as exc:  # a bug or an unmapped library error: one attempt fails
                 log.exception("provider %s: attempt failed unexpectedly", self.name)
                 failure = Failure(Kind.PROTOCOL, "internal_error", type(exc).__name__)
-                result = _Outcome(failure, math.inf, math.inf), Failed(failure)
+                result = Outcome(failure, math.inf, math.inf), Failed(failure)
             if result is None:
                 return  # the dispatcher cancelled it; counted below
             outcome, last = result
@@ -672,7 +516,7 @@ class ProviderActor:
             self._metrics.in_flight(-1)
             if terminal is None:  # cancelled before the attempt ended
                 self._metrics.cancelled(call.phase)
-                self._circuits.probe_abandoned(attempt.request.model)
+                self.admission.circuits.probe_abandoned(attempt.request.model)
 
     def _upstream_headers(self, request: UpstreamRequest) -> list[tuple[bytes, bytes]]:
         headers = self._headers.copy()
@@ -686,87 +530,73 @@ class ProviderActor:
     # --- learning from an attempt ---------------------------------------------------------------
 
     def _settle(
-        self, request: UpstreamRequest, outcome: _Outcome, tpm_entry: list[float]
+        self, request: UpstreamRequest, outcome: Outcome, tpm_entry: list[float]
     ) -> float | None:
         """Update state from a finished attempt; returns the end of the block it caused, if any."""
         now = trio.current_time()
-        model = request.model
+        model, failure = request.model, outcome.failure
         self._attempts += 1
-        failure = outcome.failure
-        if outcome.tokens is not None:
-            if self._tpm_lease is not None:  # the estimate was spent: settle the difference
-                self._refund_leases(0, tpm_entry[1] - outcome.tokens)
-            self._tpm.correct(tpm_entry, outcome.tokens)
         if outcome.tokens is not None:
             self._metrics.tokens(outcome.tokens)
         if failure is None:
             self._metrics.attempt("ok")
             self._ttfbs.add(outcome.ttfb)
             self._metrics.first_byte(outcome.ttfb)
-            self._rate_limits.success(model)
         else:
             self._failures += 1
             self._metrics.attempt(failure.kind.value)
-        if failure is None or failure.kind in (Kind.CLIENT_ERROR, Kind.CONTEXT_OVERFLOW):
-            # the upstream is answering: a probe closes the circuit (everywhere)
-            if self._circuits.success(model):
-                self._publish_circuit(model, False, now, now)
-        until = None
-        if failure is not None and failure.kind is Kind.RATE_LIMITED:
-            retry_after = failure.retry_after
-            if retry_after is not None and retry_after > _WARN_RETRY_AFTER:
-                log.warning(
-                    "provider %s: Retry-After of %.0f s (capped at %.0f s)",
-                    self.name,
-                    retry_after,
-                    self.config.rate_limit.max_retry_after,
-                )
-            until = self._rate_limits.block(model, now, retry_after)
-            key = self._rate_limits.key(model)
-            strikes = self._rate_limits.strikes(key)
-            self._publish_block("rate_limited", key, until, now, strikes=strikes)
-            self._metrics.blocked("rate_limited", until - now)
+        learned = self.admission.settle(request, outcome, tpm_entry, now)
+        if learned.circuit_closed:
+            self._publish_circuit(model, False, now, now)
+        if learned.rate_limited_until is not None and failure is not None:
+            self._rate_limited(model, failure, learned, now)
+        if learned.circuit_opened:
+            self._publish_circuit(model, True, self.admission.circuits.until(model), now)
+            self._metrics.blocked("circuit_open", self.config.circuit.open_for)
+            log.warning("provider %s: circuit for %s opened", self.name, model)
+        if learned.latency_until is not None:
+            self._publish_block("latency", model, learned.latency_until, now)
+            self._metrics.blocked("latency", learned.latency_until - now)
+            log.warning("provider %s: latency trigger blocked %s", self.name, model)
+        return learned.rate_limited_until
+
+    def _rate_limited(self, model: str, failure: Failure, learned: Learned, now: float) -> None:
+        until = learned.rate_limited_until
+        assert until is not None
+        retry_after = failure.retry_after
+        if retry_after is not None and retry_after > _WARN_RETRY_AFTER:
             log.warning(
-                "provider %s: %s rate limited (%s); blocked for %.1f s (%s)",
+                "provider %s: Retry-After of %.0f s (capped at %.0f s)",
                 self.name,
-                self._rate_limits.key(model),
-                failure.error_type,
-                until - now,
-                "Retry-After" if retry_after is not None else "backoff",
+                retry_after,
+                self.config.rate_limit.max_retry_after,
             )
-        elif failure is not None and failure.kind in (Kind.TRANSIENT, Kind.SLOW, Kind.PROTOCOL):
-            if self._circuits.failure(model, now):
-                self._publish_circuit(model, True, self._circuits.until(model), now)
-                self._metrics.blocked("circuit_open", self.config.circuit.open_for)
-                log.warning("provider %s: circuit for %s opened", self.name, model)
-        if self._latency is not None and (failure is None or failure.kind is Kind.SLOW):
-            if (
-                block_end := self._latency.observe(model, now, outcome.ttfb, outcome.total)
-            ) is not None:
-                self._publish_block("latency", model, block_end, now)
-                self._metrics.blocked("latency", block_end - now)
-                log.warning("provider %s: latency trigger blocked %s", self.name, model)
-        return until
+        self._publish_block("rate_limited", learned.rate_key, until, now, strikes=learned.strikes)
+        self._metrics.blocked("rate_limited", until - now)
+        log.warning(
+            "provider %s: %s rate limited (%s); blocked for %.1f s (%s)",
+            self.name,
+            learned.rate_key,
+            failure.error_type,
+            until - now,
+            "Retry-After" if retry_after is not None else "backoff",
+        )
 
     # --- snapshot ------------------------------------------------------------------------------
 
     def snapshot(self, now: float) -> Snapshot:
-        blocks = [Block(k, "manual", u, note) for k, u, note in self._manual.active(now)]
-        blocks += [Block(k, "rate_limited", u) for k, u in self._rate_limits.active(now)]
-        if self._latency is not None:
-            blocks += [Block(k, "latency", u) for k, u in self._latency.active(now)]
-        self._rpm.expire(now)
-        self._tpm.expire(now)
+        admission = self.admission
+        requests, tokens = admission.last_minute(now)
         return Snapshot(
             name=self.name,
             now=now,
             in_flight=self.in_flight,
             phases=tuple(sorted(collections.Counter(c.phase for c in self._calls).items())),
             max_in_flight=self.config.max_in_flight,
-            blocks=tuple(blocks),
-            circuits=tuple(CircuitView(*c) for c in self._circuits.states(now)),
-            requests_last_minute=int(self._rpm.total),
-            tokens_last_minute=int(self._tpm.total),
+            blocks=tuple(admission.blocks(now)),
+            circuits=tuple(CircuitView(*c) for c in admission.circuits.states(now)),
+            requests_last_minute=requests,
+            tokens_last_minute=tokens,
             ttfb_p50=self._ttfbs.quantile(0.5),
             ttfb_p95=self._ttfbs.quantile(0.95),
             attempts=self._attempts,
@@ -774,9 +604,14 @@ class ProviderActor:
             shared=None
             if self._shared is None
             else {
-                "up": self._shared_up,
+                "up": admission.shared_up,
                 "events_received": self._peer_events,
                 "last_lag_ms": None if self._peer_lag is None else round(self._peer_lag * 1e3, 2),
                 "last_event_at": self._peer_last,
             },
         )
+
+
+def _connection_settings(c: ProviderConfig) -> tuple[object, ...]:
+    """What a new transport is needed for when it changes."""
+    return (c.base_url, c.timeouts.connect, c.max_connections, c.ca_file, c.proxy)

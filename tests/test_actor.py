@@ -351,4 +351,4 @@ async def test_rpm_and_tpm_windows_are_bounded_without_limits(
     for _ in range(300):
         await attempt(actor, request())
         await trio.sleep(1)
-    assert len(actor._rpm) <= 61 and len(actor._tpm) <= 61
+    assert len(actor.admission.rpm) <= 61 and len(actor.admission.tpm) <= 61
