@@ -29,7 +29,7 @@ from actors.messages import (
 from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
 from actors.state import SlidingWindow
-from router.cascade.policy import Action, Plan, backoff_delay, decide
+from router.cascade.policy import Action, Decision, Plan, backoff_delay, decide
 from router.config import Config, Route, Target
 from router.dialects.base import UpstreamCall
 from router.telemetry.metrics import Metrics
@@ -402,46 +402,58 @@ class _Run:
     # --- judging replies ----------------------------------------------------------------------
 
     def _judge(self, live: _Live, reply: Reply) -> Winner | None:
-        target = live.target
+        """A reply to an attempt: the winner, or None (refused or failed: the cascade goes on);
+        a failure that must go back to the client raises it."""
         if isinstance(reply, Refused):
-            live.scope.cancel()
-            self._record(target, None, f"refused:{reply.reason}", live.started)
-            self.failures.append(reply)
-            until = "" if reply.until is None else f" for {reply.until - trio.current_time():.1f} s"
-            log.info(
-                "request %s: %s skipped (%s%s)", self.job.request_id, target, reply.reason, until
-            )
+            self._refused(live, reply)
             return None
         self.attempt_count += 1
         failure = reply.failure if isinstance(reply, Failed) else None
         if failure is None and isinstance(reply, Response | StreamStart):
             return self._win(live, reply)  # (`attempts` is only read when the cascade fails)
         assert failure is not None
+        self._failed(live, failure)
+        decision = decide(failure, self.retry)
+        if decision.max_attempts is not None:
+            self.max_attempts = min(self.max_attempts, decision.max_attempts)
+        self._follow(live.target, failure, reply, decision)
+        return None
+
+    def _refused(self, live: _Live, reply: Refused) -> None:
         live.scope.cancel()
-        status = failure.status
-        self._record(target, status, failure.error_type, live.started)
+        self._record(live.target, None, f"refused:{reply.reason}", live.started)
+        self.failures.append(reply)
+        until = "" if reply.until is None else f" for {reply.until - trio.current_time():.1f} s"
+        log.info(
+            "request %s: %s skipped (%s%s)", self.job.request_id, live.target, reply.reason, until
+        )
+
+    def _failed(self, live: _Live, failure: Failure) -> None:
+        """Record a failed attempt (and count a rate limit)."""
+        target = live.target
+        live.scope.cancel()
+        self._record(target, failure.status, failure.error_type, live.started)
         self.failures.append(failure)
         if failure.kind is Kind.RATE_LIMITED:
             # Label values from the config only: a direct address's model is the client's.
             model = "*" if self.job.route.direct else target.model
             self.d.metrics.rate_limits.labels(target.provider, model).inc()
-        now = trio.current_time()
-        self.last_failure_at[target] = now
+        self.last_failure_at[target] = trio.current_time()
         if failure.retry_after is not None:
             self.retry_after[target] = failure.retry_after
-        decision = decide(failure, self.retry)
-        if decision.max_attempts is not None:
-            self.max_attempts = min(self.max_attempts, decision.max_attempts)
+
+    def _follow(self, target: Target, failure: Failure, reply: Reply, decision: Decision) -> None:
+        """Do what the policy decided for a failure: return it, go to the larger-context targets,
+        retry the target, or fail over."""
         action = decision.action
-        if action is Action.RETURN or (
-            action is Action.CONTEXT_OVERFLOW and not self.job.route.on_context_overflow
-        ):
+        overflow = self.job.route.on_context_overflow
+        if action is Action.RETURN or (action is Action.CONTEXT_OVERFLOW and not overflow):
             self._log_failure(target, failure, "returned to the client")
             raise self._returned(failure, reply)
         if action is Action.CONTEXT_OVERFLOW:
-            self.plan.replace(self.job.route.on_context_overflow)
+            self.plan.replace(overflow)
             self._log_failure(target, failure, "going to the larger-context targets")
-            return None
+            return
         retried = action is Action.RETRY and self.plan.retry(
             target, decision.strategy, self.d.config.providers[target.provider].max_retries
         )
@@ -450,7 +462,6 @@ class _Run:
         else:
             next_step = "will retry it" if retried else "failing over"
         self._log_failure(target, failure, next_step)
-        return None
 
     def _log_failure(self, target: Target, failure: Failure, next_step: str) -> None:
         log.info(
@@ -509,11 +520,10 @@ class _Run:
         )
 
     def _exhausted(self) -> CascadeError:
-        now = trio.current_time()
         limited = [f for f in self.failures if _is_rate_limit(f)]
         if self.failures and len(limited) == len(self.failures) and not self.deadline_hit:
             untils = [u for u in (_until(f) for f in limited) if u is not None]
-            retry_after = max(0.0, min(untils) - now) if untils else None
+            retry_after = max(0.0, min(untils) - trio.current_time()) if untils else None
             return CascadeError(
                 429,
                 "retry_exhausted",
@@ -522,6 +532,11 @@ class _Run:
                 retry_after=retry_after,
                 calls=self.attempt_count,
             )
+        return self._failed_everywhere()
+
+    def _failed_everywhere(self) -> CascadeError:
+        """Exhausted, not only by rate limits: 504 when the last failure was a timeout (or the
+        deadline passed), else 502."""
         last = self.failures[-1] if self.failures else None
         timed_out = self.deadline_hit or (isinstance(last, Failure) and last.timeout)
         status = 504 if timed_out else 502

@@ -322,57 +322,16 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
     """The provider's settings, and its mock's when it is a `mock:` provider."""
     d = ProviderConfig(name=name, base_url="")
     mock = MockSettings.from_fields(f.sub("mock")) if f.has("mock") else None
-    base_url = "mock://" + name if mock is not None else f.string("base_url", "")
-    if mock is None and not f.has("base_url"):
-        f.error("base_url", "is required (or mock: for a local mock provider)")
-    elif mock is not None and f.get("base_url") is not _MISSING:
-        f.error("base_url", "a provider has either base_url or mock, not both")
-    elif mock is None and base_url and not base_url.startswith(("http://", "https://")):
-        f.error("base_url", f"expected an http:// or https:// URL, got {shown(base_url)}")
-    headers = f.get("headers")
-    if headers is _MISSING:
-        headers = {}
-    elif not isinstance(headers, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        f.error("headers", "expected a mapping of header names to strings")
-        headers = {}
-    for header, value in headers.items():
-        if header.lower() in ("host", "content-length", "transfer-encoding", "connection"):
-            f.error(f"headers.{header}", "is set by Cascade for each request")
-        elif (problem := header_problem(header, value)) is not None:
-            f.error(f"headers.{header}", problem)
     latency = _parse_latency(f.sub("latency")) if f.has("latency") else None
-    api_key_env = f.optional_string("api_key_env")
-    ca_file = f.optional_string("ca_file")
-    if ca_file is not None and not Path(ca_file).is_file():
-        f.error("ca_file", f"no such file: {ca_file!r}")
     dialect = f.choice("dialect", d.dialect, ("openai", "anthropic"))
-    anthropic_version = f.string("anthropic_version", d.anthropic_version)
-    if f.has("anthropic_version") and dialect != "anthropic":
-        f.error("anthropic_version", "only a provider with dialect: anthropic sends it")
-    elif header_problem("anthropic-version", anthropic_version) is not None:
-        f.error("anthropic_version", "not a valid header value")
-    proxy = f.optional_string("proxy")
-    if mock is not None:
-        if proxy is not None:
-            f.error("proxy", "a mock provider is on this machine: it takes no proxy")
-        proxy = "none"  # loopback: never through the environment's proxy
-    elif proxy is not None and proxy != "none":
-        if not proxy.startswith("http://") or not proxy[len("http://") :].split("/")[0]:
-            # the value is not shown: a proxy URL may hold a password
-            f.error("proxy", 'expected "none" or an http:// proxy URL (http://host:port)')
-    for forbidden in ("api_key", "key"):
-        if f.has(forbidden):
-            f.get(forbidden)
-            f.error(forbidden, "API keys are never written in the config; use api_key_env")
+    _no_keys_in_the_file(f)
     provider = ProviderConfig(
         name=name,
-        base_url=base_url.rstrip("/"),
+        base_url=_base_url(f, name, mock).rstrip("/"),
         dialect=dialect,
-        anthropic_version=anthropic_version,
+        anthropic_version=_anthropic_version(f, dialect, d.anthropic_version),
         default_max_tokens=f.integer("default_max_tokens", d.default_max_tokens, minimum=1),
-        api_key_env=api_key_env,
+        api_key_env=f.optional_string("api_key_env"),
         timeouts=_parse_timeouts(f.sub("timeouts")),
         max_retries=f.integer("max_retries", d.max_retries, maximum=100),
         max_in_flight=f.integer("max_in_flight", d.max_in_flight, minimum=1),
@@ -382,12 +341,80 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
         latency=latency,
         circuit=_parse_circuit(f.sub("circuit")),
         retry_budget=_parse_retry_budget(f.sub("retry_budget")),
-        headers=dict(headers),
-        ca_file=ca_file,
-        proxy=proxy,
+        headers=_provider_headers(f),
+        ca_file=_ca_file(f),
+        proxy=_proxy(f, mock),
     )
     f.done()
     return provider, mock
+
+
+def _base_url(f: _Fields, name: str, mock: MockSettings | None) -> str:
+    if mock is not None:
+        if f.get("base_url") is not _MISSING:
+            f.error("base_url", "a provider has either base_url or mock, not both")
+        return "mock://" + name
+    base_url = f.string("base_url", "")
+    if not f.has("base_url"):
+        f.error("base_url", "is required (or mock: for a local mock provider)")
+    elif base_url and not base_url.startswith(("http://", "https://")):
+        f.error("base_url", f"expected an http:// or https:// URL, got {shown(base_url)}")
+    return base_url
+
+
+def _provider_headers(f: _Fields) -> dict[str, str]:
+    """Headers every call to the provider carries: names and values that can be sent, and none
+    that Cascade sets itself."""
+    headers = f.get("headers")
+    if headers is _MISSING:
+        return {}
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        f.error("headers", "expected a mapping of header names to strings")
+        return {}
+    for header, value in headers.items():
+        if header.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+            f.error(f"headers.{header}", "is set by Cascade for each request")
+        elif (problem := header_problem(header, value)) is not None:
+            f.error(f"headers.{header}", problem)
+    return dict(headers)
+
+
+def _anthropic_version(f: _Fields, dialect: str, default: str) -> str:
+    version = f.string("anthropic_version", default)
+    if f.has("anthropic_version") and dialect != "anthropic":
+        f.error("anthropic_version", "only a provider with dialect: anthropic sends it")
+    elif header_problem("anthropic-version", version) is not None:
+        f.error("anthropic_version", "not a valid header value")
+    return version
+
+
+def _ca_file(f: _Fields) -> str | None:
+    ca_file = f.optional_string("ca_file")
+    if ca_file is not None and not Path(ca_file).is_file():
+        f.error("ca_file", f"no such file: {ca_file!r}")
+    return ca_file
+
+
+def _proxy(f: _Fields, mock: MockSettings | None) -> str | None:
+    proxy = f.optional_string("proxy")
+    if mock is not None:
+        if proxy is not None:
+            f.error("proxy", "a mock provider is on this machine: it takes no proxy")
+        return "none"  # loopback: never through the environment's proxy
+    if proxy is not None and proxy != "none":
+        if not proxy.startswith("http://") or not proxy[len("http://") :].split("/")[0]:
+            # the value is not shown: a proxy URL may hold a password
+            f.error("proxy", 'expected "none" or an http:// proxy URL (http://host:port)')
+    return proxy
+
+
+def _no_keys_in_the_file(f: _Fields) -> None:
+    for forbidden in ("api_key", "key"):
+        if f.has(forbidden):
+            f.get(forbidden)
+            f.error(forbidden, "API keys are never written in the config; use api_key_env")
 
 
 # --------------------------------------------------------------------------------------------
@@ -670,6 +697,22 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
 
 def _parse_key(k: _Fields, names: set[str]) -> KeyConfig:
+    name = _key_name(k, names)
+    key_env, sha = _key_secret(k)
+    key = KeyConfig(
+        name=name,
+        key_env=key_env,
+        sha256=sha,
+        models=_key_models(k),
+        rpm=k.optional_integer("rpm"),
+        tpm=k.optional_integer("tpm"),
+        budgets=tuple(_parse_budget(k, path, raw) for path, raw in k.items("budgets")),
+    )
+    k.done()
+    return key
+
+
+def _key_name(k: _Fields, names: set[str]) -> str:
     name = k.string("name", "")
     if not k.has("name"):
         k.error("name", "required (it names the key in logs and metrics)")
@@ -678,6 +721,11 @@ def _parse_key(k: _Fields, names: set[str]) -> KeyConfig:
     elif name in names:
         k.error("name", f"{name!r} is used by another key")
     names.add(name)
+    return name
+
+
+def _key_secret(k: _Fields) -> tuple[str | None, str | None]:
+    """(key_env, sha256): exactly one of them; never the key itself."""
     key_env, sha = k.optional_string("key_env"), k.optional_string("sha256")
     if k.has("key"):
         k.get("key")  # known: not also an "unknown field"
@@ -687,40 +735,33 @@ def _parse_key(k: _Fields, names: set[str]) -> KeyConfig:
     if sha is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
         k.error("sha256", "expected 64 hex digits (sha256sum of the key)")
         sha = None
-    models: tuple[str, ...] = ("*",)
-    if k.has("models"):
-        raw_models = k.get("models")
-        if not isinstance(raw_models, list) or not all(
-            isinstance(m, str) and m for m in raw_models
-        ):
-            k.error("models", "expected a list of model names or globs")
-        else:
-            models = tuple(raw_models)
-    budgets: list[Budget] = []
-    for bpath, braw in k.items("budgets"):
-        b = _Fields(braw, bpath, k.problems)
-        periods: tuple[Period, ...] = ("day", "month", "total")
-        period = b.choice("period", periods[1], periods)
-        if b.has("tokens") == b.has("cost"):
-            b.get("tokens"), b.get("cost")  # known fields, only not both (or neither)
-            k.problems.append(f"{bpath}: give exactly one of tokens or cost (USD)")
-        elif b.has("tokens"):
-            budgets.append(Budget("tokens", b.integer("tokens", 0, minimum=1), period))
-        else:
-            cost = b.number("cost", 0.0, minimum=0.0, maximum=1e12)
-            budgets.append(Budget("cost", cost, period))
-        b.done()
-    key = KeyConfig(
-        name=name,
-        key_env=key_env,
-        sha256=sha.lower() if sha else None,
-        models=models,
-        rpm=k.optional_integer("rpm"),
-        tpm=k.optional_integer("tpm"),
-        budgets=tuple(budgets),
-    )
-    k.done()
-    return key
+    return key_env, sha.lower() if sha else None
+
+
+def _key_models(k: _Fields) -> tuple[str, ...]:
+    if not k.has("models"):
+        return ("*",)
+    raw = k.get("models")
+    if not isinstance(raw, list) or not all(isinstance(m, str) and m for m in raw):
+        k.error("models", "expected a list of model names or globs")
+        return ("*",)
+    return tuple(raw)
+
+
+def _parse_budget(k: _Fields, path: str, raw: object) -> Budget:
+    b = _Fields(raw, path, k.problems)
+    periods: tuple[Period, ...] = ("day", "month", "total")
+    period = b.choice("period", periods[1], periods)
+    budget = Budget("tokens", 0, period)  # (only when the entry is wrong: the config fails)
+    if b.has("tokens") == b.has("cost"):
+        b.get("tokens"), b.get("cost")  # known fields, only not both (or neither)
+        k.problems.append(f"{path}: give exactly one of tokens or cost (USD)")
+    elif b.has("tokens"):
+        budget = Budget("tokens", b.integer("tokens", 0, minimum=1), period)
+    else:
+        budget = Budget("cost", b.number("cost", 0.0, minimum=0.0, maximum=1e12), period)
+    b.done()
+    return budget
 
 
 def parse_key(raw: object, taken: set[str], path: str = "key") -> KeyConfig:
