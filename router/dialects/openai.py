@@ -153,6 +153,30 @@ _TOP_LEVEL: tuple[tuple[str, tuple[type, ...], str], ...] = (
 def parse_chat_request(body: bytes) -> ChatRequest:
     text, obj, spans = parse_object(body)
     model = required_model(obj)
+    _check_fields(obj)
+    stream = bool(obj.get("stream"))
+    options = obj.get("stream_options") or {}
+    if options and not stream:
+        raise RequestError(
+            "'stream_options' is only allowed with 'stream': true", param="stream_options"
+        )
+    max_output = obj.get("max_completion_tokens") or obj.get("max_tokens") or None
+    return ChatRequest(
+        dialect="openai",
+        text=text,
+        model_span=spans["model"],
+        model=model,
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        obj=obj,
+        estimated_tokens=len(body) // 4 + (max_output or 0),
+        estimated_input_tokens=len(body) // 4,
+        max_output_tokens=max_output,
+    )
+
+
+def _check_fields(obj: dict[str, Any]) -> None:
+    """The fields Cascade reads, or a translation relies on, have their documented types."""
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required and must be a non-empty list", param="messages")
@@ -167,34 +191,17 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         optional(obj, key, kinds, what)
     if isinstance(obj.get("stop"), list):
         string_list(obj, "stop")
-    for key, top in (
-        ("max_tokens", MAX_OUTPUT_TOKENS),
-        ("max_completion_tokens", MAX_OUTPUT_TOKENS),
-        ("n", 128),
-    ):
+    for key, top in _BOUNDED:
         bounded_int(obj, key, top)
     for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         finite_number(obj, key)
-    stream = bool(obj.get("stream"))
-    options = obj.get("stream_options") or {}
-    if options and not stream:
-        raise RequestError(
-            "'stream_options' is only allowed with 'stream': true", param="stream_options"
-        )
-    return ChatRequest(
-        dialect="openai",
-        text=text,
-        model_span=spans["model"],
-        model=model,
-        stream=stream,
-        include_usage=bool(options.get("include_usage")),
-        obj=obj,
-        estimated_tokens=len(body) // 4
-        + int(obj.get("max_completion_tokens") or obj.get("max_tokens") or 0),
-        estimated_input_tokens=len(body) // 4,
-        max_output_tokens=int(obj.get("max_completion_tokens") or obj.get("max_tokens") or 0)
-        or None,
-    )
+
+
+_BOUNDED = (
+    ("max_tokens", MAX_OUTPUT_TOKENS),
+    ("max_completion_tokens", MAX_OUTPUT_TOKENS),
+    ("n", 128),
+)
 
 
 # --- streams ------------------------------------------------------------------------------------

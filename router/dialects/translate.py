@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 from actors.outcome import INCOMPLETE_STREAM
 from actors.sse import SSEEvent
@@ -259,6 +259,21 @@ def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int
     out["max_tokens"] = (
         obj.get("max_completion_tokens") or obj.get("max_tokens") or default_max_tokens
     )
+    _anthropic_sampling(obj, out)
+    if obj.get("tools"):
+        out["tools"] = _anthropic_tools(obj["tools"])
+    choice = _anthropic_tool_choice(obj)
+    if choice is not None:
+        out["tool_choice"] = choice
+    if obj.get("user"):
+        out["metadata"] = {"user_id": obj["user"]}
+    if obj.get("stream"):
+        out["stream"] = True
+    return json.dumps(out).encode()
+
+
+def _anthropic_sampling(obj: dict[str, Any], out: dict[str, Any]) -> None:
+    """temperature (Anthropic's range is 0-1), top_p and stop sequences."""
     if obj.get("temperature") is not None:
         if obj["temperature"] > 1:
             raise RequestError(
@@ -271,16 +286,6 @@ def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int
     stop = obj.get("stop")
     if stop is not None:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    if obj.get("tools"):
-        out["tools"] = _anthropic_tools(obj["tools"])
-    choice = _anthropic_tool_choice(obj)
-    if choice is not None:
-        out["tool_choice"] = choice
-    if obj.get("user"):
-        out["metadata"] = {"user_id": obj["user"]}
-    if obj.get("stream"):
-        out["stream"] = True
-    return json.dumps(out).encode()
 
 
 # --- requests: Anthropic -> OpenAI ---------------------------------------------------------------------
@@ -559,6 +564,22 @@ def anthropic_answer_to_openai(body: bytes) -> bytes:
 # --- streams --------------------------------------------------------------------------------------------
 
 
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """An event's JSON object; None for anything else (malformed events are never relayed)."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _error_text(error: Any) -> str:
+    """The message of an in-band error, whatever shape it came in."""
+    if isinstance(error, dict):
+        return str(error.get("message", "upstream error"))
+    return str(error or "upstream error")
+
+
 def _sse(obj: dict[str, Any], event: str | None = None) -> bytes:
     head = f"event: {event}\n".encode() if event else b""
     return head + b"data: " + json.dumps(obj).encode() + b"\n\n"
@@ -602,43 +623,41 @@ class OpenAIToAnthropicStream:
                     return b"".join(out), INCOMPLETE_STREAM.message
                 out.append(self._end())
                 break
-            try:
-                chunk = json.loads(event.data)
-            except ValueError:
-                continue
-            if not isinstance(chunk, dict):
+            chunk = _json_object(event.data)
+            if chunk is None:
                 continue
             if "error" in chunk:
-                error = chunk["error"]
-                return b"".join(out), str(
-                    error.get("message") if isinstance(error, dict) else error
-                )
-            if not self._started:
-                self._started = True
-                message: dict[str, Any] = {
-                    "id": "msg_" + str(chunk.get("id", "")).replace("chatcmpl-", ""),
-                    "type": "message", "role": "assistant", "model": chunk.get("model"),
-                    "content": [], "stop_reason": None, "stop_sequence": None,
-                    "usage": {"input_tokens": 0, "output_tokens": 0},
-                }  # fmt: skip
-                out.append(_sse({"type": "message_start", "message": message}, "message_start"))
-            if chunk.get("usage"):
-                self._usage = openai_usage_to_anthropic(chunk["usage"])
-            for choice in chunk.get("choices") or []:
-                if choice.get("index", 0) != 0:
-                    continue
-                delta = choice.get("delta") or {}
-                if delta.get("content"):
-                    if self._block_kind != "text":
-                        out.append(self._open("text", {"type": "text", "text": ""}))
-                    text = {"type": "text_delta", "text": delta["content"]}
-                    out.append(self._delta(text))
-                for call in delta.get("tool_calls") or []:
-                    out.append(self._tool_delta(call))
-                if choice.get("finish_reason"):
-                    self._finished = True
-                    self._stop_reason = FINISH_TO_STOP.get(choice["finish_reason"], "end_turn")
+                return b"".join(out), _error_text(chunk["error"])
+            self._chunk(chunk, out)
         return b"".join(out), None
+
+    def _chunk(self, chunk: dict[str, Any], out: list[bytes]) -> None:
+        if not self._started:
+            self._started = True
+            message: dict[str, Any] = {
+                "id": "msg_" + str(chunk.get("id", "")).replace("chatcmpl-", ""),
+                "type": "message", "role": "assistant", "model": chunk.get("model"),
+                "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            }  # fmt: skip
+            out.append(_sse({"type": "message_start", "message": message}, "message_start"))
+        if chunk.get("usage"):
+            self._usage = openai_usage_to_anthropic(chunk["usage"])
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) == 0:  # an Anthropic message has one answer
+                self._choice(choice, out)
+
+    def _choice(self, choice: dict[str, Any], out: list[bytes]) -> None:
+        delta = choice.get("delta") or {}
+        if delta.get("content"):
+            if self._block_kind != "text":
+                out.append(self._open("text", {"type": "text", "text": ""}))
+            out.append(self._delta({"type": "text_delta", "text": delta["content"]}))
+        for call in delta.get("tool_calls") or []:
+            out.append(self._tool_delta(call))
+        if choice.get("finish_reason"):
+            self._finished = True
+            self._stop_reason = FINISH_TO_STOP.get(choice["finish_reason"], "end_turn")
 
     def _delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
         event = {"type": "content_block_delta", "index": self._block if index is None else index,
@@ -704,49 +723,60 @@ class AnthropicToOpenAIStream:
     def relay(self, events: Sequence[SSEEvent]) -> tuple[bytes, str | None]:
         out: list[bytes] = []
         for event in events:
-            try:
-                data = json.loads(event.data)
-            except ValueError:
-                continue
-            if not isinstance(data, dict):
+            data = _json_object(event.data)
+            if data is None:
                 continue
             kind = data.get("type")
             if event.event == b"error" or kind == "error":
-                error = data.get("error") or {}
-                return b"".join(out), str(error.get("message", "upstream error"))
-            if kind == "message_start":
-                message: dict[str, Any] = data.get("message") or {}
-                self._id = "chatcmpl-" + str(message.get("id", ""))
-                self._model = message.get("model")
-                self._usage = dict(message.get("usage") or {})
-                out.append(self._chunk({"role": "assistant", "content": ""}))
-            elif kind == "content_block_start":
-                block = data.get("content_block") or {}
-                if block.get("type") == "tool_use":
-                    position = self._tools[data.get("index", 0)] = len(self._tools)
-                    call = {"index": position, "id": openai_tool_id(str(block.get("id", ""))),
-                            "type": "function",
-                            "function": {"name": block.get("name", ""), "arguments": ""}}  # fmt: skip
-                    out.append(self._chunk({"tool_calls": [call]}))
-            elif kind == "content_block_delta":
-                delta = data.get("delta") or {}
-                if delta.get("type") == "text_delta":
-                    out.append(self._chunk({"content": delta.get("text", "")}))
-                elif delta.get("type") == "input_json_delta":
-                    position = self._tools.get(data.get("index", 0), 0)
-                    call = {
-                        "index": position,
-                        "function": {"arguments": delta.get("partial_json", "")},
-                    }
-                    out.append(self._chunk({"tool_calls": [call]}))
-            elif kind == "message_delta":
-                self._usage.update(data.get("usage") or {})
-                stop = (data.get("delta") or {}).get("stop_reason") or "end_turn"
-                out.append(self._chunk({}, STOP_TO_FINISH.get(stop, "stop")))
-            elif kind == "message_stop":
+                return b"".join(out), _error_text(data.get("error"))
+            if kind == "message_stop":
                 out.append(self._end())
                 break
+            handler = self._EVENTS.get(kind) if isinstance(kind, str) else None
+            if handler is not None:
+                out.extend(handler(self, data))
         return b"".join(out), None
+
+    def _message_start(self, data: dict[str, Any]) -> list[bytes]:
+        message: dict[str, Any] = data.get("message") or {}
+        self._id = "chatcmpl-" + str(message.get("id", ""))
+        self._model = message.get("model")
+        self._usage = dict(message.get("usage") or {})
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _block_start(self, data: dict[str, Any]) -> list[bytes]:
+        block = data.get("content_block") or {}
+        if block.get("type") != "tool_use":
+            return []
+        position = self._tools[data.get("index", 0)] = len(self._tools)
+        call = {"index": position, "id": openai_tool_id(str(block.get("id", ""))),
+                "type": "function",
+                "function": {"name": block.get("name", ""), "arguments": ""}}  # fmt: skip
+        return [self._chunk({"tool_calls": [call]})]
+
+    def _block_delta(self, data: dict[str, Any]) -> list[bytes]:
+        delta = data.get("delta") or {}
+        if delta.get("type") == "text_delta":
+            return [self._chunk({"content": delta.get("text", "")})]
+        if delta.get("type") == "input_json_delta":
+            position = self._tools.get(data.get("index", 0), 0)
+            call = {"index": position, "function": {"arguments": delta.get("partial_json", "")}}
+            return [self._chunk({"tool_calls": [call]})]
+        return []  # thinking deltas: not for an OpenAI client
+
+    def _message_delta(self, data: dict[str, Any]) -> list[bytes]:
+        self._usage.update(data.get("usage") or {})
+        stop = (data.get("delta") or {}).get("stop_reason") or "end_turn"
+        return [self._chunk({}, STOP_TO_FINISH.get(stop, "stop"))]
+
+    _EVENTS: ClassVar[
+        dict[str, Callable[[AnthropicToOpenAIStream, dict[str, Any]], list[bytes]]]
+    ] = {
+        "message_start": _message_start,
+        "content_block_start": _block_start,
+        "content_block_delta": _block_delta,
+        "message_delta": _message_delta,
+    }
 
     def _end(self) -> bytes:
         if self.done:
