@@ -266,6 +266,7 @@ def test_a_port_in_use_is_one_line_naming_it(tmp_path: Path) -> None:
         f"cascade: cannot listen on 127.0.0.1:{port}: the port is already in use."
         " Choose another port with --port N (or server.port in the config)."
     )
+    assert "an upstream, not the gateway" not in done.stderr  # said before any mock started
 
 
 def test_check_command(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:

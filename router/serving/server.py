@@ -99,97 +99,130 @@ async def serve(
     `source` is the config file that `/admin/reload` and SIGHUP re-read (None: the built-in demo).
     `link` is a worker's control socket: reloads then go through the supervisor, to every worker.
     """
+    _warn_if_open(config)
+    if sock is None:  # a busy port fails here, before any mock provider or actor has started
+        sock = listening_socket(config.server.host, config.server.port)
+    metrics = Metrics()
+    shared = _shared_state(config, metrics)
+    store = UsageStore(Path(config.auth.usage_db)) if config.auth.usage_db else None
+    # Spend so far this day/month/ever, from the store; with Redis, budgets are the deployment's
+    ledger = Ledger(store, shared.budgets if shared is not None else None)
+    async with trio.open_nursery() as background:
+        if shared is not None:  # connects in the background: actors start on their own view
+            await background.start(shared.run)
+        if store is not None:  # writes settled charges; stops after the last request
+            await background.start(store.run)
+        async with trio.open_nursery() as actor_nursery:
+            mocks = MockServers(background)
+            assembly = Assembly(metrics, actor_nursery, mocks, http_transports, shared, ledger)
+            gateway, _ = await assembly.build(config)
+            app = App(gateway)
+            reloader = Reloader(app, source, assembly, link)
+            app.reload = reloader.reload
+            control = trio.CancelScope()  # SIGHUP watcher and worker link: until hypercorn is done
+            if reload_on_sighup:
+                await actor_nursery.start(_in_scope, control, reloader.reload_on_sighup)
+            if link is not None:
+                link.status = metrics.supervisor  # one dict: /metrics and /readyz read it
+                await actor_nursery.start(_in_scope, control, partial(link.run, reloader.apply))
+            await _serve_http(app, sock, source, shutdown_trigger, task_status)
+            control.cancel()
+            # hypercorn has finished its graceful shutdown: no request uses the actors any more.
+            for actor in app.gateway.actors.values():
+                actor.close()
+        background.cancel_scope.cancel()
+
+
+def _warn_if_open(config: Config) -> None:
     if not config.auth.enabled and not _is_loopback_host(config.server.host):
         log.warning(
             "listening on %s with no client keys (auth.keys): anyone who can reach the port"
             " spends your provider keys (docs/keys-and-budgets.md)",
             config.server.host,
         )
-    metrics = Metrics()
-    shared: RedisState | None = None
-    if config.state.backend == "redis":
-        from router.state.redis import RedisState  # coredis takes ~0.5 s to import: only if used
 
-        shared = RedisState(config.state, metrics)
-    else:
+
+def _shared_state(config: Config, metrics: Metrics) -> RedisState | None:
+    if config.state.backend != "redis":
         metrics.state_up.labels("local").set(1)
-    store = UsageStore(Path(config.auth.usage_db)) if config.auth.usage_db else None
-    # Spend so far this day/month/ever, from the store; with Redis, budgets are the deployment's
-    ledger = Ledger(store, shared.budgets if shared is not None else None)
-    async with trio.open_nursery() as mock_nursery:
-        if shared is not None:  # connects in the background: actors start on their own view
-            await mock_nursery.start(shared.run)
-        if store is not None:  # writes settled charges; stops after the last request
-            await mock_nursery.start(store.run)
-        async with trio.open_nursery() as actor_nursery:
-            assembly = Assembly(
-                metrics, actor_nursery, MockServers(mock_nursery), http_transports, shared, ledger
+        return None
+    from router.state.redis import RedisState  # coredis takes ~0.5 s to import: only if used
+
+    return RedisState(config.state, metrics)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: any free one), for hypercorn to listen on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _in_scope(
+    scope: trio.CancelScope,
+    run: Callable[..., Awaitable[None]],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`run(task_status=...)` inside `scope` (the control tasks end when the server has)."""
+    with scope:
+        await run(task_status=task_status)
+
+
+async def _serve_http(
+    app: App,
+    sock: socket.socket,
+    source: Path | None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    task_status: trio.TaskStatus[Running],
+) -> None:
+    """hypercorn until shutdown: on the trigger, requests in flight finish within the grace,
+    new ones are told to go elsewhere, and then it stops accepting."""
+    server = app.gateway.config.server
+
+    async def trigger() -> None:
+        if shutdown_trigger is None:
+            await trio.sleep_forever()
+        else:
+            await shutdown_trigger()
+        app.begin_shutdown(server.grace)
+        log.info(
+            "shutting down: requests in flight finish (%gs grace), new ones get 503", server.grace
+        )
+        # Keep the listener open while requests are in flight, so /readyz answers 503 instead
+        # of refusing the connection; then hypercorn stops accepting.
+        with trio.move_on_after(server.grace):
+            await app.wait_drained()
+
+    async with trio.open_nursery() as http:
+        url = await http.start(
+            partial(
+                serve_asgi,
+                app,
+                server.host,
+                server.port,
+                grace=server.grace,
+                keep_alive=server.keep_alive_timeout,
+                shutdown_trigger=trigger,
+                sock=sock,
             )
-            gateway, _ = await assembly.build(config)
-            app = App(gateway)
-            reloader = Reloader(app, source, assembly, link)
-            app.reload = reloader.reload
-            server = gateway.config.server
-
-            async def trigger() -> None:
-                if shutdown_trigger is None:
-                    await trio.sleep_forever()
-                else:
-                    await shutdown_trigger()
-                app.begin_shutdown(server.grace)
-                log.info(
-                    "shutting down: requests in flight finish (%gs grace), new ones get 503",
-                    server.grace,
-                )
-                # Keep the listener open while requests are in flight, so /readyz answers 503
-                # instead of refusing the connection; then hypercorn stops accepting.
-                with trio.move_on_after(server.grace):
-                    await app.wait_drained()
-
-            control = trio.CancelScope()  # SIGHUP watcher and worker link: until hypercorn is done
-
-            async def watch_sighup(task_status: trio.TaskStatus[None]) -> None:
-                with control:
-                    await reloader.reload_on_sighup(task_status=task_status)
-
-            async def serve_link(link: WorkerLink, task_status: trio.TaskStatus[None]) -> None:
-                with control:
-                    await link.run(reloader.apply, task_status=task_status)
-
-            if reload_on_sighup:
-                await actor_nursery.start(watch_sighup)
-            if link is not None:
-                link.status = metrics.supervisor  # one dict: /metrics and /readyz read it
-                await actor_nursery.start(serve_link, link)
-            async with trio.open_nursery() as http:
-                url = await http.start(
-                    partial(
-                        serve_asgi,
-                        app,
-                        server.host,
-                        server.port,
-                        grace=server.grace,
-                        keep_alive=server.keep_alive_timeout,
-                        shutdown_trigger=trigger,
-                        sock=sock,
-                    )
-                )
-                log.info("cascade listening on %s (pid %d)", url, os.getpid())
-                if source is None and gateway.config.mocks:
-                    log.info(
-                        "the gateway is %s (the mock providers above are its upstreams); try:\n"
-                        "  curl -s %s/v1/chat/completions -H 'content-type: application/json'"
-                        ' -d \'{"model": "gpt-4o-mini", "messages": [{"role": "user",'
-                        ' "content": "Hello"}]}\'',
-                        url,
-                        url,
-                    )
-                task_status.started(Running(url, app))
-            control.cancel()
-            # hypercorn has finished its graceful shutdown: no request uses the actors any more.
-            for actor in app.gateway.actors.values():
-                actor.close()
-        mock_nursery.cancel_scope.cancel()
+        )
+        log.info("cascade listening on %s (pid %d)", url, os.getpid())
+        if source is None and app.gateway.config.mocks:
+            log.info(
+                "the gateway is %s (the mock providers above are its upstreams); try:\n"
+                "  curl -s %s/v1/chat/completions -H 'content-type: application/json'"
+                ' -d \'{"model": "gpt-4o-mini", "messages": [{"role": "user",'
+                ' "content": "Hello"}]}\'',
+                url,
+                url,
+            )
+        task_status.started(Running(url, app))
 
 
 def run(config: Config, **serve_options: Any) -> None:
