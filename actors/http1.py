@@ -254,21 +254,17 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         port = url.port or (443 if url.scheme == "https" else 80)
         stream: trio.abc.Stream | None = None
         proxy = self._proxy
+        https = url.scheme == "https"
         try:
             with trio.fail_after(connect_timeout if connect_timeout is not None else float("inf")):
                 if proxy is None:
                     stream = await trio.open_tcp_stream(host, port)
                 else:
                     stream = await trio.open_tcp_stream(proxy.host, proxy.port or 80)
-                    if url.scheme == "https":
+                    if https:
                         await self._tunnel(stream, host, port)
-                if url.scheme == "https":
-                    context = self._ssl_context or _default_ssl_context()
-                    tls = trio.SSLStream(
-                        stream, context, server_hostname=host, https_compatible=True
-                    )
-                    await tls.do_handshake()
-                    stream = tls
+                if https:
+                    stream = await self._tls(stream, host)
         except BaseException as exc:
             if stream is not None:  # connected, but the TLS handshake failed or timed out
                 with trio.CancelScope(shield=True):
@@ -282,6 +278,12 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         if isinstance(stream, trio.SocketStream):
             stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
         return _Connection(stream)
+
+    async def _tls(self, stream: trio.abc.Stream, host: str) -> trio.SSLStream[trio.abc.Stream]:
+        context = self._ssl_context or _default_ssl_context()
+        tls = trio.SSLStream(stream, context, server_hostname=host, https_compatible=True)
+        await tls.do_handshake()  # on failure the caller closes `stream`, the connection
+        return tls
 
     async def _tunnel(self, stream: trio.abc.Stream, host: str, port: int) -> None:
         """Ask the proxy for a tunnel to host:port (CONNECT); OSError when it refuses."""

@@ -74,7 +74,17 @@ def parse_retry_after(headers: Mapping[str, str], wall_now: float) -> float | No
             v = _http_date(ra, wall_now)
         if v is not None:
             return v
-    resets: list[tuple[float, bool]] = []  # (seconds, that limit is exhausted)
+    resets = _resets(headers, wall_now)
+    if not resets:
+        return None
+    exhausted = [v for v, empty in resets if empty]
+    # The limit that is at zero is the one that refused us; without that hint, wait for all.
+    return max(exhausted) if exhausted else max(v for v, _ in resets)
+
+
+def _resets(headers: Mapping[str, str], wall_now: float) -> list[tuple[float, bool]]:
+    """Each rate-limit reset the headers give: (seconds, whether that limit is exhausted)."""
+    resets: list[tuple[float, bool]] = []
     for kind in _OPENAI_RESETS:
         raw = headers.get(f"x-ratelimit-reset-{kind}")
         if raw is not None and (v := _go_duration(raw)) is not None:
@@ -84,8 +94,4 @@ def parse_retry_after(headers: Mapping[str, str], wall_now: float) -> float | No
         if raw is not None and (v := _rfc3339(raw, wall_now)) is not None:
             remaining = headers.get(f"anthropic-ratelimit-{kind}-remaining", "").strip()
             resets.append((v, remaining == "0"))
-    if not resets:
-        return None
-    exhausted = [v for v, empty in resets if empty]
-    # The limit that is at zero is the one that refused us; without that hint, wait for all.
-    return max(exhausted) if exhausted else max(v for v, _ in resets)
+    return resets

@@ -30,9 +30,9 @@ _ANTHROPIC_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 def anthropic_tool_id(openai_id: str) -> str:
     """An id Anthropic accepts (^[a-zA-Z0-9_-]+$), the same every time for the same OpenAI id,
     so a conversation that moved providers still matches its tool results to its tool calls."""
-    if _ANTHROPIC_ID.match(openai_id):
+    if _ANTHROPIC_ID.match(openai_id) and not openai_id.startswith("cx_"):
         return openai_id
-    return "cx_" + openai_id.encode().hex()
+    return "cx_" + openai_id.encode().hex()  # (an id that starts cx_ is encoded too: unambiguous)
 
 
 def openai_tool_id(anthropic_id: str) -> str:

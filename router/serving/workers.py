@@ -231,26 +231,37 @@ class Supervisor:
                 live += self._replace_due()
             if self.stopping and not live:
                 return
-            controls = [c.control for c in live if c.alive]
-            timeout = None
-            if self.restart_at and not self.stopping:
-                timeout = max(0.0, min(self.restart_at.values()) - time.monotonic())
-            ready = multiprocessing.connection.wait(
-                [self.wake_read, *controls, *(c.process.sentinel for c in live)], timeout
-            )
+            ready = multiprocessing.connection.wait(self._waited(live), self._timeout())
             if self.wake_read in ready:
                 self.wake_read.recv(4096)
-            for child in live:
-                if child.alive and child.control in ready:
-                    for message in child.read_messages():
-                        if message["type"] == "reload":
-                            pending.append(child)
-                        else:
-                            log.warning("worker %d: unexpected %s", child.index, message["type"])
+            pending += self._questions([c for c in live if c.alive and c.control in ready])
             if (pending or self.reload_wanted) and not self.stopping:
                 self.reload_wanted = False
                 self.reload(pending)
                 pending = []
+
+    def _waited(self, live: list[_Child]) -> list[Any]:
+        """What the loop waits on: its wake-up, the live workers' sockets and their exits (a
+        worker seen alive is waited on, so its death wakes the loop)."""
+        controls = [c.control for c in live if c.alive]
+        return [self.wake_read, *controls, *(c.process.sentinel for c in live)]
+
+    def _timeout(self) -> float | None:
+        """Until the next replacement is due (None: no replacement waits)."""
+        if not self.restart_at or self.stopping:
+            return None
+        return max(0.0, min(self.restart_at.values()) - time.monotonic())
+
+    def _questions(self, readable: list[_Child]) -> list[_Child]:
+        """The workers among `readable` that asked for a reload."""
+        asking = []
+        for child in readable:
+            for message in child.read_messages():
+                if message["type"] == "reload":
+                    asking.append(child)
+                else:
+                    log.warning("worker %d: unexpected %s", child.index, message["type"])
+        return asking
 
     def _validated(self) -> tuple[str, Config]:
         """The config source's text and its Config, as a worker would start with it."""
@@ -266,19 +277,29 @@ class Supervisor:
             text, self.config = self._validated()
         except ConfigError as exc:
             log.error("reload refused, still serving the previous config:\n%s", exc)
-            for child in askers:
-                child.send({"type": "invalid", "problems": exc.problems})
+            self._answer(askers, {"type": "invalid", "problems": exc.problems})
             return
         except Exception:  # a bug must not end the supervisor's loop
             log.exception("reload failed, still serving the previous config")
-            for child in askers:
-                child.send({"type": "invalid", "problems": ["the reload failed: see the log"]})
+            problems = ["the reload failed: see the log"]
+            self._answer(askers, {"type": "invalid", "problems": problems})
             return
         live = [c for c in self.children.values() if c.alive]
         for child in live:
             child.send({"type": "apply", "config": text})
-        results = self._confirmations(live, askers)
-        workers = []
+        workers = self._report(self._confirmations(live, askers))
+        ok = all(w["status"] in ("reloaded", "restarting") for w in workers)
+        log.info(
+            "config reloaded on %d of %d workers",
+            sum(w["status"] == "reloaded" for w in workers),
+            len(workers),
+        )
+        result = {"status": "reloaded" if ok else "partial", "workers": workers}
+        self._answer(askers, {"type": "done", "result": result})
+
+    def _report(self, results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each worker's line in a reload's answer."""
+        workers: list[dict[str, Any]] = []
         for index in sorted(self.children):
             outcome = results.get(index)
             if index in self.restart_at:
@@ -288,15 +309,12 @@ class Supervisor:
             else:
                 error = outcome["error"] if outcome else "no confirmation"
                 workers.append({"worker": index, "status": "failed", "error": error})
-        ok = all(w["status"] in ("reloaded", "restarting") for w in workers)
-        result = {"status": "reloaded" if ok else "partial", "workers": workers}
-        log.info(
-            "config reloaded on %d of %d workers",
-            sum(w["status"] == "reloaded" for w in workers),
-            len(workers),
-        )
+        return workers
+
+    @staticmethod
+    def _answer(askers: list[_Child], message: dict[str, Any]) -> None:
         for child in askers:
-            child.send({"type": "done", "result": result})
+            child.send(message)
 
     def _confirmations(self, live: list[_Child], askers: list[_Child]) -> dict[int, dict[str, Any]]:
         """Each live worker's answer to an apply, within APPLY_TIMEOUT."""

@@ -61,24 +61,11 @@ class MockUpstream:
         await self._answer(send, plan)
 
     async def _answer(self, send: Any, plan: _Planned) -> None:
-        s = self.settings
-        roll = self.rng.random()
-        if s.latency:
-            await trio.sleep(s.latency)
-        if roll < s.rate_429:
-            headers = {} if s.retry_after is None else {"retry-after": f"{s.retry_after:g}"}
-            await _error(send, 429, "mock rate limit", "rate_limit_error", plan.anthropic, headers)
-            return
-        roll -= s.rate_429
-        if roll < s.error_rate:
-            kind = "api_error" if plan.anthropic else "server_error"
-            await _error(send, 500, "mock failure", kind, plan.anthropic)
-            return
-        roll -= s.error_rate
-        if roll < s.stall_rate:
-            await trio.sleep_forever()
-        roll -= s.stall_rate
-        cut = roll < s.cut_rate
+        if self.settings.latency:
+            await trio.sleep(self.settings.latency)
+        cut = await self._fault(send, plan, self.rng.random())
+        if cut is None:
+            return  # answered with an error
         ident = f"msg_mock{self.requests}" if plan.anthropic else f"chatcmpl-mock{self.requests}"
         created = int(time.time())
         if not plan.stream:
@@ -91,13 +78,34 @@ class MockUpstream:
             )
             await _json(send, 200, answer)
             return
-        await send(_start(200, {"content-type": "text/event-stream", "cache-control": "no-cache"}))
         frames = (
             plan.anthropic_events(ident) if plan.anthropic else plan.openai_frames(ident, created)
         )
+        await self._stream(send, frames, cut)
+
+    async def _fault(self, send: Any, plan: _Planned, roll: float) -> bool | None:
+        """The fault `roll` falls on: a 429 or a 500 (answered here: None), a stall (never
+        returns), or whether the answer is to be cut half-way."""
+        s = self.settings
+        if roll < s.rate_429:
+            headers = {} if s.retry_after is None else {"retry-after": f"{s.retry_after:g}"}
+            await _error(send, 429, "mock rate limit", "rate_limit_error", plan.anthropic, headers)
+            return None
+        roll -= s.rate_429
+        if roll < s.error_rate:
+            kind = "api_error" if plan.anthropic else "server_error"
+            await _error(send, 500, "mock failure", kind, plan.anthropic)
+            return None
+        roll -= s.error_rate
+        if roll < s.stall_rate:
+            await trio.sleep_forever()
+        return roll - s.stall_rate < s.cut_rate
+
+    async def _stream(self, send: Any, frames: list[bytes], cut: bool) -> None:
+        await send(_start(200, {"content-type": "text/event-stream", "cache-control": "no-cache"}))
         for i, data in enumerate(frames):
-            if s.chunk_interval and i:
-                await trio.sleep(s.chunk_interval)
+            if self.settings.chunk_interval and i:
+                await trio.sleep(self.settings.chunk_interval)
             if cut and i == len(frames) // 2:
                 raise _Cut()
             await _more(send, data)
