@@ -8,7 +8,7 @@ A request is never sent twice. Before an idle connection is reused it is polled,
 does: one that is readable (the server closed it, or sent bytes nobody asked for) is dropped
 before anything is written, and the request goes out on another. Once the request is written,
 any failure (the server closing without an answer included) is the attempt's failure, for the
-dispatcher to judge: an LLM call may have been billed, and DESIGN §3 allows one retry loop only.
+dispatcher to judge: an LLM call may have been billed, and the dispatcher is the only retry loop (docs/architecture.md).
 
 Responses are parsed by httptools (llhttp, the parser behind Node.js and uvicorn): a full
 request/response cycle costs ~2 us of CPU against ~85 us with h11, which on the gateway's hot path

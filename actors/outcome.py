@@ -1,4 +1,4 @@
-"""What an upstream answer means: the failure table of DESIGN §4 as one pure classifier.
+"""What an upstream answer means: the failure table of docs/failure-semantics.md as one pure classifier.
 
 Failures are values (`Failure`), never exceptions, once they leave the actor's attempt task.
 """

@@ -1,5 +1,6 @@
-"""The one module the actors call for upstream HTTP. Nothing else in Cascade imports httpx
-(apart from the pool in actors/http1.py, which is an httpx transport).
+"""The one module the actors call for upstream HTTP, and the boundary of httpx's exceptions: they
+are mapped to ours here, so nothing above sees one (actors/http1.py, the pool, is an httpx
+transport; elsewhere httpx appears only as a type, or in the tools' own HTTP clients).
 
 Each provider actor owns one `Transport` and, through it, its own keep-alive pool. httpx's
 exceptions are mapped to ours at this edge:

@@ -137,7 +137,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from router.tools.status import run
 
     try:
-        return run(args.url, args.token_env, args.once, args.interval)
+        url, token_env = _gateway(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        return run(url, token_env, args.once, args.interval)
     except KeyboardInterrupt:
         return 0
 
@@ -145,7 +150,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_usage(args: argparse.Namespace) -> int:
     from router.tools.status import usage
 
-    return usage(args.url, args.token_env, args.since, args.by, args.json)
+    try:
+        url, token_env = _gateway(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return usage(url, token_env, args.since, args.by, args.json)
+
+
+def _gateway(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The gateway's URL and its admin token's variable: --url and --token-env when given, else
+    from --config (server.host, server.port, server.admin_token_env), else the default port."""
+    url, token_env = args.url, args.token_env
+    if args.config is not None:
+        server = Config.from_file(args.config).server
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(server.host, server.host)
+        url = url or f"http://{f'[{host}]' if ':' in host else host}:{server.port}"
+        token_env = token_env or server.admin_token_env
+    return url or "http://127.0.0.1:8080", token_env
 
 
 def _duration(text: str) -> float:
@@ -164,6 +186,7 @@ def _rate(text: str) -> float:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cascade", description="Cascade, an LLM API gateway.")
+    p.add_argument("--version", action="version", version=f"cascade {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway (the built-in demo config without --config)")
@@ -194,14 +217,16 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_mock)
 
     st = sub.add_parser("status", help="the gateway's providers, routes and cascades, live")
-    st.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    st.add_argument("--url", help="the gateway (default: --config's, else 127.0.0.1:8080)")
+    st.add_argument("--config", "-c", help="find the gateway (and its token) from its config")
     st.add_argument("--token-env", help="environment variable holding the admin token")
     st.add_argument("--once", action="store_true", help="print once and exit")
     st.add_argument("--interval", type=_duration, default=1.0, help="refresh period")
     st.set_defaults(func=cmd_status)
 
     us = sub.add_parser("usage", help="what client keys spent (needs auth.usage_db)")
-    us.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    us.add_argument("--url", help="the gateway (default: --config's, else 127.0.0.1:8080)")
+    us.add_argument("--config", "-c", help="find the gateway (and its token) from its config")
     us.add_argument("--token-env", help="environment variable holding the admin token")
     us.add_argument("--since", type=_duration, default=86400.0, help="period: 24h, 7d, 30d…")
     us.add_argument("--by", choices=("key", "route", "provider", "model"), default="key")
@@ -225,6 +250,17 @@ def parser() -> argparse.ArgumentParser:
     lt.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     lt.set_defaults(func=cmd_loadtest)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cascade-router")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        from router import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

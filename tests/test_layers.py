@@ -1,4 +1,4 @@
-"""The package boundaries of DESIGN §1 and §8, checked on the source.
+"""The package boundaries of docs/architecture.md, checked on the source.
 
 `router` depends on `actors`, never the reverse. Inside `router` the packages are layers, each
 importing only downward (type-only imports under `if TYPE_CHECKING:` count: they are still a

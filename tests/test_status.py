@@ -3,7 +3,9 @@ cascades, recorded only while someone watches) and `cascade status` over a real 
 
 from __future__ import annotations
 
+import json
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
@@ -58,3 +60,35 @@ async def test_cascade_status_prints_the_live_view(capsys: pytest.CaptureFixture
     assert "a " in out and "m rate_limited 30s" in out
     assert "gpt" in out and "a/m > b/m" in out and "serving: b/m" in out
     assert "served by b/m  (went around: a/m http_429)" in out
+
+
+async def test_cascade_status_finds_the_gateway_from_its_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cascade status --config FILE` reads the address and the admin token's variable from the
+    file the gateway runs with (a gateway on 0.0.0.0 is reached on 127.0.0.1)."""
+    monkeypatch.setenv("CASCADE_ADMIN_TOKEN", "s3cret")
+    token = {"admin_token_env": "CASCADE_ADMIN_TOKEN"}
+    with trio.fail_after(20):
+        async with live_gateway({"a": FakeUpstream(answers)}, server=token) as gw:
+            port = int(gw.url.rsplit(":", 1)[1])
+            path = tmp_path / "cascade.yaml"
+            routes = [{"match": "gpt", "targets": ["a/m"]}]
+            raw = {
+                "server": {"host": "0.0.0.0", "port": port, **token},
+                "providers": {"a": {"base_url": "http://127.0.0.1:1/v1"}},
+                "routes": routes,
+            }
+            path.write_text(json.dumps(raw))
+            once = partial(main, ["status", "--config", str(path), "--once"])
+            assert await trio.to_thread.run_sync(once) == 0  # the token went with it
+            bare = partial(main, ["status", "--url", gw.url, "--once"])
+            assert await trio.to_thread.run_sync(bare) != 0  # without it: refused
+    assert "a/m" in capsys.readouterr().out
+
+
+def test_cascade_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == "cascade 0.1.0"

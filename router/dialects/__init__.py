@@ -1,7 +1,8 @@
 """Dialects: the API shapes Cascade speaks, to clients and to providers (router/dialects/base.py).
 
 OpenAI chat completions and Anthropic messages; a dialect is a module here and an entry in
-DIALECTS. Translation between them is not built yet (docs/dialects.md).
+DIALECTS, and its client path is a model endpoint. Requests, answers and streams are translated
+between them (translate.py) when a client's dialect and its provider's differ (docs/dialects.md).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """What a dialect is, for the face and the cascade: the protocol every dialect module implements.
 
-A dialect is one API shape (OpenAI chat completions; Anthropic messages next). Its client side
+A dialect is one API shape (OpenAI chat completions, Anthropic messages). Its client side
 parses requests and writes answers, errors and streams in that shape; its upstream side knows the
 request path under a provider's base URL, how an upstream stream's first events are judged, and
-what a provider actor needs (`wire`). The face maps a path to a dialect; the dispatcher asks a
-request for the call to make on each target, whatever dialect the target's provider speaks.
+what a provider actor needs (`wire`). The face maps a path to a dialect; the pipeline builds each
+target's call (router/dialects/bodies.py), whatever dialect the target's provider speaks.
 """
 
 from __future__ import annotations
