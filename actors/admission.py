@@ -13,6 +13,14 @@ import collections
 
 import attrs
 
+from actors.machines import (
+    Circuits,
+    LatencyTriggers,
+    ManualBlocks,
+    RateLimits,
+    RetryBudgetState,
+    SlidingWindow,
+)
 from actors.messages import Attempt, Block, Refused, UpstreamRequest
 from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
@@ -26,14 +34,6 @@ from actors.shared import (
     LimitKind,
     ProbeAnswer,
     SharedLink,
-)
-from actors.state import (
-    Circuits,
-    LatencyTriggers,
-    ManualBlocks,
-    RateLimits,
-    RetryBudgetState,
-    SlidingWindow,
 )
 
 PARKED = Refused("lease")  # `decide`'s answer while the lease an attempt needs is on its way

@@ -20,6 +20,7 @@ import trio
 
 from actors.admission import PARKED, Admission, Learned, Outcome
 from actors.http1 import header_problem
+from actors.machines import LatencySamples
 from actors.messages import (
     Attempt,
     CircuitView,
@@ -51,7 +52,6 @@ from actors.shared import (
     SharedLink,
 )
 from actors.sse import SSEDecoder, SSEEvent
-from actors.state import LatencySamples
 from actors.telemetry import ProviderMetrics
 from actors.transport import (
     ConnectFailed,

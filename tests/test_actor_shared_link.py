@@ -12,6 +12,7 @@ import attrs
 import trio
 import trio.testing
 
+from actors.machines import Circuits, RateLimits
 from actors.messages import Attempt, Refused, Reply, Response
 from actors.provider import ProviderActor
 from actors.settings import CircuitPolicy, RateLimitPolicy
@@ -25,7 +26,6 @@ from actors.shared import (
     ProbeAnswer,
     SharedEvent,
 )
-from actors.state import Circuits, RateLimits
 from router.dialects.openai import WIRE
 from router.telemetry.metrics import Metrics
 from tests.helpers import Upstream, ok, status

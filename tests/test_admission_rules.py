@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from actors.settings import CircuitPolicy, LatencyTrigger, RateLimitPolicy, RetryBudget
-from actors.state import (
+from actors.machines import (
     BoundedMap,
     Circuits,
     LatencySamples,
@@ -12,6 +11,7 @@ from actors.state import (
     RetryBudgetState,
     SlidingWindow,
 )
+from actors.settings import CircuitPolicy, LatencyTrigger, RateLimitPolicy, RetryBudget
 
 
 def test_retry_after_blocks_until_then_recovers() -> None:

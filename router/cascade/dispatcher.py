@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import attrs
 import trio
 
+from actors.machines import SlidingWindow
 from actors.messages import (
     Attempt,
     Failed,
@@ -28,7 +29,6 @@ from actors.messages import (
 )
 from actors.outcome import Failure, Kind
 from actors.provider import ProviderActor
-from actors.state import SlidingWindow
 from router.cascade.policy import Action, Decision, Plan, backoff_delay, decide
 from router.config import Config, Route, Target
 from router.dialects.base import UpstreamCall

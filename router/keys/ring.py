@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import attrs
 
-from actors.state import SlidingWindow
+from actors.machines import SlidingWindow
 from router.config.keys import AuthConfig, KeyConfig, digest
 
 log = logging.getLogger("cascade.keys")
