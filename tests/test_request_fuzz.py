@@ -21,6 +21,7 @@ import pytest
 from actors.settings import ProviderConfig
 from router.dialects import DIALECTS
 from router.dialects.anthropic import count_tokens
+from router.dialects.pairs import translator
 from router.errors import RequestError
 from tests.helpers import Upstream, asgi_client, config, gateway
 
@@ -173,7 +174,10 @@ def check(client: str, obj: dict[str, Any]) -> None:
             count_tokens(body)
         request = dialect.parse(body)
         for upstream in DIALECTS.values():
-            request.call_for(upstream, "up-model", PROVIDER)
+            if upstream is dialect:
+                request.call_for(upstream, "up-model")
+            else:
+                translator(dialect, upstream).request(request, "up-model", PROVIDER)
     except RequestError as exc:
         assert 400 <= exc.status < 500, exc.message
         assert exc.param, f"no field named: {exc.message}"

@@ -21,7 +21,6 @@ from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
 from actors.wire import Usage
 from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
-from router.dialects.base import Dialect as DialectBase
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
@@ -30,11 +29,6 @@ from router.dialects.jsonbody import (
     parse_object,
     required_model,
     string_list,
-)
-from router.dialects.translate import (
-    OpenAIToAnthropicStream,
-    anthropic_to_openai,
-    openai_answer_to_anthropic,
 )
 from router.errors import RequestError
 
@@ -157,9 +151,6 @@ def error_body(status: int, message: str, request_id: str | None = None, **extra
 @attrs.frozen
 class MessagesRequest(JSONRequest):
     """A validated Messages request and what the cascade needs from it."""
-
-    def translated(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> bytes:
-        return anthropic_to_openai(self.obj, model, self.stream)
 
 
 def _validate(obj: dict[str, Any], *, counting: bool = False) -> None:
@@ -318,11 +309,8 @@ class Anthropic:
             extra = {"cascade_code": code, **extra}  # e.g. retry_exhausted, with `attempts`
         return error_body(status, message, request_id, **extra)
 
-    def stream_writer(self, upstream: DialectBase, request: ClientRequest) -> StreamWriter:
-        return Stream() if upstream.name == "anthropic" else OpenAIToAnthropicStream()
-
-    def answer(self, body: bytes, upstream: DialectBase) -> bytes:
-        return body if upstream.name == "anthropic" else openai_answer_to_anthropic(body)
+    def stream_writer(self, request: ClientRequest) -> StreamWriter:
+        return Stream()
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)

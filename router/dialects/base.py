@@ -19,7 +19,6 @@ from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
 from actors.wire import UpstreamWire
 from router.dialects.jsonbody import swap
-from router.errors import RequestError
 
 
 @attrs.frozen
@@ -52,22 +51,22 @@ class JSONRequest:
         """The client's body with only the model value replaced."""
         return swap(self.text, self.model_span, model)
 
-    def call_for(self, upstream: Dialect, model: str, provider: ProviderConfig) -> UpstreamCall:
-        """Same dialect: the client's bytes, `model` replaced. Another: translated (or a 400)."""
-        if upstream.name == self.dialect:
-            body = self.body_for(model)
-        else:
-            body = self.translated(upstream, model, provider)
-        start = upstream.check_start if self.stream else None
-        return UpstreamCall(upstream.upstream_path, body, check_start=start)
-
-    def translated(self, upstream: Dialect, model: str, provider: ProviderConfig) -> bytes:
-        raise RequestError(f"no translation from {self.dialect} to {upstream.name}")
+    def call_for(self, upstream: Dialect, model: str) -> UpstreamCall:
+        """The call to a provider of the client's own dialect: the client's bytes, `model`
+        replaced (another dialect's goes through its translator: router/dialects/pairs.py)."""
+        return upstream_call(upstream, self.body_for(model), self.stream)
 
     def asking_usage(self) -> ClientRequest:
         """This request, made to get the stream's usage from an upstream of its own dialect
         (when the dialect needs asking) without showing the client what it did not ask for."""
         return self
+
+
+def upstream_call(upstream: Dialect, body: bytes, stream: bool) -> UpstreamCall:
+    """`body` to a provider of `upstream`'s dialect (a stream judged by its first events)."""
+    return UpstreamCall(
+        upstream.upstream_path, body, check_start=upstream.check_start if stream else None
+    )
 
 
 class ClientRequest(Protocol):
@@ -90,10 +89,13 @@ class ClientRequest(Protocol):
 
     def asking_usage(self) -> ClientRequest: ...
 
-    def call_for(self, upstream: Dialect, model: str, provider: ProviderConfig) -> UpstreamCall:
-        """The call to make to a provider speaking `upstream`, asking it for `model`. A
-        same-dialect body is the client's bytes with only `model` replaced. RequestError when
-        the request cannot be said in `upstream`'s dialect."""
+    @property
+    def obj(self) -> dict[str, Any]:
+        """The parsed body (what a translation reads)."""
+
+    def call_for(self, upstream: Dialect, model: str) -> UpstreamCall:
+        """The call to a provider of the client's own dialect, asking it for `model`: the
+        client's bytes with only `model` replaced."""
 
 
 class StreamWriter(Protocol):
@@ -137,10 +139,9 @@ class Dialect(Protocol):
         """An error in this dialect's shape. `type` and `code` are Cascade's (OpenAI's names);
         a dialect with other names maps them, by `status` where it must."""
 
-    def stream_writer(self, upstream: Dialect, request: ClientRequest) -> StreamWriter: ...
-
-    def answer(self, body: bytes, upstream: Dialect) -> bytes:
-        """A provider's non-streamed answer, in this dialect."""
+    def stream_writer(self, request: ClientRequest) -> StreamWriter:
+        """The client's stream from a provider of this same dialect (another dialect's stream
+        is written by its translator: router/dialects/pairs.py)."""
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         """Upstream side: a stream that opens with an error event or garbage is a failure."""

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Mapping
 
 from actors.settings import ProviderConfig
 from router.config import Target
-from router.dialects.base import ClientRequest, Dialect, UpstreamCall
+from router.dialects.base import ClientRequest, Dialect, UpstreamCall, upstream_call
 from router.dialects.jsonbody import swap
+from router.dialects.pairs import translator
 
 _MODEL_FIRST = '{"model": '  # how every translation begins: the model value's place is known
 
@@ -44,7 +45,7 @@ class UpstreamBodies:
         upstream = self._dialects[target.provider]
         provider = self._providers[target.provider]
         if upstream is self._client:
-            call = self._request.call_for(upstream, target.model, provider)
+            call = self._request.call_for(upstream, target.model)
             if self._forwarded:
                 return UpstreamCall(call.path, call.body, self._forwarded, call.check_start)
             return call
@@ -67,8 +68,9 @@ class UpstreamBodies:
         key = (upstream.name, provider.default_max_tokens)
         built = self._built.get(key)
         if built is None:
-            call = self._request.call_for(upstream, model, provider)
-            text = call.body.decode()
+            body = translator(self._client, upstream).request(self._request, model, provider)
+            call = upstream_call(upstream, body, self._request.stream)
+            text = body.decode()
             assert text.startswith(_MODEL_FIRST), "a translation starts with its model"
             start = len(_MODEL_FIRST)
             built = self._built[key] = (call, text, (start, start + len(json.dumps(model))))

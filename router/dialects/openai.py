@@ -18,7 +18,6 @@ from actors.settings import ProviderConfig
 from actors.sse import SSEEvent
 from actors.wire import Usage
 from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
-from router.dialects.base import Dialect as DialectBase
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
@@ -27,11 +26,6 @@ from router.dialects.jsonbody import (
     parse_object,
     required_model,
     string_list,
-)
-from router.dialects.translate import (
-    AnthropicToOpenAIStream,
-    anthropic_answer_to_openai,
-    openai_to_anthropic,
 )
 from router.errors import RequestError
 
@@ -120,9 +114,6 @@ class ChatRequest(JSONRequest):
     # with stream_options.include_usage, and the usage chunk is kept from a client that did not
     # ask for it.
     want_usage: bool = False
-
-    def translated(self, upstream: DialectBase, model: str, provider: ProviderConfig) -> bytes:
-        return openai_to_anthropic(self.obj, model, provider.default_max_tokens)
 
     def asking_usage(self) -> ChatRequest:
         return attrs.evolve(self, want_usage=True)
@@ -335,15 +326,9 @@ class OpenAI:
     ) -> bytes:
         return error_body(message, type, code, param, **extra)  # the id is in x-request-id
 
-    def stream_writer(self, upstream: DialectBase, request: ClientRequest) -> StreamWriter:
-        if upstream.name == "openai":
-            assert isinstance(request, ChatRequest)
-            return Stream(hide_usage=request.want_usage and not request.include_usage)
+    def stream_writer(self, request: ClientRequest) -> StreamWriter:
         assert isinstance(request, ChatRequest)
-        return AnthropicToOpenAIStream(request.include_usage)
-
-    def answer(self, body: bytes, upstream: DialectBase) -> bytes:
-        return body if upstream.name == "openai" else anthropic_answer_to_openai(body)
+        return Stream(hide_usage=request.want_usage and not request.include_usage)
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)

@@ -18,6 +18,7 @@ from router.cascade.dispatcher import CascadeError, Winner
 from router.config import Target
 from router.dialects import translate
 from router.dialects.base import Dialect, StreamWriter
+from router.dialects.pairs import translator
 from router.web.asgi import Message, Receive, Send
 
 JSON = b"application/json"
@@ -119,7 +120,7 @@ async def answer(
     status, body = reply.status, reply.body
     if client is not upstream:
         try:
-            body = client.answer(body, upstream)
+            body = translator(client, upstream).answer(body)
         except (ValueError, TypeError, AttributeError, KeyError):  # not the dialect's shape
             status, content_type = 502, JSON
             body = client.error_body(

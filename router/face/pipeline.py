@@ -19,6 +19,7 @@ from router.config import Route, ServerConfig, Target
 from router.config.keys import KeyConfig
 from router.dialects.base import ClientRequest, Dialect
 from router.dialects.bodies import UpstreamBodies
+from router.dialects.pairs import translator
 from router.errors import RequestError
 from router.face.answers import Delivery, TrackedSend, answer, cascade_error, stream
 from router.face.gateway import Gateway
@@ -108,7 +109,11 @@ class Pipeline:
                 async with dispatch as winner:
                     upstream = gateway.dialects[winner.target.provider]
                     if request.stream:
-                        writer = face.stream_writer(upstream, request)
+                        writer = (
+                            face.stream_writer(request)
+                            if upstream is face
+                            else translator(face, upstream).stream(request)
+                        )
                         await stream(tracked, winner, request_id, writer, self.streams, delivery)
                     else:
                         await answer(tracked, winner, request_id, face, upstream, delivery)

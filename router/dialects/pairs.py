@@ -1,0 +1,71 @@
+"""One translator per (client dialect, provider dialect) pair: how a client of one dialect is
+served by a provider of another. Each says how the request's body is written for the provider,
+and how the provider's answer and stream are written back for the client (translate.py holds the
+translations themselves). A pair of the same dialect needs none: its bodies are the client's
+bytes, its answers and streams are relayed as they come.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+
+from actors.settings import ProviderConfig
+from router.dialects.anthropic import MessagesRequest
+from router.dialects.base import ClientRequest, Dialect, StreamWriter
+from router.dialects.openai import ChatRequest
+from router.dialects.translate import (
+    AnthropicToOpenAIStream,
+    OpenAIToAnthropicStream,
+    anthropic_answer_to_openai,
+    anthropic_to_openai,
+    openai_answer_to_anthropic,
+    openai_to_anthropic,
+)
+from router.errors import RequestError
+
+
+@attrs.frozen
+class Translator:
+    """A client of one dialect, a provider of another."""
+
+    # (the client's request, the provider's model, the provider) -> the provider's body;
+    # RequestError (400, naming the field) for what cannot be said in the provider's dialect
+    request: Callable[[ClientRequest, str, ProviderConfig], bytes]
+    answer: Callable[[bytes], bytes]  # the provider's whole answer, in the client's dialect
+    stream: Callable[
+        [ClientRequest], StreamWriter
+    ]  # writes the client's stream from the provider's
+
+
+def _chat(request: ClientRequest) -> ChatRequest:
+    assert isinstance(request, ChatRequest)
+    return request
+
+
+def _messages(request: ClientRequest) -> MessagesRequest:
+    assert isinstance(request, MessagesRequest)
+    return request
+
+
+TRANSLATORS: dict[tuple[str, str], Translator] = {
+    ("openai", "anthropic"): Translator(
+        request=lambda r, model, p: openai_to_anthropic(_chat(r).obj, model, p.default_max_tokens),
+        answer=anthropic_answer_to_openai,
+        stream=lambda r: AnthropicToOpenAIStream(_chat(r).include_usage),
+    ),
+    ("anthropic", "openai"): Translator(
+        request=lambda r, model, p: anthropic_to_openai(_messages(r).obj, model, r.stream),
+        answer=openai_answer_to_anthropic,
+        stream=lambda r: OpenAIToAnthropicStream(),
+    ),
+}
+
+
+def translator(client: Dialect, provider: Dialect) -> Translator:
+    """The translator from `client`'s dialect to `provider`'s (they differ)."""
+    found = TRANSLATORS.get((client.name, provider.name))
+    if found is None:
+        raise RequestError(f"no translation from {client.name} to {provider.name}")
+    return found
