@@ -53,7 +53,10 @@ class Learned:
     latency_until: float | None = None  # a latency-trigger block set
 
 
-@attrs.frozen
+_OK = Learned()
+
+
+@attrs.define
 class Outcome:
     """What one finished attempt saw: its failure (None: success), its times and its tokens."""
 
@@ -249,25 +252,39 @@ class Admission:
         kind = failure.kind if failure is not None else None
         if kind is None:
             self.rate_limits.success(model)
-        closed = False
-        if kind in (None, Kind.CLIENT_ERROR, Kind.CONTEXT_OVERFLOW):
-            closed = self.circuits.success(model)  # the upstream answers: a probe closes it
-        learned = Learned(circuit_closed=closed)
-        if failure is not None and kind is Kind.RATE_LIMITED:
+            closed = self.circuits.success(model)  # a probe's success closes the circuit
+            return (
+                _OK
+                if not closed and self.latency is None
+                else self._learned(model, outcome, now, closed=closed)
+            )
+        if kind is Kind.RATE_LIMITED:
+            assert failure is not None
             until = self.rate_limits.block(model, now, failure.retry_after)
             key = self.rate_limits.key(model)
-            learned = attrs.evolve(
-                learned,
-                rate_limited_until=until,
-                rate_key=key,
-                strikes=self.rate_limits.strikes(key),
-            )
-        elif kind in (Kind.TRANSIENT, Kind.SLOW, Kind.PROTOCOL):
-            learned = attrs.evolve(learned, circuit_opened=self.circuits.failure(model, now))
-        if self.latency is not None and kind in (None, Kind.SLOW):
-            latency_until = self.latency.observe(model, now, outcome.ttfb, outcome.total)
-            learned = attrs.evolve(learned, latency_until=latency_until)
-        return learned
+            return Learned(until, key, self.rate_limits.strikes(key))
+        closed = kind in (Kind.CLIENT_ERROR, Kind.CONTEXT_OVERFLOW) and self.circuits.success(model)
+        opened = kind in (Kind.TRANSIENT, Kind.SLOW, Kind.PROTOCOL) and self.circuits.failure(
+            model, now
+        )
+        if kind is Kind.SLOW:
+            return self._learned(model, outcome, now, opened=opened)
+        return Learned(circuit_opened=opened, circuit_closed=closed) if opened or closed else _OK
+
+    def _learned(
+        self,
+        model: str,
+        outcome: Outcome,
+        now: float,
+        *,
+        opened: bool = False,
+        closed: bool = False,
+    ) -> Learned:
+        """With the latency trigger's verdict on a success or a slow failure."""
+        until = None
+        if self.latency is not None:
+            until = self.latency.observe(model, now, outcome.ttfb, outcome.total)
+        return Learned(circuit_opened=opened, circuit_closed=closed, latency_until=until)
 
     def merge(self, message: PeerMessage, now: float, wall: float) -> bool:
         """What the shared backend says: another replica's learning, or an answer to this
