@@ -162,6 +162,19 @@ async def test_admin_token_guards_the_admin_api(
             assert (await client.get("/healthz")).status_code == 200  # not an admin endpoint
 
 
+async def renamed_by_sighup(path: Path, client: httpx.AsyncClient) -> None:
+    """Rename the route to `renamed`, send SIGHUP, and wait until the new route serves (the
+    reload runs in the server's own task: polled, bounded)."""
+    write(path, {"m": {"mock": {}}}, [{"match": "renamed", "targets": ["m/x"]}])
+    os.kill(os.getpid(), signal.SIGHUP)
+    with trio.fail_after(5):
+        while True:
+            r = await client.post("/v1/chat/completions", json=chat("renamed"))
+            if r.status_code == 200:
+                return
+            await trio.sleep(0.05)
+
+
 async def test_sighup_reloads(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     write(path, {"m": {"mock": {}}}, [{"match": "gpt", "targets": ["m/x"]}])
@@ -170,15 +183,7 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
             running(path, reload_on_sighup=True) as gw,
             httpx.AsyncClient(base_url=gw.url) as client,
         ):
-            write(path, {"m": {"mock": {}}}, [{"match": "renamed", "targets": ["m/x"]}])
-            os.kill(os.getpid(), signal.SIGHUP)
-            # The reload runs in the server's own task; poll (bounded) until the new route serves.
-            with trio.fail_after(5):
-                while True:
-                    r = await client.post("/v1/chat/completions", json=chat("renamed"))
-                    if r.status_code == 200:
-                        break
-                    await trio.sleep(0.05)
+            await renamed_by_sighup(path, client)
 
 
 async def test_admin_token_scheme_is_case_insensitive(
@@ -251,14 +256,7 @@ async def test_a_config_that_is_not_utf8_is_refused_by_api_and_by_sighup(tmp_pat
             ]
             os.kill(os.getpid(), signal.SIGHUP)  # refused and logged; the watcher lives on
             assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
-            write(path, {"m": {"mock": {}}}, [{"match": "renamed", "targets": ["m/x"]}])
-            os.kill(os.getpid(), signal.SIGHUP)
-            with trio.fail_after(5):  # the SIGHUP watcher survived the bad file: it reloads
-                while True:
-                    r = await client.post("/v1/chat/completions", json=chat("renamed"))
-                    if r.status_code == 200:
-                        break
-                    await trio.sleep(0.05)
+            await renamed_by_sighup(path, client)  # the watcher survived the bad file
 
 
 async def test_a_metrics_token_guards_metrics(
