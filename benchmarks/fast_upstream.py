@@ -5,7 +5,8 @@ It must never be the bottleneck (the benchmark checks its direct throughput is a
 gateway's), so it parses only what it needs: the request line, Content-Length, and whether the
 body asks for a stream. Usage:
 
-    python benchmarks/fast_upstream.py --port 9100 [--latency 50ms] [--chunks 20] [--rate-429 0.3]
+    python benchmarks/fast_upstream.py --port 9100 [--latency 50ms] [--chunks 20] [--interval 1ms]
+        [--rate-429 0.3]
 """
 
 from __future__ import annotations
@@ -156,6 +157,10 @@ class Upstream(asyncio.Protocol):
         else:
             self.send(stream, limited, anthropic)
 
+    def _write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
     def send(self, stream: bool, limited: bool, anthropic: bool = False) -> None:
         if self.transport.is_closing():
             return
@@ -163,8 +168,14 @@ class Upstream(asyncio.Protocol):
             self.transport.write(LIMITED)
         elif stream:
             self.transport.write(STREAM_HEAD)
-            for event in self.anthropic_events if anthropic else self.events:
-                self.transport.write(event)
+            events = self.anthropic_events if anthropic else self.events
+            if not self.args.interval:
+                for event in events:
+                    self.transport.write(event)
+                return
+            loop = asyncio.get_running_loop()  # paced: one event every --interval
+            for i, event in enumerate(events):
+                loop.call_later(i * self.args.interval, self._write, event)
         else:
             self.transport.write(ANTHROPIC_OK if anthropic else OK)
 
@@ -181,6 +192,7 @@ async def main() -> None:
     p.add_argument("--port", type=int, default=9100)
     p.add_argument("--latency", type=_duration, default=0.0)
     p.add_argument("--chunks", type=int, default=20)
+    p.add_argument("--interval", type=_duration, default=0.0, help="between a stream's events")
     p.add_argument("--rate-429", type=float, default=0.0)
     args = p.parse_args()
     counter = [0]

@@ -1,0 +1,142 @@
+"""Streaming against its ceiling: events per second per core and the p99 gap between events, for
+bare hypercorn-trio relaying the upstream's stream through Cascade's own upstream pool (the
+ceiling, benchmarks/bare_relay.py) and for Cascade same-dialect and cross-dialect, both ways.
+
+    python benchmarks/streams.py [--duration 8] [--rounds 3] [--concurrency 64] [--chunks 20]
+        [--interval 1ms]
+
+Each server is pinned to core 0, the canned upstream (benchmarks/fast_upstream.py) and the load
+generator (benchmarks/stream_load.py) to core 1; the rounds run the servers in turn, so drift in
+the machine's speed lands on all of them. Per core = events relayed per CPU-second the server
+used; answers carry `--chunks` content events (what the upstream sent: a client of the other
+dialect gets a few more framing events, which are not counted), paced one every `--interval` so
+the gap between the events a client receives shows what the relay adds. Loopback only; every
+run is bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from run import HERE, PYTHON, ROOT, cpu_seconds, family, free_port, pinned, process
+
+SERVERS = (
+    "bare relay",
+    "Cascade, OpenAI",
+    "Cascade, OpenAI to Anthropic",
+    "Cascade, Anthropic to OpenAI",
+)
+
+
+def cascade_config(tmp: Path, name: str, port: int, upstream: int, dialect: str) -> list[str]:
+    root = f"http://127.0.0.1:{upstream}"
+    provider = {
+        "base_url": root if dialect == "anthropic" else root + "/v1",
+        "dialect": dialect,
+        "max_connections": 512,
+        "max_in_flight": 4096,
+        "circuit": {"failures": 1000000},
+    }
+    config = {
+        "server": {"port": port, "log_level": "warning"},
+        "providers": {"up": provider},
+        "routes": [{"match": "bench", "targets": ["up/bench"]}],
+    }
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return [PYTHON, "-m", "router", "serve", "--config", str(path)]
+
+
+def server(name: str, tmp: Path, port: int, upstream: int) -> tuple[list[str], str]:
+    """The command that serves `name` on `port`, and the path its clients post to."""
+    if name == "bare relay":
+        cmd = [PYTHON, str(HERE / "bare_relay.py"), "--port", str(port)]
+        return [*cmd, "--upstream", f"http://127.0.0.1:{upstream}"], "/v1/chat/completions"
+    if name == "Cascade, OpenAI":
+        return cascade_config(tmp, "same", port, upstream, "openai"), "/v1/chat/completions"
+    if name == "Cascade, OpenAI to Anthropic":
+        return cascade_config(tmp, "oa", port, upstream, "anthropic"), "/v1/chat/completions"
+    return cascade_config(tmp, "ao", port, upstream, "openai"), "/v1/messages"
+
+
+def measure(cmd: list[str], path: str, args: argparse.Namespace) -> dict[str, Any]:
+    port = int(cmd[cmd.index("--port") + 1]) if "--port" in cmd else args.port
+    with process(cmd, port, args.server_cpus) as proc:
+        load = [PYTHON, str(HERE / "stream_load.py"), "--port", str(port), "--path", path]
+        load += ["-c", str(args.concurrency)]
+        subprocess.run(
+            pinned([*load, "-d", "1"], args.client_cpus), check=True, capture_output=True
+        )
+        before = cpu_seconds(family(proc.pid))
+        out = subprocess.run(
+            pinned([*load, "-d", str(args.duration)], args.client_cpus),
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout
+        used = cpu_seconds(family(proc.pid)) - before
+    result: dict[str, Any] = json.loads(out)
+    result["cpu_s"] = round(used, 2)
+    content = result["streams_per_s"] * result["seconds"] * args.chunks
+    result["content_events_per_s"] = round(content / result["seconds"], 1)
+    result["events_per_core_s"] = round(content / used, 1) if used else None
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--chunks", type=int, default=20, help="content events per answer")
+    p.add_argument("--interval", default="1ms", help="between an answer's events")
+    args = p.parse_args()
+    two = (os.cpu_count() or 1) >= 2
+    args.server_cpus, args.client_cpus = ("0", "1") if two else (None, None)
+    tmp = Path(tempfile.mkdtemp(prefix="cascade-streams-"))
+    upstream = free_port()
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVERS}
+    fast = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(upstream)]
+    fast += ["--chunks", str(args.chunks), "--interval", args.interval]
+    with process(fast, upstream, args.client_cpus):
+        for _ in range(args.rounds):
+            for name in SERVERS:
+                args.port = free_port()
+                cmd, path = server(name, tmp, args.port, upstream)
+                if "--config" in cmd:  # Cascade's port is in its config
+                    config = json.loads(Path(cmd[-1]).read_text())
+                    config["server"]["port"] = args.port
+                    Path(cmd[-1]).write_text(json.dumps(config))
+                results[name].append(measure(cmd, path, args))
+    ceiling = statistics.median(r["events_per_core_s"] for r in results["bare relay"])
+    print(f"{args.concurrency} concurrent streams of {args.chunks} events {args.interval} apart,"
+          f" {args.rounds} rounds of {args.duration:g} s; medians:")  # fmt: skip
+    print("| server | content events/s | per core | vs the ceiling | p50 gap | p99 gap | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for name in SERVERS:
+        rows = results[name]
+        per_core = statistics.median(r["events_per_core_s"] for r in rows)
+        print(
+            f"| {name} | {statistics.median(r['content_events_per_s'] for r in rows):,.0f}"
+            f" | {per_core:,.0f} | {per_core / ceiling:.2f}x"
+            f" | {statistics.median(r['gap_p50_ms'] for r in rows):.3f} ms"
+            f" | {statistics.median(r['gap_p99_ms'] for r in rows):.3f} ms"
+            f" | {sum(r['errors'] for r in rows)} |"
+        )
+    (tmp / "streams.json").write_text(json.dumps(results, indent=1))
+    print(f"raw: {tmp / 'streams.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
