@@ -125,7 +125,11 @@ async def serve(
             if link is not None:
                 link.status = metrics.supervisor  # one dict: /metrics and /readyz read it
                 await actor_nursery.start(_in_scope, control, partial(link.run, reloader.apply))
-            await _serve_http(app, sock, source, shutdown_trigger, task_status)
+            async with trio.open_nursery() as watchers:  # requests' disconnect watchers
+                app.pipeline.watchers = watchers
+                await _serve_http(app, sock, source, shutdown_trigger, task_status)
+                app.pipeline.watchers = None
+                watchers.cancel_scope.cancel()  # hypercorn is done: no request is left
             control.cancel()
             # hypercorn has finished its graceful shutdown: no request uses the actors any more.
             for actor in app.gateway.actors.values():
