@@ -8,6 +8,7 @@ A new face is a dialect module and an entry in the app's route table; nothing he
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -36,14 +37,20 @@ StreamScope = Callable[[], AbstractContextManager[trio.CancelScope]]
 class Parsed:
     """A request that parsed and has a route: what the rest of the pipeline works from."""
 
-    __slots__ = ("deadline", "request", "route", "route_name")
+    __slots__ = ("deadline", "request", "route", "route_name", "started")
 
     def __init__(
-        self, request: ClientRequest, route_name: str, route: Route, deadline: float
+        self,
+        request: ClientRequest,
+        route_name: str,
+        route: Route,
+        started: float,
+        deadline: float,
     ) -> None:
         self.request = request
         self.route_name = route_name
         self.route = route
+        self.started = started  # trio time the request arrived
         self.deadline = deadline  # trio time: the whole cascade's
 
 
@@ -69,8 +76,34 @@ class Pipeline:
         key: KeyConfig | None,
     ) -> None:
         started = trio.current_time()
-        parsed = await parse(face, gateway, scope, receive, started)
-        request = parsed.request
+        server = gateway.config.server
+        body = None
+        # One cancel scope for the whole request: its deadline first bounds the body's arrival
+        # (408 after it: a client that sends one byte and waits must not hold a request, and
+        # its fd, forever); then the client's leaving cancels it (the disconnect watcher).
+        with trio.CancelScope(deadline=started + server.body_timeout) as cancel:
+            body = await read_body(scope, receive, server.max_body)
+            cancel.deadline = math.inf
+            parsed = parse(face, gateway, scope, body, started)
+            await self._admitted(face, gateway, scope, receive, send, request_id, key, parsed,
+                                 cancel)  # fmt: skip
+        if body is None:
+            raise _body_timeout(server)
+
+    async def _admitted(
+        self,
+        face: Dialect,
+        gateway: Gateway,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
+        key: KeyConfig | None,
+        parsed: Parsed,
+        cancel: trio.CancelScope,
+    ) -> None:
+        """Admit (the key gate), dispatch, deliver, and record however it ends."""
+        started, request = parsed.started, parsed.request
         if key is not None:  # limits before anything else happens for this request
             extra = gateway.gate.admit(key, request.model, request.estimated_tokens)
             send = with_headers(send, extra) if extra else send
@@ -86,7 +119,7 @@ class Pipeline:
         before_cascade = trio.current_time() - started
         try:
             await self.deliver(face, gateway, request, dispatch, tracked, receive, delivery,
-                               request_id)  # fmt: skip
+                               request_id, cancel)  # fmt: skip
         finally:
             if hold is not None and key is not None:
                 settle(gateway, hold, key, parsed, tracked, delivery)
@@ -103,9 +136,10 @@ class Pipeline:
         receive: Receive,
         delivery: Delivery,
         request_id: str,
+        cancel: trio.CancelScope,
     ) -> None:
         """Run the cascade and write what it gives, in the client's dialect; a client that goes
-        away cancels it all, wherever it is.
+        away cancels it all (`cancel`, the request's scope), wherever it is.
 
         The disconnect watcher runs in the server's long-lived `watchers` nursery when there is
         one (a per-request nursery costs its opening and a wait for the watcher at its close);
@@ -117,9 +151,8 @@ class Pipeline:
                 nursery.start_soon(tracked.watch_disconnect, receive, nursery.cancel_scope)
                 await self._cascade(*args)
             return
-        with trio.CancelScope() as scope:
-            self.watchers.start_soon(tracked.watch_disconnect, receive, scope)
-            await self._cascade(*args)
+        self.watchers.start_soon(tracked.watch_disconnect, receive, cancel)
+        await self._cascade(*args)
 
     async def _cascade(
         self,
@@ -200,13 +233,11 @@ class Pipeline:
             )
 
 
-async def parse(
-    face: Dialect, gateway: Gateway, scope: Scope, receive: Receive, started: float
-) -> Parsed:
+def parse(face: Dialect, gateway: Gateway, scope: Scope, body: bytes, started: float) -> Parsed:
     """The request in the client's dialect, its route (404 for an unknown model) and the
     cascade's deadline (the route's or the server's, shortened by `x-cascade-deadline`)."""
     server = gateway.config.server
-    request = face.parse(await read_in_time(server, scope, receive))
+    request = face.parse(body)
     resolved = gateway.config.resolve(request.model)
     if resolved is None:
         raise RequestError(
@@ -226,7 +257,7 @@ async def parse(
                 'x-cascade-deadline must be a duration like "30s" or a number of seconds',
                 param="x-cascade-deadline",
             ) from None
-    return Parsed(request, route_name, route, started + deadline)
+    return Parsed(request, route_name, route, started, started + deadline)
 
 
 def targets(parsed: Parsed) -> tuple[Target, ...]:
@@ -296,12 +327,16 @@ async def read_in_time(
     with trio.move_on_after(server.body_timeout):
         body = await read_body(scope, receive, server.max_body if limit is None else limit)
     if body is None:
-        raise RequestError(
-            f"the request body did not arrive within {server.body_timeout:g} s",
-            status=408,
-            code="request_timeout",
-        )
+        raise _body_timeout(server)
     return body
+
+
+def _body_timeout(server: ServerConfig) -> RequestError:
+    return RequestError(
+        f"the request body did not arrive within {server.body_timeout:g} s",
+        status=408,
+        code="request_timeout",
+    )
 
 
 def log_json(
