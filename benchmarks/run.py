@@ -8,7 +8,8 @@
 
 It starts a canned upstream (benchmarks/fast_upstream.py), then measures with the same load, one
 after the other: the upstream directly; bare hypercorn-trio answering itself (the stack's ceiling);
-Cascade with 1 and 2 workers; and the LiteLLM proxy when `--litellm` points at its executable.
+Cascade with 1 and 2 workers; and the LiteLLM proxy when `--litellm` points at its executable;
+and streaming against its ceiling (benchmarks/streams.py: a bare relay through Cascade's pool).
 Then, for the ratio targets, three interleaved rounds restart bare / Cascade / LiteLLM in turn.
 On a machine with 2+ cores the proxy under test is pinned to core 0, the upstream and the load
 generator to core 1. The load generator is wrk when installed, else `cascade loadtest`.
@@ -433,6 +434,11 @@ class Bench:
             if self.args.litellm and not smoke:
                 with self.litellm(up) as port:
                     self.measure("stream/litellm", port, [64], stream=True)
+        if not smoke:  # the streaming ceiling: bare relay vs Cascade, same and cross dialect
+            from streams import compare
+
+            print("streaming against its ceiling")
+            self.results["stream_ceiling"] = compare(duration=max(2.0, self.args.duration))
         print("failover mix: 30% of primary answers are 429 (Retry-After: 0)")
         with self.upstream("--rate-429", "0.3") as primary, self.upstream() as backup:
             with self.cascade(
@@ -540,6 +546,19 @@ def report(results: dict[str, Any]) -> str:
         "Failover mix: 30% of the primary's answers are 429",
         [("failover/cascade-1w", "Cascade, 1 worker (primary, then backup)")],
     )
+    if "stream_ceiling" in r:
+        from streams import table_lines
+
+        lines += [
+            "## Streaming against its ceiling",
+            "",
+            "`benchmarks/streams.py`: bare hypercorn-trio relaying the upstream's stream through"
+            " Cascade's own pool (the ceiling) and Cascade, 64 streams of 20 events 1 ms apart,"
+            " servers in turn, medians of 3 rounds; per core = events per CPU-second of the server.",
+            "",
+            *table_lines(r["stream_ceiling"]),
+            "",
+        ]
 
     def get(key: str, c: int, field: str) -> float:
         return float(r.get(key, {}).get(c, {}).get(field, 0.0))
@@ -636,6 +655,14 @@ def report(results: dict[str, Any]) -> str:
         f"{events:.0f} events/s",
         events >= 6000 if events else None,
     )
+    if "stream_ceiling" in r:
+        from streams import ratios
+
+        share = ratios(r["stream_ceiling"])
+        same = share["Cascade, OpenAI"]
+        cross = min(share["Cascade, OpenAI to Anthropic"], share["Cascade, Anthropic to OpenAI"])
+        target("streaming, same dialect >= 0.7 x the ceiling", f"{same:.2f}x", same >= 0.7)
+        target("streaming, cross dialect >= 0.5 x the ceiling", f"{cross:.2f}x", cross >= 0.5)
     w2 = get("fast/cascade-2w", 16, "rps")
     target(
         "2 workers >= 1.7 x 1 worker (c=16)",

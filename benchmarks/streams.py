@@ -91,6 +91,67 @@ def measure(cmd: list[str], path: str, args: argparse.Namespace) -> dict[str, An
     return result
 
 
+def compare(
+    rounds: int = 3,
+    duration: float = 8.0,
+    concurrency: int = 64,
+    chunks: int = 20,
+    interval: str = "1ms",
+) -> dict[str, list[dict[str, Any]]]:
+    """Every server's measurements, round by round (servers in turn within a round)."""
+    args = argparse.Namespace(
+        duration=duration, concurrency=concurrency, chunks=chunks, interval=interval, port=0
+    )
+    two = (os.cpu_count() or 1) >= 2
+    args.server_cpus, args.client_cpus = ("0", "1") if two else (None, None)
+    tmp = Path(tempfile.mkdtemp(prefix="cascade-streams-"))
+    upstream = free_port()
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVERS}
+    fast = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(upstream)]
+    fast += ["--chunks", str(chunks), "--interval", interval]
+    with process(fast, upstream, args.client_cpus):
+        for _ in range(rounds):
+            for name in SERVERS:
+                args.port = free_port()
+                cmd, path = server(name, tmp, args.port, upstream)
+                if "--config" in cmd:  # Cascade's port is in its config
+                    config = json.loads(Path(cmd[-1]).read_text())
+                    config["server"]["port"] = args.port
+                    Path(cmd[-1]).write_text(json.dumps(config))
+                results[name].append(measure(cmd, path, args))
+    return results
+
+
+def ratios(results: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Each server's events per core over the ceiling's (medians of the rounds)."""
+
+    def per_core(name: str) -> float:
+        return statistics.median(r["events_per_core_s"] for r in results[name])
+
+    ceiling = per_core("bare relay")
+    return {name: per_core(name) / ceiling for name in SERVERS}
+
+
+def table_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The medians as a Markdown table, each server against the ceiling."""
+    ceiling = statistics.median(r["events_per_core_s"] for r in results["bare relay"])
+    lines = [
+        "| server | content events/s | per core | vs the ceiling | p50 gap | p99 gap | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in SERVERS:
+        rows = results[name]
+        per_core = statistics.median(r["events_per_core_s"] for r in rows)
+        lines.append(
+            f"| {name} | {statistics.median(r['content_events_per_s'] for r in rows):,.0f}"
+            f" | {per_core:,.0f} | {per_core / ceiling:.2f}x"
+            f" | {statistics.median(r['gap_p50_ms'] for r in rows):.3f} ms"
+            f" | {statistics.median(r['gap_p99_ms'] for r in rows):.3f} ms"
+            f" | {sum(r['errors'] for r in rows)} |"
+        )
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,40 +162,10 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=20, help="content events per answer")
     p.add_argument("--interval", default="1ms", help="between an answer's events")
     args = p.parse_args()
-    two = (os.cpu_count() or 1) >= 2
-    args.server_cpus, args.client_cpus = ("0", "1") if two else (None, None)
-    tmp = Path(tempfile.mkdtemp(prefix="cascade-streams-"))
-    upstream = free_port()
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVERS}
-    fast = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(upstream)]
-    fast += ["--chunks", str(args.chunks), "--interval", args.interval]
-    with process(fast, upstream, args.client_cpus):
-        for _ in range(args.rounds):
-            for name in SERVERS:
-                args.port = free_port()
-                cmd, path = server(name, tmp, args.port, upstream)
-                if "--config" in cmd:  # Cascade's port is in its config
-                    config = json.loads(Path(cmd[-1]).read_text())
-                    config["server"]["port"] = args.port
-                    Path(cmd[-1]).write_text(json.dumps(config))
-                results[name].append(measure(cmd, path, args))
-    ceiling = statistics.median(r["events_per_core_s"] for r in results["bare relay"])
+    results = compare(args.rounds, args.duration, args.concurrency, args.chunks, args.interval)
     print(f"{args.concurrency} concurrent streams of {args.chunks} events {args.interval} apart,"
           f" {args.rounds} rounds of {args.duration:g} s; medians:")  # fmt: skip
-    print("| server | content events/s | per core | vs the ceiling | p50 gap | p99 gap | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for name in SERVERS:
-        rows = results[name]
-        per_core = statistics.median(r["events_per_core_s"] for r in rows)
-        print(
-            f"| {name} | {statistics.median(r['content_events_per_s'] for r in rows):,.0f}"
-            f" | {per_core:,.0f} | {per_core / ceiling:.2f}x"
-            f" | {statistics.median(r['gap_p50_ms'] for r in rows):.3f} ms"
-            f" | {statistics.median(r['gap_p99_ms'] for r in rows):.3f} ms"
-            f" | {sum(r['errors'] for r in rows)} |"
-        )
-    (tmp / "streams.json").write_text(json.dumps(results, indent=1))
-    print(f"raw: {tmp / 'streams.json'}")
+    print("\n".join(table_lines(results)))
     return 0
 
 
