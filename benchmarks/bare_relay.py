@@ -23,17 +23,15 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors.transport import Transport
+from router.web.asgi import lifespan
 
 HEADERS = [(b"content-type", b"application/json"), (b"accept-encoding", b"identity")]
 
 
 async def app(transport: Transport, scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            kind = (await receive())["type"].rsplit(".", 1)[-1]
-            await send({"type": f"lifespan.{kind}.complete"})
-            if kind == "shutdown":
-                return
+        await lifespan(receive, send)
+        return
     body = b""
     while True:
         message = await receive()

@@ -138,4 +138,6 @@ async def test_done_without_a_finish_reason_is_not_a_complete_answer(
             r = await http.post("/v1/chat/completions", json=chat(stream=True))
     data = sse_data(r.text)
     assert "[DONE]" not in data
-    assert "before the answer was complete" in json.loads(data[-1])["error"]["message"]
+    error = json.loads(data[-1])["error"]
+    assert "before the answer was complete" in error["message"]
+    assert error["code"] == "stream_incomplete"  # as for a body that ends early

@@ -497,6 +497,11 @@ class Route:
     )
 
     @property
+    def every_target(self) -> tuple[Target, ...]:
+        """Every target the route may use: its targets, alternatives and larger-context ones."""
+        return self.targets + self.alternatives + self.on_context_overflow
+
+    @property
     def is_glob(self) -> bool:
         return any(c in self.match for c in "*?[")
 

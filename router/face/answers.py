@@ -13,6 +13,7 @@ import trio
 import trio.lowlevel
 
 from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, StreamStart
+from actors.outcome import INCOMPLETE_STREAM
 from actors.wire import Usage
 from router.cascade.dispatcher import CascadeError, Winner
 from router.config import Target
@@ -204,7 +205,14 @@ async def _relay(
                 out.append(data)
                 if error is not None:
                     tail.extend(out)
-                    return writer.fail(error, "upstream_stream_error"), upstream_done
+                    # a [DONE] before any finish_reason is the same failure as a body that ends
+                    # early (the actor's tally counts it as such): one code for both
+                    code = (
+                        INCOMPLETE_STREAM.error_type
+                        if error == INCOMPLETE_STREAM.message
+                        else "upstream_stream_error"
+                    )
+                    return writer.fail(error, code), upstream_done
                 if writer.done:
                     tail.extend(out)
                     delivery.completed = True

@@ -49,8 +49,7 @@ class Gateway:
         known = self._crossing.get((id(route), face.name))
         if known is not None:
             return known
-        targets = route.targets + route.alternatives + route.on_context_overflow
-        found = any(self.dialects[t.provider] is not face for t in targets)
+        found = any(self.dialects[t.provider] is not face for t in route.every_target)
         if not route.direct:
             self._crossing[(id(route), face.name)] = found
         return found

@@ -16,7 +16,7 @@ import trio
 
 from actors.wire import Usage
 from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch
-from router.config import Route, ServerConfig, Target
+from router.config import Route, ServerConfig
 from router.config.keys import KeyConfig
 from router.dialects.base import ClientRequest, Dialect
 from router.dialects.bodies import UpstreamBodies
@@ -114,7 +114,10 @@ class Pipeline:
         hold = None
         if key is not None and key.budgets:  # the last step before the try: its finally settles
             hold = await gateway.gate.reserve(
-                key, request.estimated_input_tokens, request.max_output_tokens, targets(parsed)
+                key,
+                request.estimated_input_tokens,
+                request.max_output_tokens,
+                parsed.route.every_target,
             )
         before_cascade = trio.current_time() - started
         try:
@@ -260,12 +263,6 @@ def parse(face: Dialect, gateway: Gateway, scope: Scope, body: bytes, started: f
     return Parsed(request, route_name, route, started, started + deadline)
 
 
-def targets(parsed: Parsed) -> tuple[Target, ...]:
-    """Every target the request may go to, in the route's order."""
-    route = parsed.route
-    return route.targets + route.alternatives + route.on_context_overflow
-
-
 def job_for(
     face: Dialect, gateway: Gateway, scope: Scope, parsed: Parsed, request_id: str
 ) -> ChatJob:
@@ -279,7 +276,7 @@ def job_for(
     request = parsed.request
     bodies = UpstreamBodies(request, face, gateway.dialects, gateway.config.providers, forwarded)
     if gateway.crosses(parsed.route, face):  # translated: is all of it sayable there?
-        bodies.check(targets(parsed))
+        bodies.check(parsed.route.every_target)
     return ChatJob(
         route_name=parsed.route_name,
         route=parsed.route,
