@@ -14,7 +14,7 @@ import trio
 
 from router.serving.server import raise_fd_limit
 from tests.helpers import chat, eventually
-from tests.live import FakeUpstream, answers, live_gateway
+from tests.live import Exchange, FakeUpstream, answers, live_gateway
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nhost: cascade\r\n\r\n"
 
@@ -76,6 +76,41 @@ async def test_an_idle_connection_closes_after_keep_alive_timeout() -> None:
             async with await trio.open_tcp_stream("127.0.0.1", port) as partial:
                 await partial.send_all(REQUEST[:10])  # headers that never finish
                 assert await partial.receive_some(1) == b""
+
+
+async def test_keep_alive_counts_from_the_last_answer_and_never_cuts_a_request() -> None:
+    """The idle timer stops while a request is in progress (one slower than the keep-alive time
+    is answered whole) and restarts at each answer's end (the connection closes a keep-alive
+    time after the last one, not the first)."""
+
+    async def slow(exchange: Exchange) -> None:
+        await trio.sleep(0.5)
+        await answers(exchange)
+
+    body = json.dumps(chat()).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: c\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with trio.fail_after(10):
+        async with live_gateway(
+            {"a": FakeUpstream(slow)}, server={"keep_alive_timeout": "300ms"}
+        ) as gw:
+            port = int(gw.url.rsplit(":", 1)[1])
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(request)
+                answer = b""
+                while b'"usage"' not in answer:
+                    chunk = await stream.receive_some(65536)
+                    assert chunk, "the server closed the connection mid-request"
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 200 ")
+                await trio.sleep(0.2)  # idle, but for less than the keep-alive time
+                await stream.send_all(REQUEST)
+                await read_answer(stream)
+                answered = trio.current_time()
+                assert await stream.receive_some(1) == b""
+                assert trio.current_time() - answered >= 0.3
 
 
 async def test_a_body_that_never_arrives_is_a_408() -> None:

@@ -5,13 +5,16 @@ trio worker, through its public `hypercorn.trio.serve`, with one fix to its conn
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import hypercorn.config
 import hypercorn.trio
 import hypercorn.trio.run
+import hypercorn.trio.task_group
 import hypercorn.trio.tcp_server
 import trio
 
@@ -44,27 +47,89 @@ _HYPERCORN_LOG = logging.getLogger("cascade.hypercorn")
 _HYPERCORN_LOG.addFilter(_NoBanner())
 
 
+class _IdleTimer:
+    """hypercorn's idle timer for one connection, as one task whose deadline moves.
+
+    hypercorn 0.18 restarts the timer as a new task each time a connection turns idle (a lock,
+    `nursery.start`, a task that is later cancelled) and cancels it each time a request arrives:
+    a spawn, a cancellation and several task switches per request. Here the timer is one task for
+    the connection's life, and a request's arrival and end only move its deadline (infinite while
+    a request is in progress). It closes the connection when the keep-alive time passes idle, or
+    when the server shuts down and the connection is (or next becomes) idle, as hypercorn's does.
+    """
+
+    __slots__ = ("_became_idle", "_idle", "_quiet", "_scope", "_server")
+
+    def __init__(self, server: _TCPServer) -> None:
+        self._server = server
+        self._scope: trio.CancelScope | None = None
+        self._idle = False
+        self._quiet = False  # ended because the client left: the server side closes anyway
+        self._became_idle: trio.Event | None = None  # set when idle again, during shutdown
+
+    async def restart(self, task_group: hypercorn.trio.task_group.TaskGroup, action: object) -> None:
+        """The connection is idle: no request in progress."""
+        if self._server.client_closed:  # a request that ended after its client left: close now
+            task_group._nursery.start_soon(self._server.close_now)  # type: ignore[union-attr]
+            return
+        self._idle = True
+        deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        if self._scope is None:
+            self._scope = trio.CancelScope(deadline=deadline)
+            task_group._nursery.start_soon(self._run)  # type: ignore[union-attr]
+        else:
+            self._scope.deadline = deadline
+        if self._became_idle is not None:
+            self._became_idle.set()
+
+    async def stop(self) -> None:
+        """A request is in progress: the timer waits for it."""
+        self._idle = False
+        if self._scope is not None:
+            self._scope.deadline = math.inf
+
+    def client_gone(self) -> None:
+        """The client has closed its side: the timer ends; closing is the connection's own."""
+        self._idle = False
+        if self._scope is not None:
+            self._quiet = True
+            self._scope.cancel()
+
+    async def _run(self) -> None:
+        assert self._scope is not None
+        with self._scope:
+            await self._server.context.terminated.wait()
+            while not self._idle:  # shutting down mid-request: close once it is answered
+                self._became_idle = trio.Event()
+                await self._became_idle.wait()
+        if not self._quiet:  # idle for the keep-alive time, or idle at shutdown
+            await self._server.close_now()
+
+
 class _TCPServer(hypercorn.trio.tcp_server.TCPServer):
-    """hypercorn's connection handler, closing a connection as soon as its client is gone.
+    """hypercorn's connection handler with two changes: a connection is closed as soon as its
+    client is gone, and its idle timer is one task per connection (`_IdleTimer`).
 
     When a client resets its connection, or closes it before the answer is complete, hypercorn
     0.18 sees the end of its input but then waits out the keep-alive timer (75 s by default)
     before it closes its side: every such client held an fd that long, and 1,014 one-shot
-    clients exhausted a 1,024-fd limit in 11 s. Here the end of input ends the idle timer.
+    clients exhausted a 1,024-fd limit in 11 s. Here the end of input ends the idle timer, and a
+    request still in progress closes the connection when it ends.
     """
 
-    _client_closed = False
+    client_closed = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_task = _IdleTimer(self)  # type: ignore[assignment]
 
     async def _read_data(self) -> None:
         await super()._read_data()
-        self._client_closed = True
-        await self.idle_task.stop()  # idle now: nothing keeps the connection open any more
+        self.client_closed = True
+        self.idle_task.client_gone()  # type: ignore[attr-defined]
 
-    async def _idle_timeout(self) -> None:
-        if not self._client_closed:
-            await super()._idle_timeout()
-            return
-        with trio.CancelScope(shield=True):  # a request ended after the client's EOF
+    async def close_now(self) -> None:
+        with trio.CancelScope(shield=True):
             await self._initiate_server_close()
 
 
