@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.dialects.anthropic import parse_messages_request
+from router.dialects.jsonbody import event_object
 from router.dialects.openai import parse_chat_request
 from router.errors import RequestError
 
@@ -113,3 +114,26 @@ def test_anthropic_model_swap_changes_only_the_model(
         return  # a random field that must be a boolean or a number is not: refused, fine
     assert request.model == model
     assert request.body_for(new_model) == body_with(new_model)
+
+
+def _loads_object(data: bytes) -> Any:
+    try:
+        value = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@given(
+    st.one_of(
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.tuples(json_values, whitespace, whitespace, st.sampled_from(["", "x", "}", "{}", "1"]))
+        .map(lambda t: (t[1] + json.dumps(t[0]) + t[2] + t[3]).encode()),
+        st.binary(max_size=24),
+    )
+)
+@settings(max_examples=400)
+def test_a_stream_event_is_an_object_exactly_when_json_loads_says_so(data: bytes) -> None:
+    """The streams' fast event parse agrees with json.loads on UTF-8 text: trailing bytes after
+    the value, other JSON values and bytes that are not UTF-8 are all "not an object"."""
+    assert event_object(data) == _loads_object(data)

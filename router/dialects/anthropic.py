@@ -24,6 +24,7 @@ from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
+    event_object,
     finite_number,
     optional,
     parse_object,
@@ -256,12 +257,9 @@ class Stream:
     def relay(self, events: Sequence[SSEEvent]) -> tuple[bytes, str | None]:
         out: list[bytes] = []
         for event in events:
-            try:
-                parsed = json.loads(event.data)
-            except ValueError:
+            parsed = event_object(event.data)
+            if parsed is None:
                 continue  # malformed: never relayed
-            if not isinstance(parsed, dict):
-                continue
             if event.event == b"error" or parsed.get("type") == "error":
                 error = parsed.get("error")
                 detail = error if isinstance(error, dict) else {"message": str(error)}

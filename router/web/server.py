@@ -67,7 +67,9 @@ class _IdleTimer:
         self._quiet = False  # ended because the client left: the server side closes anyway
         self._became_idle: trio.Event | None = None  # set when idle again, during shutdown
 
-    async def restart(self, task_group: hypercorn.trio.task_group.TaskGroup, action: object) -> None:
+    async def restart(
+        self, task_group: hypercorn.trio.task_group.TaskGroup, action: object
+    ) -> None:
         """The connection is idle: no request in progress."""
         if self._server.client_closed:  # a request that ended after its client left: close now
             task_group._nursery.start_soon(self._server.close_now)  # type: ignore[union-attr]
