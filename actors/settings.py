@@ -6,6 +6,8 @@ nothing from the router.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import os
 from collections.abc import Mapping
 from typing import Literal
@@ -69,6 +71,14 @@ class RetryBudget:
     min_retries: int = 3
 
 
+REASONING_MODELS = ("o1*", "o3*", "o4*", "gpt-5*")
+
+
+@functools.lru_cache(maxsize=1024)
+def _matches(globs: tuple[str, ...], name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
+
+
 @attrs.frozen
 class ProviderConfig:
     """One provider: where it is, how it is called, and its actor's admission policies."""
@@ -91,6 +101,14 @@ class ProviderConfig:
     proxy: str | None = None  # an http:// proxy URL, "none", or None: from HTTP(S)_PROXY
     anthropic_version: str = "2023-06-01"  # the anthropic-version header (dialect: anthropic)
     default_max_tokens: int = 4096  # (anthropic) for translated requests that name no max_tokens
+    # Crossing dialects: drop the top-level fields this provider cannot take (LiteLLM's
+    # drop_params) instead of skipping it for the request.
+    drop_params: bool = False
+    # (openai) models that take max_completion_tokens, not max_tokens, and no sampling knobs
+    reasoning_models: tuple[str, ...] = REASONING_MODELS
+
+    def is_reasoning(self, model: str) -> bool:
+        return _matches(self.reasoning_models, model)
 
     def api_key(self) -> str | None:
         """The key from the environment; read at use so it never sits in a config object or log."""

@@ -2,7 +2,10 @@
 
     Exception
     ├── RequestError        the client's request is wrong (or cannot be served as asked): a 4xx
-    │                       in the client dialect's error shape; it never reaches a provider
+    │   │                   in the client dialect's error shape; it never reaches a provider
+    │   └── Untranslatable  valid in the client's dialect, but a provider of another dialect
+    │                       cannot take it: that target is skipped for this request; a 400 only
+    │                       when no target of the route can take it
     ├── CascadeError        (router/cascade/dispatcher.py) the cascade ended without a success:
     │                       the provider's own 4xx, or 429/502/504 `retry_exhausted` with attempts
     └── ConfigError         (router/config/) a config is invalid: every problem, with its path
@@ -33,3 +36,9 @@ class RequestError(Exception):
         self.param = param
         self.code = code
         self.type = type
+
+
+class Untranslatable(RequestError):
+    """A valid request that one provider dialect cannot say (a field, a value, a block with no
+    equivalent there). The targets of that dialect are ineligible for this request; the route's
+    other targets still serve it (router/cascade/dispatcher.py)."""

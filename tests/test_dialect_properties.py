@@ -127,8 +127,9 @@ def _loads_object(data: bytes) -> Any:
 @given(
     st.one_of(
         json_values.map(lambda v: json.dumps(v).encode()),
-        st.tuples(json_values, whitespace, whitespace, st.sampled_from(["", "x", "}", "{}", "1"]))
-        .map(lambda t: (t[1] + json.dumps(t[0]) + t[2] + t[3]).encode()),
+        st.tuples(
+            json_values, whitespace, whitespace, st.sampled_from(["", "x", "}", "{}", "1"])
+        ).map(lambda t: (t[1] + json.dumps(t[0]) + t[2] + t[3]).encode()),
         st.binary(max_size=24),
     )
 )

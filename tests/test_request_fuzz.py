@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from actors.settings import ProviderConfig
 from router.dialects import DIALECTS
 from router.dialects.anthropic import count_tokens
 from router.dialects.pairs import translator
+from router.dialects.translate import Crossing
 from router.errors import RequestError
 from tests.helpers import Upstream, asgi_client, config, gateway
 
@@ -161,9 +161,6 @@ def mutated(base: dict[str, Any], rng: random.Random) -> tuple[dict[str, Any], s
     return obj, f"{'.'.join(map(str, where))} = {replacement!r}"
 
 
-PROVIDER = ProviderConfig(name="p", base_url="http://127.0.0.1:1/v1")
-
-
 def check(client: str, obj: dict[str, Any]) -> None:
     """Parse as `client`, then build the body for a target of each dialect; a RequestError must
     be a 4xx naming the field."""
@@ -177,7 +174,7 @@ def check(client: str, obj: dict[str, Any]) -> None:
             if upstream is dialect:
                 request.call_for(upstream, "up-model")
             else:
-                translator(dialect, upstream).request(request, "up-model", PROVIDER)
+                translator(dialect, upstream).request(request, "up-model", Crossing())
     except RequestError as exc:
         assert 400 <= exc.status < 500, exc.message
         assert exc.param, f"no field named: {exc.message}"

@@ -14,6 +14,7 @@ from actors.sse import SSEEvent
 from router.dialects.translate import (
     STOP_TO_FINISH,
     AnthropicToOpenAIStream,
+    Crossing,
     OpenAIToAnthropicStream,
     anthropic_answer_to_openai,
     anthropic_to_openai,
@@ -22,7 +23,9 @@ from router.dialects.translate import (
     openai_to_anthropic,
     openai_tool_id,
 )
-from router.errors import RequestError
+from router.errors import RequestError, Untranslatable
+
+CROSSING = Crossing()
 
 TOOL = {
     "type": "function",
@@ -31,12 +34,12 @@ TOOL = {
 
 
 def to_anthropic(**obj: Any) -> dict[str, Any]:
-    return json.loads(openai_to_anthropic({"model": "m", **obj}, "claude-up", 4096))
+    return json.loads(openai_to_anthropic({"model": "m", **obj}, "claude-up", CROSSING))
 
 
 def to_openai(stream: bool = False, **obj: Any) -> dict[str, Any]:
     return json.loads(
-        anthropic_to_openai({"model": "m", "max_tokens": 50, **obj}, "gpt-up", stream)
+        anthropic_to_openai({"model": "m", "max_tokens": 50, **obj}, "gpt-up", stream, CROSSING)
     )
 
 
@@ -107,10 +110,49 @@ def test_openai_request_to_anthropic() -> None:
         ),
     ],
 )
-def test_what_anthropic_cannot_say_is_refused_by_field(extra: dict[str, Any], param: str) -> None:
-    with pytest.raises(RequestError) as info:
+def test_what_anthropic_cannot_say_is_untranslatable_by_field(
+    extra: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(Untranslatable) as info:
         to_anthropic(**{"messages": [{"role": "user", "content": "hi"}], **extra})
     assert info.value.param == param and info.value.status == 400
+
+
+def test_what_keeps_its_meaning_is_dropped_for_anthropic() -> None:
+    sent = to_anthropic(
+        messages=[{"role": "user", "content": "hi"}],
+        store=True, seed=7, service_tier="auto", reasoning_effort="low",
+        metadata={"app": "x"}, response_format={"type": "text"}, prompt_cache_key="k",
+    )  # fmt: skip
+    assert set(sent) == {"model", "messages", "max_tokens"}
+
+
+def test_drop_params_drops_top_level_fields_but_never_content() -> None:
+    """A provider with drop_params takes what it can of the request: the fields it cannot say
+    are left out. Content (a part it cannot say) still makes it ineligible."""
+    dropping = Crossing(drop=True)
+    sent = json.loads(
+        openai_to_anthropic(
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 2,
+             "logprobs": True, "temperature": 1.5, "response_format": {"type": "json_object"}},
+            "c", dropping,
+        )
+    )  # fmt: skip
+    assert set(sent) == {"model", "messages", "max_tokens"}
+    with pytest.raises(Untranslatable):
+        openai_to_anthropic(
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "c",
+            dropping,
+        )
+    back = json.loads(
+        anthropic_to_openai(
+            {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}],
+             "top_k": 5, "output_config": {"format": {"type": "json_schema"}}},
+            "g", False, dropping,
+        )
+    )  # fmt: skip
+    assert set(back) == {"model", "messages", "max_tokens"}
 
 
 def test_anthropic_request_to_openai() -> None:
@@ -155,7 +197,8 @@ def test_anthropic_request_to_openai() -> None:
     ("extra", "param"),
     [
         ({"top_k": 5}, "top_k"),
-        ({"thinking": {"type": "enabled", "budget_tokens": 100}}, "thinking"),
+        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format"),
+        ({"mcp_servers": [{"type": "url", "url": "https://x"}]}, "mcp_servers"),
         (
             {"messages": [{"role": "user", "content": [{"type": "document"}]}]},
             "messages[0].content[0]",
@@ -163,10 +206,57 @@ def test_anthropic_request_to_openai() -> None:
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
     ],
 )
-def test_what_openai_cannot_say_is_refused_by_field(extra: dict[str, Any], param: str) -> None:
-    with pytest.raises(RequestError) as info:
+def test_what_openai_cannot_say_is_untranslatable_by_field(
+    extra: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(Untranslatable) as info:
         to_openai(**{"messages": [{"role": "user", "content": "hi"}], **extra})
     assert info.value.param == param
+
+
+def test_claude_codes_fields_are_dropped_for_openai() -> None:
+    """Thinking, context management, cache hints, effort (for a model with no such knob) and the
+    serving tier change nothing in what the answer says: dropped when crossing."""
+    sent = to_openai(
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
+        thinking={"type": "adaptive"},
+        output_config={"effort": "medium"},
+        context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        service_tier="auto",
+        system=[{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+    )  # fmt: skip
+    assert set(sent) == {"model", "messages", "max_tokens"}
+    assert sent["messages"][0] == {"role": "system", "content": "be brief"}
+    assert sent["messages"][1] == {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+
+
+def test_a_reasoning_model_gets_max_completion_tokens_and_the_effort() -> None:
+    reasoning = Crossing(reasoning=True)
+    sent = json.loads(
+        anthropic_to_openai(
+            {"model": "m", "max_tokens": 64, "temperature": 0.2,
+             "messages": [{"role": "user", "content": "hi"}], "output_config": {"effort": "low"}},
+            "gpt-5", False, reasoning,
+        )
+    )  # fmt: skip
+    assert sent["max_completion_tokens"] == 64 and "max_tokens" not in sent
+    assert sent["reasoning_effort"] == "low" and "temperature" not in sent
+
+
+def test_a_system_message_mid_conversation_stays_in_its_place_for_openai() -> None:
+    sent = to_openai(
+        system="first",
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "system", "content": [{"type": "text", "text": "now be terse"}]},
+            {"role": "user", "content": "go"},
+        ],
+    )
+    roles = [(m["role"], m["content"]) for m in sent["messages"]]
+    assert roles[0] == ("system", "first") and roles[3] == ("system", "now be terse")
+    assert [r for r, _ in roles] == ["system", "user", "assistant", "system", "user"]
 
 
 @pytest.mark.parametrize(("stop", "finish"), sorted(STOP_TO_FINISH.items()))
@@ -319,11 +409,13 @@ def test_text_conversations_round_trip(turns: list[tuple[str, str]]) -> None:
     messages = [{"role": role, "content": text} for role, text in turns]
     if not any(text for _, text in turns):
         with pytest.raises(RequestError) as info:
-            openai_to_anthropic({"model": "m", "messages": messages}, "c", 10)
+            openai_to_anthropic({"model": "m", "messages": messages}, "c", Crossing(10))
         assert info.value.param == "messages"
         return
-    anthropic_body = json.loads(openai_to_anthropic({"model": "m", "messages": messages}, "c", 10))
-    back = json.loads(anthropic_to_openai(anthropic_body, "g", False))
+    anthropic_body = json.loads(
+        openai_to_anthropic({"model": "m", "messages": messages}, "c", Crossing(10))
+    )
+    back = json.loads(anthropic_to_openai(anthropic_body, "g", False, CROSSING))
 
     def merged(msgs: list[dict[str, Any]]) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []

@@ -32,6 +32,7 @@ from actors.provider import ProviderActor
 from router.cascade.policy import Action, Decision, Plan, backoff_delay, decide
 from router.config import Config, Route, Target
 from router.dialects.base import UpstreamCall
+from router.errors import Untranslatable
 from router.telemetry.metrics import Metrics
 
 log = logging.getLogger("cascade.dispatch")
@@ -49,9 +50,13 @@ class AttemptRecord:
     status: int | None
     error_type: str
     elapsed_ms: float
+    reason: str | None = None  # why an ineligible target was skipped (no call was made)
 
     def to_json(self) -> dict[str, object]:
-        return attrs.asdict(self)
+        out = attrs.asdict(self)
+        if self.reason is None:
+            del out["reason"]
+        return out
 
 
 class CascadeError(Exception):
@@ -67,8 +72,12 @@ class CascadeError(Exception):
         retry_after: float | None = None,
         upstream: Response | None = None,
         calls: int = 0,
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.param = param  # the field at fault, when the client's request is
+        self.code = code or error_type
         self.status = status
         self.error_type = error_type
         self.message = message
@@ -84,7 +93,9 @@ class ChatJob:
 
     route_name: str
     route: Route
-    call_for: Callable[[Target], UpstreamCall]  # path and body for a target, in its dialect
+    # path and body for a target, in its dialect; Untranslatable: the target cannot take this
+    # request (another dialect, a field it has no equivalent for) and is skipped
+    call_for: Callable[[Target], UpstreamCall]
     stream: bool
     estimated_tokens: int
     request_id: str
@@ -112,6 +123,7 @@ class Winner:
     attempt_count: int  # upstream calls made (refusals are not calls)
     replied_at: float  # trio time the winning reply (the answer, or a stream's first events) came
     started: float  # trio time the winning attempt started
+    skipped: tuple[str, ...] = ()  # "provider/model" of the targets that could not take it
 
 
 class Dispatcher:
@@ -202,6 +214,7 @@ class _Run:
         self.max_attempts = self.retry.max_attempts
         self.attempts: list[AttemptRecord] = []
         self.failures: list[Failure | Refused] = []
+        self.ineligible: list[Untranslatable] = []  # targets skipped: they cannot take it
         self.attempt_count = 0
         self.live: list[_Live] = []
         self.last_failure_at: dict[Target, float] = {}
@@ -242,10 +255,10 @@ class _Run:
     async def _sequential(self) -> Winner:
         """One attempt at a time (no hedging): the common path, with no extra tasks."""
         while True:
-            target = await self._next_target()
-            if target is None:
+            nxt = await self._next_target()
+            if nxt is None:
                 raise self._exhausted()
-            live = await self._launch(target)
+            live = await self._launch(*nxt)
             reply = await live.replies.receive()
             self.live.remove(live)
             winner = self._judge(live, reply)
@@ -262,10 +275,10 @@ class _Run:
         hedge_at = math.inf
         while True:
             if not self.live:
-                target = await self._next_target()
-                if target is None:
+                nxt = await self._next_target()
+                if nxt is None:
                     raise self._exhausted()
-                hedge_at = await self._start_watched(nursery, results, target)
+                hedge_at = await self._start_watched(nursery, results, *nxt)
                 continue
             if trio.current_time() >= hedge_at:
                 try:  # an answer that arrived at the same instant beats the hedge timer
@@ -294,10 +307,11 @@ class _Run:
         nursery: trio.Nursery,
         results: trio.MemorySendChannel[tuple[_Live, Reply]],
         target: Target,
+        call: UpstreamCall,
         hedge_token: list[float] | None = None,
     ) -> float:
         """Launch an attempt whose first reply goes to `results`; returns when to hedge next."""
-        live = await self._launch(target, hedge_token)
+        live = await self._launch(target, call, hedge_token)
         nursery.start_soon(_first_reply, live, results)
         hedge = self.job.route.hedge
         assert hedge is not None
@@ -319,20 +333,27 @@ class _Run:
         budget = self.d.hedge_budget(self.job.route_name)
         token = budget.take(trio.current_time(), hedge.budget, hedge.min_hedges)
         target = self.plan.pop_fresh() if token is not None else None
-        if target is None:
+        call = None
+        while target is not None and (call := self._call(target)) is None:
+            target = self.plan.pop_fresh()
+        if target is None or call is None:
             if token is not None:
                 budget.give_back(token)
             self.d.metrics.hedges.labels(self.job.route_name, "skipped").inc()
             return math.inf
         self.hedges += 1
-        return await self._start_watched(nursery, results, target, token)
+        return await self._start_watched(nursery, results, target, call, token)
 
-    async def _next_target(self) -> Target | None:
-        """The next target to try (sequentially), after its backoff; None when none is left."""
+    async def _next_target(self) -> tuple[Target, UpstreamCall] | None:
+        """The next target to try (sequentially) and its call, after its backoff; None when none
+        is left."""
         while self.plan:
             if self.attempt_count >= self.max_attempts:
                 return None
             target = self.plan.pop()
+            call = self._call(target)
+            if call is None:
+                continue
             retries = self.plan.retries.get(target, 0)
             failed_at = self.last_failure_at.get(target)
             if retries and failed_at is not None:
@@ -349,8 +370,22 @@ class _Run:
                     except trio.Cancelled:
                         self.d.metrics.cancelled.labels(target.provider, "backoff").inc()
                         raise
-            return target
+            return target, call
         return None
+
+    def _call(self, target: Target) -> UpstreamCall | None:
+        """The call to make on `target`; None when the target cannot take this request (it is
+        recorded as an ineligible attempt, with its reason, and the cascade goes on)."""
+        try:
+            return self.job.call_for(target)
+        except Untranslatable as exc:
+            self.plan.mark_tried(target)
+            self.ineligible.append(exc)
+            self.attempts.append(
+                AttemptRecord(target.provider, target.model, None, "ineligible", 0.0, exc.message)
+            )
+            log.info("request %s: %s skipped (%s)", self.job.request_id, target, exc.message)
+            return None
 
     def _backoff(self, target: Target, retry_number: int) -> float:
         scope = self.retry.backoff.scope
@@ -361,14 +396,15 @@ class _Run:
         self.last_delay = backoff_delay(self.retry.backoff, n, self.last_delay, self.d.rng)
         return self.last_delay
 
-    async def _launch(self, target: Target, hedge_token: list[float] | None = None) -> _Live:
+    async def _launch(
+        self, target: Target, call: UpstreamCall, hedge_token: list[float] | None = None
+    ) -> _Live:
         """Send one Attempt to the target's actor; its replies arrive on the returned `_Live`."""
         job = self.job
         is_retry = target in self.plan.retries
         self.plan.mark_tried(target)
         send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
         live = _Live(target, trio.CancelScope(), receive, trio.current_time(), hedge_token)
-        call = job.call_for(target)
         request = UpstreamRequest(
             path=call.path,
             body=call.body,
@@ -490,7 +526,10 @@ class _Run:
         # The winner leaves the live list: its scope is cancelled when the request is done.
         self.winner = live
         now = trio.current_time()
-        return Winner(live.target, reply, live.replies, self.attempt_count, now, live.started)
+        skipped = _skipped(self.attempts) if self.ineligible else ()
+        return Winner(
+            live.target, reply, live.replies, self.attempt_count, now, live.started, skipped
+        )
 
     def _record(self, target: Target, status: int | None, error_type: str, started: float) -> None:
         elapsed = (trio.current_time() - started) * 1000
@@ -520,6 +559,8 @@ class _Run:
         )
 
     def _exhausted(self) -> CascadeError:
+        if self.ineligible and not self.failures and not self.deadline_hit:
+            return self._nobody_can()
         limited = [f for f in self.failures if _is_rate_limit(f)]
         if self.failures and len(limited) == len(self.failures) and not self.deadline_hit:
             untils = [u for u in (_until(f) for f in limited) if u is not None]
@@ -533,6 +574,25 @@ class _Run:
                 calls=self.attempt_count,
             )
         return self._failed_everywhere()
+
+    def _nobody_can(self) -> CascadeError:
+        """Every target was skipped as unable to take the request: the client's 400, naming
+        the field and the targets (no call was made)."""
+        reasons = "; ".join(
+            f"{a.provider}/{a.model}: {a.reason}"
+            for a in self.attempts
+            if a.error_type == "ineligible"
+        )
+        first = self.ineligible[0]
+        return CascadeError(
+            400,
+            "invalid_request_error",
+            f"no target of this route can take this request ({reasons})",
+            self.attempts,
+            calls=0,
+            param=first.param,
+            code="no_eligible_target",
+        )
 
     def _failed_everywhere(self) -> CascadeError:
         """Exhausted, not only by rate limits: 504 when the last failure was a timeout (or the
@@ -565,6 +625,10 @@ async def _first_reply(live: _Live, results: trio.MemorySendChannel[tuple[_Live,
     except (trio.EndOfChannel, trio.ClosedResourceError):
         return
     await results.send((live, reply))
+
+
+def _skipped(attempts: list[AttemptRecord]) -> tuple[str, ...]:
+    return tuple(f"{a.provider}/{a.model}" for a in attempts if a.error_type == "ineligible")
 
 
 def _is_rate_limit(f: Failure | Refused) -> bool:

@@ -165,6 +165,14 @@ class _Fields:
 
         return self._typed(key, default, convert, "true or false")
 
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        def convert(v: Any) -> tuple[str, ...]:
+            if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+                raise TypeError
+            return tuple(v)
+
+        return self._typed(key, default, convert, "a list of non-empty strings")
+
     def sub(self, key: str) -> _Fields:
         value = self.get(key)
         return _Fields(None if value is _MISSING else value, self.at(key), self.problems)
@@ -331,6 +339,8 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
         dialect=dialect,
         anthropic_version=_anthropic_version(f, dialect, d.anthropic_version),
         default_max_tokens=f.integer("default_max_tokens", d.default_max_tokens, minimum=1),
+        drop_params=f.boolean("drop_params", d.drop_params),
+        reasoning_models=f.strings("reasoning_models", d.reasoning_models),
         api_key_env=f.optional_string("api_key_env"),
         timeouts=_parse_timeouts(f.sub("timeouts")),
         max_retries=f.integer("max_retries", d.max_retries, maximum=100),

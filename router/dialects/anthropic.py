@@ -35,7 +35,7 @@ from router.errors import RequestError
 
 PATH = "/v1/messages"  # under the provider's base_url: the API root, as Anthropic documents it
 DEFAULT_VERSION = "2023-06-01"
-_ROLES = ("user", "assistant")
+_ROLES = ("user", "assistant", "system")  # system: mid-conversation, as Anthropic allows
 
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors).
 _TYPE_BY_STATUS = {
@@ -161,7 +161,7 @@ def _validate(obj: dict[str, Any], *, counting: bool = False) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in _ROLES:
             raise RequestError(
-                f"'messages[{i}]' must be an object with role 'user' or 'assistant'",
+                f"'messages[{i}]' must be an object with role 'user', 'assistant' or 'system'",
                 param=f"messages[{i}]",
             )
         content = message.get("content")

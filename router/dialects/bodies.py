@@ -2,8 +2,10 @@
 `model` value swapped, whichever target (and however many attempts) it is for.
 
 A target of the client's dialect gets the client's own bytes with `model` replaced. A target of
-another dialect gets the translation, made once for the request (the first time a target of that
-dialect is asked for, or up front by `check`, which refuses what cannot be said there).
+another dialect gets the translation, made once for the request and what it depends on of the
+provider and model (`Crossing`): the first time such a target is asked for, or up front by
+`check`. What a dialect cannot say makes its targets ineligible (`call_for` raises
+Untranslatable for them, and the dispatcher skips them); a malformed request is a 400 at `check`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from router.config import Target
 from router.dialects.base import ClientRequest, Dialect, UpstreamCall, upstream_call
 from router.dialects.jsonbody import swap
 from router.dialects.pairs import translator
+from router.dialects.translate import Crossing
+from router.errors import Untranslatable
+
+_Built = tuple[UpstreamCall, str, tuple[int, int]]  # a call, its body's text, the model's span
 
 _MODEL_FIRST = '{"model": '  # how every translation begins: the model value's place is known
 
@@ -38,10 +44,11 @@ class UpstreamBodies:
         self._dialects = dialects  # provider name -> its dialect
         self._providers = providers
         self._forwarded = forwarded  # client headers for providers of the client's dialect
-        # (dialect, the provider's default max_tokens) -> (a call, its body's text, model span)
-        self._built: dict[tuple[str, int], tuple[UpstreamCall, str, tuple[int, int]]] = {}
+        # (dialect, crossing) -> the translation, or why there is none
+        self._built: dict[tuple[str, Crossing], _Built | Untranslatable] = {}
 
     def call_for(self, target: Target) -> UpstreamCall:
+        """The call for `target`; Untranslatable when its dialect cannot say this request."""
         upstream = self._dialects[target.provider]
         provider = self._providers[target.provider]
         if upstream is self._client:
@@ -53,25 +60,34 @@ class UpstreamBodies:
         return UpstreamCall(call.path, swap(text, span, target.model), (), call.check_start)
 
     def check(self, targets: Iterable[Target]) -> None:
-        """Translate now for every dialect among `targets` that is not the client's: a request
-        that cannot be said in one of them is a 400 naming the field, before any call."""
+        """Translate now for every dialect among `targets` that is not the client's: a malformed
+        request is a 400 (RequestError) before any call. What a dialect merely cannot say is
+        remembered: its targets are skipped when their turn comes."""
         for target in targets:
             upstream = self._dialects[target.provider]
             if upstream is not self._client:
-                self._translated(upstream, self._providers[target.provider], target.model)
+                try:
+                    self._translated(upstream, self._providers[target.provider], target.model)
+                except Untranslatable:
+                    pass
 
-    def _translated(
-        self, upstream: Dialect, provider: ProviderConfig, model: str
-    ) -> tuple[UpstreamCall, str, tuple[int, int]]:
-        # The translation depends on the upstream dialect and on the provider's default
-        # max_tokens (for a request that does not say), nothing else of the provider.
-        key = (upstream.name, provider.default_max_tokens)
+    def _translated(self, upstream: Dialect, provider: ProviderConfig, model: str) -> _Built:
+        crossing = Crossing(
+            provider.default_max_tokens, provider.drop_params, provider.is_reasoning(model)
+        )
+        key = (upstream.name, crossing)
         built = self._built.get(key)
         if built is None:
-            body = translator(self._client, upstream).request(self._request, model, provider)
+            try:
+                body = translator(self._client, upstream).request(self._request, model, crossing)
+            except Untranslatable as exc:
+                self._built[key] = exc
+                raise
             call = upstream_call(upstream, body, self._request.stream)
             text = body.decode()
             assert text.startswith(_MODEL_FIRST), "a translation starts with its model"
             start = len(_MODEL_FIRST)
             built = self._built[key] = (call, text, (start, start + len(json.dumps(model))))
+        elif isinstance(built, Untranslatable):
+            raise built
         return built

@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import attrs
 
-from actors.settings import ProviderConfig
 from router.dialects.anthropic import MessagesRequest
 from router.dialects.base import ClientRequest, Dialect, StreamWriter
 from router.dialects.openai import ChatRequest
 from router.dialects.translate import (
     AnthropicToOpenAIStream,
+    Crossing,
     OpenAIToAnthropicStream,
     anthropic_answer_to_openai,
     anthropic_to_openai,
@@ -30,9 +30,10 @@ from router.errors import RequestError
 class Translator:
     """A client of one dialect, a provider of another."""
 
-    # (the client's request, the provider's model, the provider) -> the provider's body;
-    # RequestError (400, naming the field) for what cannot be said in the provider's dialect
-    request: Callable[[ClientRequest, str, ProviderConfig], bytes]
+    # (the client's request, the provider's model, what the translation depends on of the
+    # provider and model) -> the provider's body; Untranslatable for what cannot be said in the
+    # provider's dialect (its targets are skipped), RequestError for a malformed request
+    request: Callable[[ClientRequest, str, Crossing], bytes]
     answer: Callable[[bytes], bytes]  # the provider's whole answer, in the client's dialect
     stream: Callable[
         [ClientRequest], StreamWriter
@@ -51,12 +52,14 @@ def _messages(request: ClientRequest) -> MessagesRequest:
 
 TRANSLATORS: dict[tuple[str, str], Translator] = {
     ("openai", "anthropic"): Translator(
-        request=lambda r, model, p: openai_to_anthropic(_chat(r).obj, model, p.default_max_tokens),
+        request=lambda r, model, crossing: openai_to_anthropic(_chat(r).obj, model, crossing),
         answer=anthropic_answer_to_openai,
         stream=lambda r: AnthropicToOpenAIStream(_chat(r).include_usage),
     ),
     ("anthropic", "openai"): Translator(
-        request=lambda r, model, p: anthropic_to_openai(_messages(r).obj, model, r.stream),
+        request=lambda r, model, crossing: anthropic_to_openai(
+            _messages(r).obj, model, r.stream, crossing
+        ),
         answer=openai_answer_to_anthropic,
         stream=lambda r: OpenAIToAnthropicStream(),
     ),

@@ -1,11 +1,14 @@
 """Translation between the OpenAI and Anthropic dialects: requests, answers and streams.
 
 Used only when a request's dialect and the serving provider's differ; a same-dialect attempt
-never comes here. What one dialect can say and the other cannot is a 400 naming the field,
-never a silent drop, with two documented exceptions: thinking blocks in a conversation's history
-are dropped when crossing (their signatures are only valid for the provider that made them), and
-`pause_turn` / `refusal` / `model_context_window_exceeded` map to the nearest finish reason
-(docs/dialects.md has the tables).
+never comes here. What one dialect can say and the other cannot raises `Untranslatable` naming
+the field: the targets of that dialect are skipped for this request, and the route's others
+serve it (a 400 only when none can). Fields whose drop keeps the answer's meaning (thinking
+configuration and blocks, cache hints, context management, `store`, `seed`, `service_tier`, ...)
+are dropped when crossing, and a provider with `drop_params: true` also has the top-level fields
+it cannot take dropped instead of being skipped. `pause_turn` / `refusal` /
+`model_context_window_exceeded` map to the nearest finish reason. docs/dialects.md has the
+tables.
 """
 
 from __future__ import annotations
@@ -15,12 +18,31 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import attrs
+
 from actors.outcome import INCOMPLETE_STREAM
 from actors.sse import SSEEvent
 from router.dialects.jsonbody import event_object, want_list, want_object, want_string
-from router.errors import RequestError
+from router.errors import RequestError, Untranslatable
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; an OpenAI client may omit it
+
+
+@attrs.frozen
+class Crossing:
+    """What a request's translation depends on besides the request: the provider and model it is
+    for. Translations are made once per distinct Crossing (router/dialects/bodies.py)."""
+
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # (to Anthropic) when the request names none
+    drop: bool = False  # the provider's drop_params: drop top-level fields it cannot take
+    reasoning: bool = False  # (to OpenAI) a reasoning model: max_completion_tokens, no sampling
+
+    def cannot(self, message: str, param: str) -> None:
+        """A top-level field or value the provider cannot take: dropped with `drop`, else the
+        target is ineligible (Untranslatable)."""
+        if not self.drop:
+            raise Untranslatable(message, param=param)
+
 
 _ANTHROPIC_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -68,7 +90,13 @@ STOP_TO_FINISH = {
 
 _OPENAI_PASSED = {"model", "messages", "stream", "stream_options", "max_tokens",
                   "max_completion_tokens", "temperature", "top_p", "stop", "tools", "tool_choice",
-                  "parallel_tool_calls", "user", "metadata", "n"}  # fmt: skip
+                  "parallel_tool_calls", "user", "n", "response_format"}  # fmt: skip
+# Dropped when crossing to Anthropic: hints and bookkeeping with no bearing on the answer's
+# meaning (OpenAI's stored-completion metadata, caching and safety keys, the effort of a
+# reasoning model, the serving tier, a best-effort seed).
+_OPENAI_DROPPED = frozenset({"store", "metadata", "service_tier", "seed", "reasoning_effort",
+                             "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+                             "verbosity"})  # fmt: skip
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -80,7 +108,7 @@ def _text_of(content: Any, where: str) -> str:
         for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text":
                 here = f"{where}[{i}]"
-                raise RequestError(f"'{here}': only text can be said here", param=here)
+                raise Untranslatable(f"'{here}': only text can be said here", param=here)
             texts.append(want_string(part.get("text"), f"{where}[{i}].text"))
         return "".join(texts)
     if content is None:
@@ -104,7 +132,7 @@ def _image_block(part: dict[str, Any], where: str) -> dict[str, Any]:
         }
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
-    raise RequestError(f"'{where}': an image must be an http(s) or data URL", param=where)
+    raise Untranslatable(f"'{where}': an image must be an http(s) or data URL", param=where)
 
 
 def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
@@ -124,7 +152,7 @@ def _user_blocks(content: Any, where: str) -> list[dict[str, Any]]:
         elif kind == "image_url":
             blocks.append(_image_block(part, f"{where}[{i}]"))
         else:
-            raise RequestError(
+            raise Untranslatable(
                 f"'{where}[{i}]': a {kind!r} part cannot be sent to an Anthropic provider",
                 param=f"{where}[{i}]",
             )
@@ -194,9 +222,9 @@ def _anthropic_messages(obj: dict[str, Any]) -> tuple[list[str], list[dict[str, 
             }
             _append(messages, "user", [result])
         else:
-            raise RequestError(f"'{where}.role' {role!r} cannot be translated", param=where)
+            raise Untranslatable(f"'{where}.role' {role!r} cannot be translated", param=where)
     if not messages:
-        raise RequestError(
+        raise Untranslatable(
             "'messages' has no user or assistant content: an Anthropic provider needs some",
             param="messages",
         )
@@ -207,7 +235,7 @@ def _anthropic_tools(tools: Any) -> list[dict[str, Any]]:
     out = []
     for i, tool in enumerate(want_list(tools, "tools")):
         if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise RequestError(f"'tools[{i}]': only function tools", param=f"tools[{i}]")
+            raise Untranslatable(f"'tools[{i}]': only function tools", param=f"tools[{i}]")
         function = want_object(tool.get("function"), f"tools[{i}].function")
         schema = function.get("parameters")
         entry = {
@@ -245,12 +273,24 @@ def _anthropic_tool_choice(obj: dict[str, Any]) -> dict[str, Any] | None:
     return translated
 
 
-def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int) -> bytes:
+def _anthropic_can_take(obj: dict[str, Any], crossing: Crossing) -> None:
+    """The top-level fields and values an Anthropic provider has no equivalent for."""
     for key, value in obj.items():
-        if key not in _OPENAI_PASSED and value is not None:
-            raise RequestError(f"'{key}' cannot be translated for an Anthropic provider", param=key)
+        if key not in _OPENAI_PASSED and key not in _OPENAI_DROPPED and value is not None:
+            crossing.cannot(f"'{key}' cannot be translated for an Anthropic provider", key)
     if (obj.get("n") or 1) != 1:
-        raise RequestError("'n' above 1 cannot be translated for an Anthropic provider", param="n")
+        crossing.cannot("'n' above 1 cannot be translated for an Anthropic provider", "n")
+    response_format = obj.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        crossing.cannot(
+            "'response_format' (structured output) cannot be translated for an Anthropic provider",
+            "response_format",
+        )
+
+
+def openai_to_anthropic(obj: dict[str, Any], model: str, crossing: Crossing) -> bytes:
+    _anthropic_can_take(obj, crossing)
+    default_max_tokens = crossing.default_max_tokens
     out: dict[str, Any] = {"model": model}
     system, messages = _anthropic_messages(obj)
     if system:
@@ -259,7 +299,7 @@ def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int
     out["max_tokens"] = (
         obj.get("max_completion_tokens") or obj.get("max_tokens") or default_max_tokens
     )
-    _anthropic_sampling(obj, out)
+    _anthropic_sampling(obj, out, crossing)
     if obj.get("tools"):
         out["tools"] = _anthropic_tools(obj["tools"])
     choice = _anthropic_tool_choice(obj)
@@ -272,15 +312,16 @@ def openai_to_anthropic(obj: dict[str, Any], model: str, default_max_tokens: int
     return json.dumps(out).encode()
 
 
-def _anthropic_sampling(obj: dict[str, Any], out: dict[str, Any]) -> None:
+def _anthropic_sampling(obj: dict[str, Any], out: dict[str, Any], crossing: Crossing) -> None:
     """temperature (Anthropic's range is 0-1), top_p and stop sequences."""
     if obj.get("temperature") is not None:
         if obj["temperature"] > 1:
-            raise RequestError(
+            crossing.cannot(
                 "'temperature' above 1 cannot be said to an Anthropic provider (its range is 0-1)",
-                param="temperature",
+                "temperature",
             )
-        out["temperature"] = obj["temperature"]
+        else:
+            out["temperature"] = obj["temperature"]
     if obj.get("top_p") is not None:
         out["top_p"] = obj["top_p"]
     stop = obj.get("stop")
@@ -291,7 +332,12 @@ def _anthropic_sampling(obj: dict[str, Any], out: dict[str, Any]) -> None:
 # --- requests: Anthropic -> OpenAI ---------------------------------------------------------------------
 
 _ANTHROPIC_PASSED = {"model", "messages", "system", "max_tokens", "stream", "temperature", "top_p",
-                     "stop_sequences", "tools", "tool_choice", "metadata"}  # fmt: skip
+                     "stop_sequences", "tools", "tool_choice", "metadata", "output_config"}  # fmt: skip
+# Dropped when crossing to OpenAI: extended thinking's configuration (its blocks are dropped
+# too), context editing, cache hints and the serving tier; none changes what the answer says.
+_ANTHROPIC_DROPPED = frozenset({"thinking", "context_management", "service_tier",
+                                "cache_control"})  # fmt: skip
+_EFFORTS = frozenset({"minimal", "low", "medium", "high"})  # what OpenAI's reasoning_effort takes
 
 
 def _image_url(block: dict[str, Any], where: str) -> str:
@@ -303,7 +349,7 @@ def _image_url(block: dict[str, Any], where: str) -> str:
         return f"data:{media_type};base64,{data}"
     if kind == "url":
         return want_string(source.get("url"), f"{where}.source.url")
-    raise RequestError(f"'{where}': this image source cannot be translated", param=where)
+    raise Untranslatable(f"'{where}': this image source cannot be translated", param=where)
 
 
 def _tool_message(block: dict[str, Any], where: str) -> dict[str, Any]:
@@ -338,7 +384,7 @@ def _openai_parts(
         elif kind in ("thinking", "redacted_thinking"):
             continue  # signed for the provider that made it: dropped when crossing dialects
         else:
-            raise RequestError(
+            raise Untranslatable(
                 f"'{here}': a {kind!r} block cannot be sent to an OpenAI provider", param=here
             )
     return parts, tools
@@ -365,7 +411,7 @@ def _openai_assistant(blocks: list[Any], where: str) -> dict[str, Any] | None:
         elif kind in ("thinking", "redacted_thinking"):
             continue  # see above
         else:
-            raise RequestError(
+            raise Untranslatable(
                 f"'{here}': a {kind!r} block cannot be sent to an OpenAI provider", param=here
             )
     text = "".join(texts)
@@ -386,6 +432,9 @@ def _openai_messages(obj: dict[str, Any]) -> list[dict[str, Any]]:
     for i, message in enumerate(obj["messages"]):
         where = f"messages[{i}].content"
         content = message["content"]
+        if message["role"] == "system":  # a system message mid-conversation: kept in its place
+            messages.append({"role": "system", "content": _text_of(content, where)})
+            continue
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if message["role"] == "user":
             parts, tool_messages = _openai_parts(blocks, where)
@@ -397,7 +446,7 @@ def _openai_messages(obj: dict[str, Any]) -> list[dict[str, Any]]:
             messages.append(turn)
             spoken += 1
     if not spoken:
-        raise RequestError(
+        raise Untranslatable(
             "'messages' has no content: an OpenAI provider needs at least one message with some",
             param="messages",
         )
@@ -408,7 +457,7 @@ def _openai_tools(tools: Any) -> list[dict[str, Any]]:
     out = []
     for i, tool in enumerate(want_list(tools, "tools")):
         if not isinstance(tool, dict) or "input_schema" not in tool:
-            raise RequestError(
+            raise Untranslatable(
                 f"'tools[{i}]': only custom tools (with input_schema) can be translated",
                 param=f"tools[{i}]",
             )
@@ -442,18 +491,18 @@ def _openai_tool_choice(choice: Any, out: dict[str, Any]) -> None:
         out["parallel_tool_calls"] = False
 
 
-def anthropic_to_openai(obj: dict[str, Any], model: str, stream: bool) -> bytes:
+def anthropic_to_openai(obj: dict[str, Any], model: str, stream: bool, crossing: Crossing) -> bytes:
     for key, value in obj.items():
-        if key not in _ANTHROPIC_PASSED and value is not None:
-            raise RequestError(f"'{key}' cannot be translated for an OpenAI provider", param=key)
-    out: dict[str, Any] = {
-        "model": model,
-        "messages": _openai_messages(obj),
-        "max_tokens": obj["max_tokens"],
-    }
+        if key not in _ANTHROPIC_PASSED and key not in _ANTHROPIC_DROPPED and value is not None:
+            crossing.cannot(f"'{key}' cannot be translated for an OpenAI provider", key)
+    out: dict[str, Any] = {"model": model, "messages": _openai_messages(obj)}
+    # Reasoning models (o-series, gpt-5) refuse max_tokens for max_completion_tokens, and take
+    # no sampling parameters.
+    out["max_completion_tokens" if crossing.reasoning else "max_tokens"] = obj["max_tokens"]
     for key in ("temperature", "top_p"):
-        if obj.get(key) is not None:
+        if obj.get(key) is not None and not crossing.reasoning:
             out[key] = obj[key]
+    _output_config(obj, out, crossing)
     if obj.get("stop_sequences"):
         out["stop"] = list(obj["stop_sequences"])
     if obj.get("tools"):
@@ -467,6 +516,21 @@ def anthropic_to_openai(obj: dict[str, Any], model: str, stream: bool) -> bytes:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}  # message_delta needs the usage
     return json.dumps(out).encode()
+
+
+def _output_config(obj: dict[str, Any], out: dict[str, Any], crossing: Crossing) -> None:
+    """Anthropic's output_config: `effort` becomes a reasoning model's reasoning_effort (other
+    models have no such knob: dropped); a `format` (structured output) has no translation."""
+    config = want_object(obj.get("output_config") or {}, "output_config")
+    if config.get("format") is not None:
+        crossing.cannot(
+            "'output_config.format' (structured output) cannot be translated for an OpenAI "
+            "provider",
+            "output_config.format",
+        )
+    effort = config.get("effort")
+    if crossing.reasoning and isinstance(effort, str):
+        out["reasoning_effort"] = effort if effort in _EFFORTS else "high"  # "max": the most
 
 
 # --- answers ------------------------------------------------------------------------------------------

@@ -74,11 +74,14 @@ def base_headers(request_id: str, content_type: bytes = JSON) -> list[tuple[byte
 
 
 def served_headers(winner: Winner) -> list[tuple[bytes, bytes]]:
-    return [
+    headers = [
         (b"x-cascade-provider", winner.target.provider.encode()),
         (b"x-cascade-model", winner.target.model.encode()),
         (b"x-cascade-attempts", str(winner.attempt_count).encode()),
     ]
+    if winner.skipped:  # targets that could not take this request (docs/dialects.md)
+        headers.append((b"x-cascade-skipped", ", ".join(winner.skipped).encode()))
+    return headers
 
 
 async def respond(
@@ -268,7 +271,8 @@ async def cascade_error(
         exc.status,
         exc.message,
         exc.error_type,
-        exc.error_type,
+        exc.code,
+        exc.param,
         request_id=request_id,
         attempts=[a.to_json() for a in exc.attempts],
     )

@@ -99,6 +99,8 @@ class App:
         except ClientGone:
             return  # nobody is left to answer
         except RequestError as exc:
+            if face is not None:
+                self._refused(face, request_id, exc)
             body = _error_shape(face, path).error_body(
                 exc.status, exc.message, exc.type, exc.code, exc.param, request_id=request_id
             )
@@ -116,6 +118,25 @@ class App:
                 await respond(send, 500, body, request_id)
             except Exception:
                 pass  # the answer had already begun: the server ends the connection
+
+    def _refused(self, face: Dialect, request_id: str, exc: RequestError) -> None:
+        """A model request refused before its cascade: counted, and logged at INFO with its
+        reason (the message names fields and models, never content or a key)."""
+        gateway = self.gateway
+        gateway.metrics.count_refused(face.name, exc.status)
+        if gateway.config.server.log_format == "json":
+            fields = {"request_id": request_id, "route": None, "dialect": face.name,
+                      "status": exc.status, "code": exc.code, "param": exc.param,
+                      "reason": exc.message}  # fmt: skip
+            log.info("request %s status=%s", request_id, exc.status, extra={"fields": fields})
+        else:
+            log.info(
+                "request %s refused status=%s dialect=%s: %s",
+                request_id,
+                exc.status,
+                face.name,
+                exc.message,
+            )
 
     async def _model_request(
         self, face: Dialect, scope: Scope, receive: Receive, send: Send, request_id: str

@@ -348,7 +348,7 @@ def log_json(
     """The request's JSON log line: names, numbers and outcomes, never a key or content."""
     attempts: list[dict[str, object]] = [
         {"provider": a.provider, "model": a.model, "outcome": a.error_type,
-         "status": a.status, "ms": a.elapsed_ms}
+         "status": a.status, "ms": a.elapsed_ms, **({"reason": a.reason} if a.reason else {})}
         for a in dispatch.attempts
     ]  # fmt: skip
     winner = dispatch.winner

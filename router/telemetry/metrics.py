@@ -192,6 +192,11 @@ class Metrics:
         if overhead is not None:
             self.overhead.observe(overhead)
 
+    def count_refused(self, dialect: str, status: int) -> None:
+        """A model request refused before its cascade (bad input, unknown model, a key's
+        limits): counted under route "-", with no latency."""
+        self.requests.labels("-", dialect, str(status)).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
