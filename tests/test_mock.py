@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anthropic
 import openai
 import trio
 
@@ -83,3 +84,69 @@ async def test_json_mode_n_choices_and_max_tokens() -> None:
     assert short.choices[0].finish_reason == "length"
     assert short.usage is not None and short.usage.completion_tokens == 3
     assert none.choices[0].message.tool_calls is None
+
+
+CLOCK = {
+    "type": "function",
+    "function": {"name": "read_clock", "parameters": {"type": "object", "properties": {}}},
+}
+
+
+async def test_an_agent_loop_ends_the_tool_said_is_quoted() -> None:
+    """A tool call while the user has the last word (the tool the user names), text that quotes
+    the tool's result once it comes back: an agent's loop ends (issue 19: it never did)."""
+    async with client() as sdk:
+        ask = [{"role": "user", "content": "what time is it? use read_clock"}]
+        first = await sdk.chat.completions.create(model="gpt", messages=ask, tools=[WEATHER, CLOCK])
+        [call] = first.choices[0].message.tool_calls or []
+        assert call.function.name == "read_clock"
+        turn = first.choices[0].message.model_dump(exclude_none=True)
+        result = {"role": "tool", "tool_call_id": call.id, "content": "It is 10:42."}
+        second = await sdk.chat.completions.create(
+            model="gpt", messages=[*ask, turn, result], tools=[WEATHER, CLOCK], stream=True
+        )
+        text, finish = "", None
+        async with second:
+            async for chunk in second:
+                assert not chunk.choices[0].delta.tool_calls
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        forced = await sdk.chat.completions.create(
+            model="gpt", messages=[*ask, turn, result], tools=[CLOCK], tool_choice="required"
+        )
+    assert finish == "stop" and "the tool said: It is 10:42." in text
+    assert forced.choices[0].finish_reason == "tool_calls"  # a forced call is always made
+
+
+async def test_the_anthropic_mock_thinks_calls_and_then_answers() -> None:
+    tool = {"name": "read_clock", "input_schema": {"type": "object", "properties": {}}}
+    with trio.fail_after(20):
+        async with live_gateway(
+            {},
+            extra_providers={"m": {"mock": {}, "dialect": "anthropic"}},
+            routes=[{"match": "*", "targets": ["m/x"]}],
+        ) as gw:
+            sdk = anthropic.AsyncAnthropic(base_url=gw.url, api_key="unused", max_retries=0)
+            ask = [{"role": "user", "content": "what time is it?"}]
+            thinking = {"type": "enabled", "budget_tokens": 1024}
+            async with sdk.messages.stream(
+                model="claude", max_tokens=2048, messages=ask, tools=[tool], thinking=thinking
+            ) as stream:
+                first = await stream.get_final_message()
+            kinds = [block.type for block in first.content]
+            use = first.content[-1]
+            assert use.type == "tool_use"
+            history = [
+                *ask,
+                {"role": "assistant", "content": [b.model_dump() for b in first.content]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": use.id, "content": "10:42"}]},
+            ]  # fmt: skip
+            second = await sdk.messages.create(
+                model="claude", max_tokens=2048, messages=history, tools=[tool]
+            )
+            await sdk.close()
+    assert kinds == ["thinking", "tool_use"] and first.stop_reason == "tool_use"
+    assert first.content[0].signature  # type: ignore[union-attr]
+    assert second.stop_reason == "end_turn" and second.content[0].type == "text"
+    assert "the tool said: 10:42" in second.content[0].text  # type: ignore[union-attr]

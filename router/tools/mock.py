@@ -3,12 +3,20 @@
 Faults are drawn per request from one seeded rng, in this order: 429 (with or without
 Retry-After), 500, stall (accepts the request, never answers) and cut (the body stops mid-way
 and the connection drops). Everything else is a normal answer after `latency`.
+
+It answers like a model in an agent loop: when tools are offered and the conversation ends with
+the user's own words, it calls a tool (the one tool_choice names, else the one the user's last
+words name, else the first); once tool results come back, it answers in text that quotes them.
+A tool_choice that forces a call (OpenAI "required" or a named function, Anthropic "any" or
+"tool") always gets one. An Anthropic request asking for thinking gets a signed thinking block
+first.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import MutableMapping
 from typing import Any
@@ -143,24 +151,15 @@ class _Planned:
     tool: dict[str, Any] | None  # the function to call, when tools were given
     json_schema: dict[str, Any] | None  # response_format: json_object ({}) or json_schema
     anthropic: bool = False  # the request came to /v1/messages: answer in Anthropic's shape
+    results: str | None = None  # the tool results the conversation ends with, quoted back
+    thinking: bool = False  # (Anthropic) thinking was asked for: a thinking block comes first
 
     @classmethod
     def from_request(
         cls, request: dict[str, Any], name: str, words: int, anthropic: bool = False
     ) -> _Planned:
         if anthropic:
-            return cls(
-                model=str(request.get("model", "mock")),
-                name=name,
-                stream=bool(request.get("stream")),
-                include_usage=True,
-                words=words,
-                choices=1,
-                max_tokens=request.get("max_tokens"),
-                tool=_chosen_anthropic_tool(request.get("tools"), request.get("tool_choice")),
-                json_schema=None,
-                anthropic=True,
-            )
+            return cls._from_messages(request, name, words)
         options = request.get("stream_options") or {}
         fmt = request.get("response_format") or {}
         schema: dict[str, Any] | None = None
@@ -168,6 +167,9 @@ class _Planned:
             schema = {}
         elif fmt.get("type") == "json_schema":
             schema = (fmt.get("json_schema") or {}).get("schema") or {}
+        results, said = _openai_turn(request.get("messages"))
+        choice = request.get("tool_choice")
+        forced = choice == "required" or isinstance(choice, dict)
         return cls(
             model=str(request.get("model", "mock")),
             name=name,
@@ -176,8 +178,35 @@ class _Planned:
             words=words,
             choices=max(1, int(request.get("n") or 1)),
             max_tokens=request.get("max_completion_tokens") or request.get("max_tokens"),
-            tool=_chosen_tool(request.get("tools"), request.get("tool_choice")),
+            tool=_chosen_tool(request.get("tools"), choice, said)
+            if results is None or forced
+            else None,
             json_schema=schema,
+            results=results,
+        )
+
+    @classmethod
+    def _from_messages(cls, request: dict[str, Any], name: str, words: int) -> _Planned:
+        """A Messages API request's plan."""
+        results, said = _anthropic_turn(request.get("messages"))
+        choice = request.get("tool_choice")
+        forced = isinstance(choice, dict) and choice.get("type") in ("any", "tool")
+        thinking = request.get("thinking")
+        return cls(
+            model=str(request.get("model", "mock")),
+            name=name,
+            stream=bool(request.get("stream")),
+            include_usage=True,
+            words=words,
+            choices=1,
+            max_tokens=request.get("max_tokens"),
+            tool=_chosen_anthropic_tool(request.get("tools"), choice, said)
+            if results is None or forced
+            else None,
+            json_schema=None,
+            anthropic=True,
+            results=results,
+            thinking=isinstance(thinking, dict) and thinking.get("type") != "disabled",
         )
 
     @property
@@ -194,6 +223,8 @@ class _Planned:
         count = self.words if self.max_tokens is None else min(self.words, self.max_tokens)
         words = " ".join(f"word{i}" for i in range(count))
         prefix = f"[{self.name}]" + (f"[{index}]" if self.choices > 1 else "")
+        if self.results is not None:  # the tool answered: say what it said
+            prefix += f" the tool said: {' '.join(self.results.split())[:200]}"
         if self.json_schema is not None:
             return json.dumps(_example(self.json_schema, f"{prefix} {words}"))
         return f"{prefix} {words}"
@@ -272,6 +303,8 @@ class _Planned:
                     "input": arguments,
                 }
             ]
+        if self.thinking:
+            content.insert(0, {"type": "thinking", "thinking": self.thought, "signature": _SIGNED})
         usage = self.usage()
         return {
             "id": ident,
@@ -293,6 +326,17 @@ class _Planned:
         start = {**self.message_answer(ident), "content": [], "stop_reason": None}
         start["usage"] = {"input_tokens": usage["prompt_tokens"], "output_tokens": 1}
         events = [_event("message_start", {"type": "message_start", "message": start})]
+        index = 0
+        if self.thinking:  # a thinking block first, its text and then its signature
+            events += _block_events(
+                0,
+                {"type": "thinking", "thinking": "", "signature": ""},
+                [
+                    {"type": "thinking_delta", "thinking": self.thought},
+                    {"type": "signature_delta", "signature": _SIGNED},
+                ],
+            )
+            index = 1
         if self.tool is None:
             block: dict[str, Any] = {"type": "text", "text": ""}
             text = self.text(0)
@@ -311,18 +355,8 @@ class _Planned:
                 {"type": "input_json_delta", "partial_json": arguments[i : i + step]}
                 for i in range(0, len(arguments), step)
             ]
-        events.append(
-            _event(
-                "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": block},
-            )
-        )
         events.append(_event("ping", {"type": "ping"}))
-        events += [
-            _event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
-            for d in deltas
-        ]
-        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        events += _block_events(index, block, deltas)
         delta = {"stop_reason": self.stop_reason, "stop_sequence": None}
         events.append(
             _event(
@@ -336,6 +370,10 @@ class _Planned:
         )
         events.append(_event("message_stop", {"type": "message_stop"}))
         return events
+
+    @property
+    def thought(self) -> str:
+        return f"[{self.name}] thinking about it"
 
     def deltas(self) -> list[tuple[int, dict[str, Any], str | None]]:
         """(choice index, delta, finish_reason) in stream order: each choice in turn, a word
@@ -364,18 +402,79 @@ class _Planned:
         return out
 
 
-def _chosen_tool(tools: Any, choice: Any) -> dict[str, Any] | None:
-    """The function the mock calls: the one tool_choice names, else the first (none: none)."""
+def _text(content: Any) -> str:
+    """The text of a message's content: a string, or the text of its text parts and blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            _text(part.get("text") if part.get("type") == "text" else part.get("content"))
+            for part in content
+            if isinstance(part, dict)
+        )
+    return ""
+
+
+def _spoken(messages: Any) -> list[Any]:
+    """The conversation without its trailing system messages (instructions, not a turn)."""
+    out = list(messages) if isinstance(messages, list) else []
+    while out and isinstance(out[-1], dict) and out[-1].get("role") in ("system", "developer"):
+        out.pop()
+    return out
+
+
+def _openai_turn(messages: Any) -> tuple[str | None, str]:
+    """(the tool results the conversation ends with, or None; the user's last words)."""
+    messages = _spoken(messages)
+    results = []
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "tool":
+            break
+        results.append(_text(message.get("content")))
+    if results:
+        return " ".join(reversed(results)), ""
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    return None, _text(last.get("content")) if last.get("role") == "user" else ""
+
+
+def _anthropic_turn(messages: Any) -> tuple[str | None, str]:
+    """The same for a Messages conversation: tool_result blocks in its last user turn."""
+    spoken = _spoken(messages)
+    last = spoken[-1] if spoken else {}
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None, ""
+    content = last.get("content")
+    blocks = content if isinstance(content, list) else []
+    results = [
+        _text(b.get("content"))
+        for b in blocks
+        if isinstance(b, dict) and b.get("type") == "tool_result"
+    ]
+    if results:
+        return " ".join(results), ""
+    texts = [b for b in blocks if isinstance(b, dict) and b.get("type") == "text"]
+    return None, _text(content if isinstance(content, str) else texts[-1:])
+
+
+def _pick(functions: list[dict[str, Any]], said: str) -> dict[str, Any]:
+    """The tool the user's last words name (as a whole word), else the first."""
+    words = set(re.findall(r"[A-Za-z0-9_-]+", said))
+    return next((f for f in functions if f.get("name") in words), functions[0])
+
+
+def _chosen_tool(tools: Any, choice: Any, said: str = "") -> dict[str, Any] | None:
+    """The function the mock calls: the one tool_choice names, else the one the user's words
+    name, else the first (none: none)."""
     functions = [t["function"] for t in tools or [] if isinstance(t, dict) and "function" in t]
     if not functions or choice == "none":
         return None
     if isinstance(choice, dict):
         wanted = (choice.get("function") or {}).get("name")
         return next((f for f in functions if f.get("name") == wanted), functions[0])
-    return functions[0]
+    return _pick(functions, said)
 
 
-def _chosen_anthropic_tool(tools: Any, choice: Any) -> dict[str, Any] | None:
+def _chosen_anthropic_tool(tools: Any, choice: Any, said: str = "") -> dict[str, Any] | None:
     """Anthropic's tools ({name, input_schema}) as the function the mock calls, or None."""
     functions = [
         {"name": t["name"], "parameters": t.get("input_schema") or {}}
@@ -387,7 +486,25 @@ def _chosen_anthropic_tool(tools: Any, choice: Any) -> dict[str, Any] | None:
         return None
     if kind == "tool":
         return next((f for f in functions if f["name"] == choice.get("name")), functions[0])
-    return functions[0]
+    return _pick(functions, said)
+
+
+_SIGNED = "bW9jay1zaWduYXR1cmU="  # a thinking block's signature (a real one is opaque, too)
+
+
+def _block_events(index: int, block: dict[str, Any], deltas: list[dict[str, Any]]) -> list[bytes]:
+    """One content block of a Messages stream: its start, its deltas, its stop."""
+    start = {"type": "content_block_start", "index": index, "content_block": block}
+    return [
+        _event("content_block_start", start),
+        *(
+            _event(
+                "content_block_delta", {"type": "content_block_delta", "index": index, "delta": d}
+            )
+            for d in deltas
+        ),
+        _event("content_block_stop", {"type": "content_block_stop", "index": index}),
+    ]
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
