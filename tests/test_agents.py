@@ -1,0 +1,125 @@
+"""The real Claude Code CLI through Cascade, non-interactively, against local providers only:
+its default tools and thinking, a tool used and its result sent back, exit 0 and the answer
+printed, through a route whose primary fails (rate limited, or killed mid-stream) and whose
+alternative speaks the other dialect (issue 19).
+
+Claude Code is installed by .ci/system-deps (npm, pinned in tests/agents/package.json). Where it
+could not be installed (no npm registry), these tests are skipped, with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from tests.live import Exchange, FakeUpstream, anthropic_events, live_gateway
+
+CLAUDE = Path(__file__).parent / "agents" / "node_modules" / ".bin" / "claude"
+
+pytestmark = [
+    pytest.mark.agents,
+    pytest.mark.skipif(
+        not CLAUDE.exists(),
+        reason="Claude Code is not installed: .ci/system-deps installs it (needs npm and the npm"
+        " registry)",
+    ),
+]
+
+PROMPT = "Use the Read tool to read notes.txt"
+
+
+async def run_claude(url: str, workdir: Path, model: str = "claude-demo") -> tuple[int, str, str]:
+    """`claude -p` against the gateway at `url`, with no network but 127.0.0.1: telemetry,
+    updates and other non-essential traffic off, a HOME of its own."""
+    home = workdir / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_API_KEY": "sk-ant-not-a-real-key",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "DISABLE_ERROR_REPORTING": "1",
+    }
+    project = workdir / "project"
+    project.mkdir(exist_ok=True)
+    (project / "notes.txt").write_text("the meeting is at ten\n")
+    with trio.fail_after(90):
+        done = await trio.run_process(
+            [str(CLAUDE), "-p", PROMPT, "--model", model],
+            cwd=project,
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def seen_by(up: FakeUpstream) -> list[dict[str, Any]]:
+    return [json.loads(e.body) for e in up.exchanges]
+
+
+async def rate_limited(exchange: Exchange) -> None:
+    error = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+    await exchange.json_answer(429, error, **{"retry-after": "60"})
+
+
+def gateway(primary: FakeUpstream) -> Any:
+    """Every model to an Anthropic-dialect primary, then an OpenAI-dialect mock."""
+    return live_gateway(
+        {"claude": primary},
+        providers={"claude": {"dialect": "anthropic"}},
+        extra_providers={"gpt": {"mock": {}}},
+        routes=[{"match": "*", "targets": ["claude/claude-x", "gpt/gpt-x"]}],
+    )
+
+
+async def test_claude_code_fails_over_to_an_openai_provider_and_uses_a_tool(
+    tmp_path: Path,
+) -> None:
+    primary = FakeUpstream(rate_limited)
+    async with gateway(primary) as gw:
+        code, out, err = await run_claude(gw.url, tmp_path)
+    assert code == 0, err
+    # The OpenAI-dialect mock answered: first a call to the Read tool, which Claude Code ran
+    # and sent back; then text quoting the tool's result.
+    assert out.startswith("[gpt] the tool said:"), out
+    first = seen_by(primary)[0]  # what Claude Code sent, as the primary saw it (then a 429)
+    assert first["thinking"]["type"] in ("adaptive", "enabled")
+    assert any(m["role"] == "system" for m in first["messages"])  # mid-conversation system
+    assert len(first["tools"]) >= 10 and "context_management" in first
+
+
+async def test_claude_code_is_rescued_when_its_primary_dies_mid_stream(tmp_path: Path) -> None:
+    """The primary starts an answer and dies (its connection dropped after the first events),
+    then refuses every call (503, as a dead backend behind a balancer): the agent sees a clean
+    error, retries, and the alternative serves it. No hang, exit 0."""
+    calls = 0
+
+    async def dies(exchange: Exchange) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            error = {"type": "error", "error": {"type": "api_error", "message": "gone"}}
+            await exchange.json_answer(503, error)
+            return
+        await exchange.start(200, "text/event-stream")
+        events = anthropic_events(["the ", "answer ", "is"], "claude-x")
+        for event in events[:4]:  # message_start, a block's start, a delta or two
+            await exchange.body_part(event)
+        raise RuntimeError("the primary died")  # the server drops the connection mid-body
+
+    primary = FakeUpstream(dies)
+    async with gateway(primary) as gw:
+        code, out, err = await run_claude(gw.url, tmp_path)
+    assert code == 0, err
+    assert out.startswith("[gpt] the tool said:"), out
+    assert calls >= 2  # the stream that died, then the refusals that sent it to the mock
