@@ -685,6 +685,10 @@ class StateConfig:
     lease: float = 0.1  # one rpm/tpm lease: this fraction of the limit (at least 1)
     limits_when_down: Literal["open", "closed"] = "open"
     timeout: float = 1.0  # connect and command timeout: a slower Redis counts as down
+    # Stored responses (the Responses API's store): at most this many, bytes, and seconds each
+    responses_max: int = 10_000
+    responses_max_bytes: int = 256 << 20
+    responses_ttl: float = 24 * 3600.0
 
     @classmethod
     def from_fields(cls, f: _Fields) -> StateConfig:
@@ -697,6 +701,9 @@ class StateConfig:
             lease=f.number("lease", d.lease, minimum=0.001, maximum=1.0),
             limits_when_down=f.choice("limits_when_down", d.limits_when_down, ("open", "closed")),
             timeout=f.duration("timeout", d.timeout, positive=True),
+            responses_max=f.integer("responses_max", d.responses_max, minimum=1),
+            responses_max_bytes=f.size("responses_max_bytes", d.responses_max_bytes),
+            responses_ttl=f.duration("responses_ttl", d.responses_ttl, positive=True),
         )
         if f.has("url"):
             scheme, _, rest = state.url.partition("://")

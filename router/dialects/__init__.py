@@ -1,7 +1,9 @@
 """Dialects: the API shapes Cascade speaks, to clients and to providers (router/dialects/base.py).
 
-OpenAI chat completions and Anthropic messages; a dialect is a module here and an entry in
-DIALECTS, and its client path is a model endpoint. Requests, answers and streams are translated
+OpenAI chat completions and Anthropic messages, which clients and providers speak; and OpenAI's
+Responses API, a client face only (its requests are served by providers of the other two,
+translated). A dialect is a module here and an entry in DIALECTS (providers' dialects) or FACES
+(clients'), and its client path is a model endpoint. Requests, answers and streams are translated
 between them (translate.py) when a client's dialect and its provider's differ (docs/dialects.md).
 """
 
@@ -9,11 +11,12 @@ from __future__ import annotations
 
 from actors.settings import ProviderConfig
 from actors.wire import UpstreamWire
-from router.dialects import anthropic, openai
+from router.dialects import anthropic, openai, responses
 from router.dialects.base import Dialect
 
 DIALECTS: dict[str, Dialect] = {d.name: d for d in (openai.DIALECT, anthropic.DIALECT)}
-BY_CLIENT_PATH: dict[str, Dialect] = {d.client_path: d for d in DIALECTS.values()}
+FACES: dict[str, Dialect] = {**DIALECTS, responses.DIALECT.name: responses.DIALECT}
+BY_CLIENT_PATH: dict[str, Dialect] = {d.client_path: d for d in FACES.values()}
 
 
 def upstream_wire(provider: ProviderConfig) -> UpstreamWire:

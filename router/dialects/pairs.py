@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import attrs
 
+from router.dialects import responses
 from router.dialects.anthropic import MessagesRequest
 from router.dialects.base import ClientRequest, Dialect, StreamWriter
 from router.dialects.openai import ChatRequest
@@ -34,7 +35,8 @@ class Translator:
     # provider and model) -> the provider's body; Untranslatable for what cannot be said in the
     # provider's dialect (its targets are skipped), RequestError for a malformed request
     request: Callable[[ClientRequest, str, Crossing], bytes]
-    answer: Callable[[bytes], bytes]  # the provider's whole answer, in the client's dialect
+    # (the client's request, the provider's whole answer) -> the answer in the client's dialect
+    answer: Callable[[ClientRequest, bytes], bytes]
     stream: Callable[
         [ClientRequest], StreamWriter
     ]  # writes the client's stream from the provider's
@@ -42,6 +44,11 @@ class Translator:
 
 def _chat(request: ClientRequest) -> ChatRequest:
     assert isinstance(request, ChatRequest)
+    return request
+
+
+def _responses(request: ClientRequest) -> responses.ResponsesRequest:
+    assert isinstance(request, responses.ResponsesRequest)
     return request
 
 
@@ -53,15 +60,31 @@ def _messages(request: ClientRequest) -> MessagesRequest:
 TRANSLATORS: dict[tuple[str, str], Translator] = {
     ("openai", "anthropic"): Translator(
         request=lambda r, model, crossing: openai_to_anthropic(_chat(r).obj, model, crossing),
-        answer=anthropic_answer_to_openai,
+        answer=lambda r, body: anthropic_answer_to_openai(body),
         stream=lambda r: AnthropicToOpenAIStream(_chat(r).include_usage),
     ),
     ("anthropic", "openai"): Translator(
         request=lambda r, model, crossing: anthropic_to_openai(
             _messages(r).obj, model, r.stream, crossing
         ),
-        answer=openai_answer_to_anthropic,
+        answer=lambda r, body: openai_answer_to_anthropic(body),
         stream=lambda r: OpenAIToAnthropicStream(),
+    ),
+    # The Responses face: chat completions for OpenAI providers, and through chat completions
+    # for Anthropic ones (router/dialects/responses.py)
+    ("responses", "openai"): Translator(
+        request=lambda r, model, crossing: responses.chat_body(_responses(r), model, crossing),
+        answer=lambda r, body: responses.from_chat_answer(_responses(r), body),
+        stream=lambda r: responses.ChatToResponsesStream(_responses(r)),
+    ),
+    ("responses", "anthropic"): Translator(
+        request=lambda r, model, crossing: openai_to_anthropic(
+            responses.to_chat(_responses(r), crossing), model, crossing
+        ),
+        answer=lambda r, body: responses.from_chat_answer(
+            _responses(r), anthropic_answer_to_openai(body)
+        ),
+        stream=lambda r: responses.ViaChat(AnthropicToOpenAIStream(True), _responses(r)),
     ),
 }
 

@@ -17,7 +17,7 @@ from actors.wire import Usage
 from router.cascade.dispatcher import CascadeError, Winner
 from router.config import Target
 from router.dialects import translate
-from router.dialects.base import Dialect, StreamWriter
+from router.dialects.base import ClientRequest, Dialect, StreamWriter
 from router.dialects.pairs import translator
 from router.web.asgi import Message, Receive, Send
 
@@ -109,6 +109,7 @@ async def answer(
     client: Dialect,
     upstream: Dialect,
     delivery: Delivery,
+    request: ClientRequest,
 ) -> None:
     """Write a complete answer."""
     reply = winner.reply
@@ -122,7 +123,7 @@ async def answer(
     status, body = reply.status, reply.body
     if client is not upstream:
         try:
-            body = translator(client, upstream).answer(body)
+            body = translator(client, upstream).answer(request, body)
         except (ValueError, TypeError, AttributeError, KeyError):  # not the dialect's shape
             status, content_type = 502, JSON
             body = client.error_body(

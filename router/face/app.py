@@ -23,7 +23,7 @@ from router.config.keys import KeyConfig
 from router.dialects import BY_CLIENT_PATH, DIALECTS, anthropic
 from router.dialects.base import Dialect
 from router.errors import RequestError
-from router.face import admin
+from router.face import admin, conversations
 from router.face.answers import respond
 from router.face.gateway import Gateway
 from router.face.pipeline import Pipeline, read_in_time
@@ -199,6 +199,48 @@ class App:
         tokens = anthropic.count_tokens(body)
         await respond(send, 200, json.dumps({"input_tokens": tokens}).encode(), request_id)
 
+    async def input_tokens(
+        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        """POST /v1/responses/input_tokens: an estimate (characters / 4), never a provider call."""
+        body = await read_in_time(gateway.config.server, scope, receive)
+        tokens = max(1, len(body) // 4)
+        answer = {"object": "response.input_tokens", "input_tokens": tokens}
+        await respond(send, 200, json.dumps(answer).encode(), request_id)
+
+    async def stored_response(
+        self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
+    ) -> None:
+        """GET and DELETE /v1/responses/{id}; GET /v1/responses/{id}/input_items."""
+        rest = scope["path"][len("/v1/responses/") :]
+        response_id, _, tail = rest.partition("/")
+        key = None
+        if gateway.keys.enabled:
+            key = gateway.gate.authenticate(
+                header(scope, b"authorization"), header(scope, b"x-api-key")
+            )
+        stored = conversations.find(gateway.responses, response_id, key)
+        if stored is None or tail not in ("", "input_items"):
+            raise RequestError(
+                f"No response found with id '{response_id}'.", status=404, code="not_found"
+            )
+        if scope["method"] == "DELETE":
+            gateway.responses.delete(response_id)
+            answer: dict[str, Any] = {"id": response_id, "object": "response", "deleted": True}
+        elif tail == "input_items":
+            items = [{"id": f"item_{i}", **item} if "id" not in item else item
+                     for i, item in enumerate(stored.input_items)]  # fmt: skip
+            answer = {
+                "object": "list",
+                "data": items[::-1],  # newest first, as OpenAI lists them by default
+                "first_id": items[-1]["id"] if items else None,
+                "last_id": items[0]["id"] if items else None,
+                "has_more": False,
+            }
+        else:
+            answer = stored.response
+        await respond(send, 200, json.dumps(answer).encode(), request_id)
+
     async def healthz(
         self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
@@ -250,6 +292,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/metrics": {"GET": App.metrics},
     "/v1/models": {"GET": App.models},
     "/v1/messages/count_tokens": {"POST": App.count_tokens},
+    "/v1/responses/input_tokens": {"POST": App.input_tokens},
     "/admin/ui": {"GET": admin.ui},
     "/admin/status": {"GET": admin.status},
     "/admin/providers": {"GET": admin.providers},
@@ -259,6 +302,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
 }
 NAMED: tuple[tuple[str, str, dict[str, Handler]], ...] = (
     ("/v1/models/", "", {"GET": App.model}),
+    ("/v1/responses/", "/input_items", {"GET": App.stored_response}),
+    ("/v1/responses/", "", {"GET": App.stored_response, "DELETE": App.stored_response}),
     ("/admin/keys/", "/revoke", {"POST": admin.revoke_key}),
     ("/admin/providers/", "/block", {"POST": admin.manual_block}),
     ("/admin/providers/", "/unblock", {"POST": admin.manual_block}),

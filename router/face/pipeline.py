@@ -22,6 +22,7 @@ from router.dialects.base import ClientRequest, Dialect
 from router.dialects.bodies import UpstreamBodies
 from router.dialects.pairs import translator
 from router.errors import RequestError
+from router.face import conversations
 from router.face.answers import Delivery, TrackedSend, answer, cascade_error, stream
 from router.face.gateway import Gateway
 from router.state.budgets import Hold
@@ -85,6 +86,7 @@ class Pipeline:
             body = await read_body(scope, receive, server.max_body)
             cancel.deadline = math.inf
             parsed = parse(face, gateway, scope, body, started)
+            parsed.request = conversations.continued(gateway.responses, parsed.request, key)
             await self._admitted(face, gateway, scope, receive, send, request_id, key, parsed,
                                  cancel)  # fmt: skip
         if body is None:
@@ -126,6 +128,7 @@ class Pipeline:
         finally:
             if hold is not None and key is not None:
                 settle(gateway, hold, key, parsed, tracked, delivery)
+            conversations.remember(gateway.responses, request, key)
             self.record(face, gateway, parsed, key, request_id, started, before_cascade, dispatch,
                         tracked, delivery)  # fmt: skip
 
@@ -178,7 +181,7 @@ class Pipeline:
                     )
                     await stream(tracked, winner, request_id, writer, self.streams, delivery)
                 else:
-                    await answer(tracked, winner, request_id, face, upstream, delivery)
+                    await answer(tracked, winner, request_id, face, upstream, delivery, request)
         except CascadeError as exc:
             failed_on = exc.attempts[-1].provider if exc.attempts else None
             upstream = gateway.dialects[failed_on] if failed_on else face

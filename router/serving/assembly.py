@@ -23,6 +23,7 @@ from router.dialects import upstream_wire
 from router.face.gateway import Gateway
 from router.keys.ledger import Ledger
 from router.keys.ring import KeyRing
+from router.state.responses import ResponseStore
 from router.telemetry.metrics import Metrics
 from router.tools.mock import MockUpstream
 from router.web.server import serve_asgi
@@ -132,7 +133,15 @@ class Assembly:
         keys = KeyRing(config.auth, config.server.admin_token_env, self._runtime_keys(config))
         if previous is not None:
             keys.adopt(previous.keys)  # a key's rpm/tpm windows survive a reload
-        gateway = Gateway(config, actors, dispatcher, self.metrics, self.shared, keys, self.ledger)
+        state = config.state
+        responses = (
+            previous.responses
+            if previous is not None
+            else ResponseStore(state.responses_max, state.responses_max_bytes, state.responses_ttl)
+        )
+        gateway = Gateway(
+            config, actors, dispatcher, self.metrics, self.shared, keys, self.ledger, responses
+        )
         return gateway, changes
 
     def _runtime_keys(self, config: Config) -> list[KeyConfig]:
