@@ -1,9 +1,10 @@
-"""The real Claude Code CLI through Cascade, non-interactively, against local providers only:
-its default tools and thinking, a tool used and its result sent back, exit 0 and the answer
-printed, through a route whose primary fails (rate limited, or killed mid-stream) and whose
-alternative speaks the other dialect (issue 19).
+"""The real coding-agent CLIs through Cascade, non-interactively, against local providers only:
+Claude Code (`/v1/messages`, its default tools and thinking) and the Codex CLI
+(`/v1/responses`), each using a tool and sending its result back, exit 0 and the answer printed,
+through a route whose primary fails (rate limited, or killed mid-stream) and whose alternative
+speaks the other dialect (issues 19 and 20).
 
-Claude Code is installed by .ci/system-deps (npm, pinned in tests/agents/package.json). Where it
+Both are installed by .ci/system-deps (npm, pinned in tests/agents/package-lock.json). Where they
 could not be installed (no npm registry), these tests are skipped, with that reason.
 """
 
@@ -17,18 +18,23 @@ from typing import Any
 import pytest
 import trio
 
-from tests.live import Exchange, FakeUpstream, anthropic_events, live_gateway
+from tests.live import Exchange, FakeUpstream, anthropic_events, chunk_event, live_gateway
 
-CLAUDE = Path(__file__).parent / "agents" / "node_modules" / ".bin" / "claude"
+BIN = Path(__file__).parent / "agents" / "node_modules" / ".bin"
+CLAUDE = BIN / "claude"
+CODEX = BIN / "codex"
 
-pytestmark = [
-    pytest.mark.agents,
-    pytest.mark.skipif(
-        not CLAUDE.exists(),
-        reason="Claude Code is not installed: .ci/system-deps installs it (needs npm and the npm"
-        " registry)",
-    ),
-]
+pytestmark = pytest.mark.agents
+needs_claude = pytest.mark.skipif(
+    not CLAUDE.exists(),
+    reason="Claude Code is not installed: .ci/system-deps installs it (needs npm and the npm"
+    " registry)",
+)
+needs_codex = pytest.mark.skipif(
+    not CODEX.exists(),
+    reason="the Codex CLI is not installed: .ci/system-deps installs it (needs npm and the npm"
+    " registry)",
+)
 
 PROMPT = "Use the Read tool to read notes.txt"
 
@@ -82,6 +88,7 @@ def gateway(primary: FakeUpstream) -> Any:
     )
 
 
+@needs_claude
 async def test_claude_code_fails_over_to_an_openai_provider_and_uses_a_tool(
     tmp_path: Path,
 ) -> None:
@@ -98,6 +105,7 @@ async def test_claude_code_fails_over_to_an_openai_provider_and_uses_a_tool(
     assert len(first["tools"]) >= 10 and "context_management" in first
 
 
+@needs_claude
 async def test_claude_code_is_rescued_when_its_primary_dies_mid_stream(tmp_path: Path) -> None:
     """The primary starts an answer and dies (its connection dropped after the first events),
     then refuses every call (503, as a dead backend behind a balancer): the agent sees a clean
@@ -123,3 +131,85 @@ async def test_claude_code_is_rescued_when_its_primary_dies_mid_stream(tmp_path:
     assert code == 0, err
     assert out.startswith("[gpt] the tool said:"), out
     assert calls >= 2  # the stream that died, then the refusals that sent it to the mock
+
+
+async def run_codex(url: str, workdir: Path) -> tuple[int, str, str]:
+    """`codex exec` against the gateway's /v1/responses, with a CODEX_HOME of its own."""
+    home = workdir / "home"
+    (home / ".codex").mkdir(parents=True, exist_ok=True)
+    (home / ".codex" / "config.toml").write_text(
+        'model = "gpt-demo"\nmodel_provider = "cascade"\n\n[model_providers.cascade]\n'
+        f'name = "Cascade"\nbase_url = "{url}/v1"\nwire_api = "responses"\n'
+        'env_key = "CASCADE_API_KEY"\n'
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "CODEX_HOME": str(home / ".codex"),
+        "CASCADE_API_KEY": "not-a-real-key",
+    }
+    project = workdir / "project"
+    project.mkdir(exist_ok=True)
+    (project / "notes.txt").write_text("the meeting is at ten\n")
+    with trio.fail_after(90):
+        done = await trio.run_process(
+            [str(CODEX), "exec", "--skip-git-repo-check", "Use exec_command to read notes.txt"],
+            cwd=project,
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def codex_gateway(primary: FakeUpstream) -> Any:
+    """Every model to an OpenAI-dialect primary, then an Anthropic-dialect mock; both drop what
+    they cannot take (Codex always offers web_search, a server tool)."""
+    return live_gateway(
+        {"gpt": primary},
+        providers={"gpt": {"drop_params": True}},
+        extra_providers={"claude": {"mock": {}, "dialect": "anthropic", "drop_params": True}},
+        routes=[{"match": "*", "targets": ["gpt/gpt-x", "claude/claude-x"]}],
+    )
+
+
+async def openai_limited(exchange: Exchange) -> None:
+    error = {"error": {"message": "slow down", "type": "rate_limit_error"}}
+    await exchange.json_answer(429, error, **{"retry-after": "60"})
+
+
+@needs_codex
+async def test_codex_fails_over_to_an_anthropic_provider_and_runs_a_tool(tmp_path: Path) -> None:
+    primary = FakeUpstream(openai_limited)
+    async with codex_gateway(primary) as gw:
+        code, out, err = await run_codex(gw.url, tmp_path)
+    assert code == 0, err
+    # The Anthropic-dialect mock called exec_command (Codex ran it and sent its output back),
+    # then answered quoting that output: the second turn, served.
+    assert "[claude] the tool said:" in out, out + err
+    first = seen_by(primary)[0]  # what the primary was sent, translated from Codex's request
+    assert first["stream"] is True and any(t["function"]["name"] == "exec_command"
+                                           for t in first["tools"])  # fmt: skip
+
+
+@needs_codex
+async def test_codex_is_rescued_when_its_primary_dies_mid_stream(tmp_path: Path) -> None:
+    calls = 0
+
+    async def dies(exchange: Exchange) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await exchange.json_answer(503, {"error": {"message": "gone", "type": "server_error"}})
+            return
+        await exchange.start(200, "text/event-stream")
+        await exchange.body_part(chunk_event("half an "))
+        raise RuntimeError("the primary died")
+
+    primary = FakeUpstream(dies)
+    async with codex_gateway(primary) as gw:
+        code, out, err = await run_codex(gw.url, tmp_path)
+    assert code == 0, err
+    assert "[claude] the tool said:" in out, out + err
+    assert calls >= 2
