@@ -16,6 +16,9 @@ authenticated, limited, reserved and settled, spend written to SQLite).
 `--cross` adds Cascade serving OpenAI clients from an Anthropic-dialect provider (the request
 and the answer translated).
 
+`--responses` adds Cascade serving the Responses face (`POST /v1/responses`, a string input)
+from the same chat completions provider: the request translated to chat, the answer back.
+
 `--state` adds Cascade with rpm/tpm limits set, once with `state.backend: local` and once with
 `redis` (a redis-server on a free port; needs redis-server): what the shared backend costs per
 request, leases and all.
@@ -41,12 +44,20 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PYTHON = sys.executable
 BODY = b'{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
+CHAT = ("/v1/chat/completions", BODY)
+RESPONSES = ("/v1/responses", b'{"model":"bench","input":"hello","store":false}')
 sys.path.insert(0, str(HERE))
 
 from run import free_port, process  # noqa: E402  (benchmarks/run.py: same helpers)
 
 
-def send(port: int, count: int, seconds: float = 600, key: str | None = None) -> None:
+def send(
+    port: int,
+    count: int,
+    seconds: float = 600,
+    key: str | None = None,
+    call: tuple[str, bytes] = CHAT,
+) -> None:
     """`count` POSTs on one keep-alive connection, waiting (bounded) for the server to listen."""
     deadline = time.monotonic() + seconds
     while True:
@@ -62,7 +73,7 @@ def send(port: int, count: int, seconds: float = 600, key: str | None = None) ->
         headers = {"content-type": "application/json"}
         if key is not None:
             headers["authorization"] = f"Bearer {key}"
-        conn.request("POST", "/v1/chat/completions", BODY, headers)
+        conn.request("POST", call[0], call[1], headers)
         response = conn.getresponse()
         response.read()
         if response.status != 200:
@@ -70,7 +81,14 @@ def send(port: int, count: int, seconds: float = 600, key: str | None = None) ->
     conn.close()
 
 
-def instructions(cmd: list[str], port: int, count: int, tmp: Path, key: str | None = None) -> int:
+def instructions(
+    cmd: list[str],
+    port: int,
+    count: int,
+    tmp: Path,
+    key: str | None = None,
+    call: tuple[str, bytes] = CHAT,
+) -> int:
     """Total instructions the server executes from start to exit, having served `count`."""
     out = tmp / "callgrind.out"
     proc = subprocess.Popen(
@@ -81,7 +99,7 @@ def instructions(cmd: list[str], port: int, count: int, tmp: Path, key: str | No
         cwd=ROOT,
     )
     try:
-        send(port, count, key=key)
+        send(port, count, key=key, call=call)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -105,6 +123,7 @@ def main() -> int:
     p.add_argument("--keys", action="store_true", help="also: a client key with limits, budget")
     p.add_argument("--only", action="append", help="only the servers whose name has this")
     p.add_argument("--cross", action="store_true", help="also: a cross-dialect route")
+    p.add_argument("--responses", action="store_true", help="also: the Responses face")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -141,6 +160,8 @@ def main() -> int:
             servers["Cascade, OpenAI client to an Anthropic provider"] = config(
                 "cross", provider=root
             )
+        if args.responses:  # same provider, same config: the face is the only difference
+            servers["Cascade, /v1/responses"] = config("responses")
         if args.state:
             redis_port = free_port()
             redis = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
@@ -171,14 +192,16 @@ def main() -> int:
             if args.only and not any(part in name for part in args.only):
                 continue
             sent = key if name.startswith("Cascade, a key") else None
-            low = instructions(cmd, port, args.warmup, tmp, sent)
-            high = instructions(cmd, port, args.warmup + args.requests, tmp, sent)
+            call = RESPONSES if name.endswith("/v1/responses") else CHAT
+            low = instructions(cmd, port, args.warmup, tmp, sent, call)
+            high = instructions(cmd, port, args.warmup + args.requests, tmp, sent, call)
             results[name] = (high - low) / args.requests
             print(f"{name}: {results[name] / 1e6:.3f} M instructions per request", flush=True)
     pairs = (
         ("redis / local", "Cascade, limits, state redis", "Cascade, limits, state local"),
         ("a key / none", "Cascade, a key with limits and a budget", "Cascade, 1 worker"),
         ("bare / Cascade", "bare hypercorn-trio", "Cascade, 1 worker"),
+        ("responses / chat", "Cascade, /v1/responses", "Cascade, 1 worker"),
     )
     for label, a, b in pairs:
         if a in results and b in results:

@@ -412,3 +412,16 @@ async def test_random_faults_and_cancellations_leave_the_books_balanced(
     assert rows == ledger(gw).settled >= 500  # each request that reserved settled exactly once
     assert tokens == spent_tokens
     assert cost == pytest.approx(spent_cost)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_responses_face_is_charged_like_any_other(
+    monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """A /v1/responses request, served by a chat completions provider: the provider's usage."""
+    handler = streams_with_usage if stream else answers
+    async with budgeted(monkeypatch, {"up": FakeUpstream(handler)}) as gw:
+        r = await post(gw, {"model": "gpt", "input": "hi", "stream": stream}, "/v1/responses")
+        assert r.status_code == 200
+        tokens = (5, 2) if stream else (11, 7)
+        assert await books(gw) == (sum(tokens), pytest.approx((tokens[0] + 2 * tokens[1]) / 1e6))

@@ -459,3 +459,30 @@ async def test_two_replicas_cannot_together_overspend_one_budget(
             reserved = await redis.command("HGET", "t:budget:shared:reserved", "tokens")
             assert float(reserved.split(b"\r\n")[1]) == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_two_replicas_on_one_redis_continue_one_conversation(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """The Responses API's stored responses live in Redis: a conversation begun on one replica
+    continues on the other, the moment the first answer arrives (issue 20), and is gone from
+    both once deleted."""
+    providers = {"m": {"mock": {}}}
+    config = write_config(tmp_path / "c.json", redis.url, providers, targets=["m/x"])
+    async with deployment(config) as (a, b):
+        async with httpx.AsyncClient(timeout=20) as client:
+            first = await client.post(
+                f"{a.url}/v1/responses", json={"model": "gpt", "input": "one", "stream": True}
+            )
+            done = [json.loads(x[6:]) for x in first.text.splitlines() if x.startswith("data: ")]
+            first_id = done[-1]["response"]["id"]
+            second = await client.post(
+                f"{b.url}/v1/responses",
+                json={"model": "gpt", "input": "two", "previous_response_id": first_id},
+            )
+            items = await client.get(f"{a.url}/v1/responses/{second.json()['id']}/input_items")
+            gone = await client.delete(f"{b.url}/v1/responses/{first_id}")
+            after = await client.get(f"{a.url}/v1/responses/{first_id}")
+    assert second.status_code == 200, second.text
+    assert [i["role"] for i in items.json()["data"]][::-1] == ["user", "assistant", "user"]
+    assert gone.json()["deleted"] is True and after.status_code == 404

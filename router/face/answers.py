@@ -5,7 +5,7 @@ the client's dialect (router/dialects/), whatever dialect the provider that serv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 
 import attrs
@@ -37,6 +37,8 @@ class Delivery:
     usage: Usage | None = None  # a stream's usage, when its end said
     completed: bool = False  # a stream that ended with its dialect's end of answer
     relayed: int = 0  # bytes of upstream event data relayed to the client
+    # Run once the answer is whole, before its end is sent (the Responses face stores it)
+    on_whole: Callable[[], Awaitable[None]] | None = None
 
 
 class TrackedSend:
@@ -133,6 +135,8 @@ async def answer(
                 "malformed_answer",
                 request_id=request_id,
             )
+    if status == 200 and delivery.on_whole is not None:
+        await delivery.on_whole()
     await respond(send, status, body, request_id, content_type, extra)
     delivery.first_byte = trio.current_time()
 
@@ -167,6 +171,8 @@ async def stream(
         if cutoff.cancelled_caught:
             ending = writer.fail("the gateway is shutting down", "shutting_down")
             upstream_done = True  # nothing more to wait for: the attempt is cancelled
+    if delivery.completed and delivery.on_whole is not None:
+        await delivery.on_whole()
     await send(
         {"type": "http.response.body", "body": b"".join([*tail, ending]), "more_body": False}
     )

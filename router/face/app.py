@@ -219,13 +219,13 @@ class App:
             key = gateway.gate.authenticate(
                 header(scope, b"authorization"), header(scope, b"x-api-key")
             )
-        stored = conversations.find(gateway.responses, response_id, key)
+        stored = await conversations.find(gateway.responses, response_id, key)
         if stored is None or tail not in ("", "input_items"):
             raise RequestError(
                 f"No response found with id '{response_id}'.", status=404, code="not_found"
             )
         if scope["method"] == "DELETE":
-            gateway.responses.delete(response_id)
+            await gateway.responses.remove(response_id)
             answer: dict[str, Any] = {"id": response_id, "object": "response", "deleted": True}
         elif tail == "input_items":
             items = [{"id": f"item_{i}", **item} if "id" not in item else item

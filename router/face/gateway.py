@@ -18,7 +18,7 @@ from router.dialects.base import Dialect
 from router.keys.gate import KeyGate
 from router.keys.ledger import Ledger
 from router.keys.ring import KeyRing
-from router.state.responses import ResponseStore
+from router.state.responses import Responses, ResponseStore
 from router.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:  # imported by `serve` only with `state.backend: redis` (coredis is slow to load)
@@ -38,7 +38,7 @@ class Gateway:
     shared: RedisState | None = None
     keys: KeyRing = attrs.field(factory=lambda: KeyRing(AuthConfig()))
     ledger: Ledger = attrs.field(factory=Ledger)  # one per process: it outlives reloads
-    responses: ResponseStore = attrs.field(factory=ResponseStore)  # outlives reloads too
+    responses: Responses = attrs.field(factory=ResponseStore)  # outlives reloads too
     gate: KeyGate = attrs.field(init=False, repr=False)
     # provider name -> the dialect it speaks
     dialects: Mapping[str, Dialect] = attrs.field(init=False, repr=False)

@@ -86,7 +86,10 @@ class Pipeline:
             body = await read_body(scope, receive, server.max_body)
             cancel.deadline = math.inf
             parsed = parse(face, gateway, scope, body, started)
-            parsed.request = conversations.continued(gateway.responses, parsed.request, key)
+            if face.name == "responses":  # a continuation: the stored items first
+                parsed.request = await conversations.continued(
+                    gateway.responses, parsed.request, key
+                )
             await self._admitted(face, gateway, scope, receive, send, request_id, key, parsed,
                                  cancel)  # fmt: skip
         if body is None:
@@ -113,6 +116,7 @@ class Pipeline:
                 request = parsed.request = request.asking_usage()
         dispatch = gateway.dispatcher.dispatch(job_for(face, gateway, scope, parsed, request_id))
         tracked, delivery = TrackedSend(send), Delivery()
+        delivery.on_whole = conversations.remembering(gateway.responses, request, key)
         hold = None
         if key is not None and key.budgets:  # the last step before the try: its finally settles
             hold = await gateway.gate.reserve(
@@ -128,7 +132,6 @@ class Pipeline:
         finally:
             if hold is not None and key is not None:
                 settle(gateway, hold, key, parsed, tracked, delivery)
-            conversations.remember(gateway.responses, request, key)
             self.record(face, gateway, parsed, key, request_id, started, before_cascade, dispatch,
                         tracked, delivery)  # fmt: skip
 

@@ -23,7 +23,7 @@ from router.dialects import upstream_wire
 from router.face.gateway import Gateway
 from router.keys.ledger import Ledger
 from router.keys.ring import KeyRing
-from router.state.responses import ResponseStore
+from router.state.responses import Responses, ResponseStore
 from router.telemetry.metrics import Metrics
 from router.tools.mock import MockUpstream
 from router.web.server import serve_asgi
@@ -134,11 +134,15 @@ class Assembly:
         if previous is not None:
             keys.adopt(previous.keys)  # a key's rpm/tpm windows survive a reload
         state = config.state
-        responses = (
-            previous.responses
-            if previous is not None
-            else ResponseStore(state.responses_max, state.responses_max_bytes, state.responses_ttl)
-        )
+        responses: Responses
+        if previous is not None:
+            responses = previous.responses
+        elif self.shared is not None:
+            responses = self.shared.responses
+        else:
+            responses = ResponseStore(
+                state.responses_max, state.responses_max_bytes, state.responses_ttl
+            )
         gateway = Gateway(
             config, actors, dispatcher, self.metrics, self.shared, keys, self.ledger, responses
         )

@@ -42,6 +42,7 @@ from actors.shared import (
 )
 from router.config import StateConfig
 from router.state.budgets import RedisBudgets
+from router.state.responses import RedisResponses, ResponseStore
 from router.telemetry.metrics import Metrics
 
 log = logging.getLogger("cascade.state")
@@ -219,6 +220,10 @@ class RedisState:
         self._channel = prefix + "events"
         self._shown_url = _without_credentials(settings.url)
         self.budgets = RedisBudgets(prefix, settings.timeout)  # client keys' budgets
+        local = ResponseStore(
+            settings.responses_max, settings.responses_max_bytes, settings.responses_ttl
+        )
+        self.responses = RedisResponses(prefix, settings.timeout, local)  # the Responses API's
         metrics.state_up.labels("redis").set(0)
 
     # --- actors ------------------------------------------------------------------------------
@@ -346,6 +351,7 @@ class RedisState:
             await self._broadcast(BackendState(True))
             try:
                 self.budgets.client = client
+                self.responses.client = client
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._listen, pubsub)
                     nursery.start_soon(self._keepalive, client)
@@ -353,6 +359,7 @@ class RedisState:
                     await self._write_loop(client, write, lease)
             finally:
                 self.budgets.client = None
+                self.responses.client = None
 
     async def _resync(self, client: coredis.Redis[bytes], write: Any) -> None:
         """Load what Redis knows into the actors, then publish what they learned on their own."""
