@@ -85,7 +85,7 @@ class ProviderConfig:
 
     name: str
     base_url: str
-    dialect: Literal["openai", "anthropic"] = "openai"
+    dialect: Literal["openai", "anthropic", "responses"] = "openai"
     api_key_env: str | None = None
     timeouts: Timeouts = Timeouts()
     max_retries: int = 2

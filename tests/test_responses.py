@@ -280,3 +280,103 @@ async def test_server_tools_make_a_target_ineligible_unless_it_drops_them() -> N
         assert events[-1]["type"] == "response.completed"
         [item] = done["output"]
         assert item["type"] == "function_call" and item["name"] == "shell"
+
+
+# --- a provider that speaks the Responses API natively -------------------------------------------
+
+
+def native_response(text: str, ident: str = "resp_up1") -> dict[str, Any]:
+    """A Responses answer as an OpenAI server writes it."""
+    return {
+        "id": ident, "object": "response", "created_at": 0, "status": "completed",
+        "error": None, "incomplete_details": None, "model": "m", "parallel_tool_calls": True,
+        "tool_choice": "auto", "tools": [],
+        "output": [{"type": "message", "id": "msg_up1", "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        "usage": {"input_tokens": 5, "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": 2, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": 7},
+    }  # fmt: skip
+
+
+def native_events(text: str) -> list[bytes]:
+    """The stream an OpenAI server sends for a one-message answer."""
+    done = native_response(text)
+    start = {**done, "status": "in_progress", "output": [], "usage": None}
+    item = done["output"][0]
+    part = item["content"][0]
+    events = [
+        ("response.created", {"response": start}),
+        ("response.in_progress", {"response": start}),
+        ("response.output_item.added", {"output_index": 0,
+                                        "item": {**item, "status": "in_progress", "content": []}}),
+        ("response.content_part.added", {"item_id": item["id"], "output_index": 0,
+                                         "content_index": 0, "part": {**part, "text": ""}}),
+        ("response.output_text.delta", {"item_id": item["id"], "output_index": 0,
+                                        "content_index": 0, "delta": text}),
+        ("response.output_text.done", {"item_id": item["id"], "output_index": 0,
+                                       "content_index": 0, "text": text}),
+        ("response.content_part.done", {"item_id": item["id"], "output_index": 0,
+                                        "content_index": 0, "part": part}),
+        ("response.output_item.done", {"output_index": 0, "item": item}),
+        ("response.completed", {"response": done}),
+    ]  # fmt: skip
+    return [
+        f"event: {kind}\n".encode() + sse({"type": kind, "sequence_number": n, **data})
+        for n, (kind, data) in enumerate(events)
+    ]
+
+
+async def native(exchange: Exchange) -> None:
+    if not exchange.json.get("stream"):
+        await exchange.json_answer(200, native_response("native answer"))
+        return
+    await exchange.start(200, "text/event-stream")
+    for event in native_events("native answer"):
+        await exchange.body_part(event)
+    await exchange.body_part(b"", more=False)
+
+
+async def test_a_native_provider_gets_the_clients_bytes_and_its_answer_is_relayed() -> None:
+    async with fake(native, dialect="responses") as (gw, up):
+        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        raw = json.dumps({"model": "gpt", "input": "hi", "metadata": {"k": "v"}}).encode()
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            plain = await client.post(
+                "/v1/responses", content=raw, headers={"content-type": "application/json"}
+            )
+        async with sdk.responses.stream(model="gpt", input="hi") as stream:
+            streamed = await stream.get_final_response()
+        follow = await sdk.responses.create(
+            model="gpt", input="and then?", previous_response_id="resp_up1"
+        )
+        await sdk.close()
+    assert up.exchanges[0].path.endswith("/v1/responses")
+    assert up.exchanges[0].body == raw.replace(b'"gpt"', b'"m"', 1)  # byte for byte
+    assert plain.json() == native_response("native answer")  # relayed as it is
+    assert streamed.output_text == "native answer" and streamed.id == "resp_up1"
+    continued = up.exchanges[2].json  # Cascade's stored conversation, as input
+    assert "previous_response_id" not in continued
+    assert [i.get("role") for i in continued["input"]] == ["user", "assistant", "user"]
+    assert follow.output_text == "native answer"
+
+
+async def test_a_native_provider_is_skipped_for_chat_clients_and_fails_over_for_its_own() -> None:
+    first = FakeUpstream(rate_limited("openai"))
+    with trio.fail_after(20):
+        async with live_gateway(
+            {"native": first},
+            providers={"native": {"dialect": "responses"}},
+            extra_providers={"m": {"mock": {}, "dialect": "anthropic"}},
+            routes=[{"match": "*", "targets": ["native/up", "m/x"]}],
+        ) as gw:
+            sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+            chat = await sdk.chat.completions.with_raw_response.create(
+                model="gpt", messages=[{"role": "user", "content": "hi"}]
+            )
+            answer = await sdk.responses.create(model="gpt", input="hi")
+            await sdk.close()
+    assert chat.headers["x-cascade-skipped"] == "native/up"  # no chat completions there
+    assert len(first.exchanges) == 1  # the Responses request tried it: a 429
+    assert answer.output_text == MOCK_TEXT  # then the Anthropic mock, translated

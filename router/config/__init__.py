@@ -331,7 +331,7 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
     d = ProviderConfig(name=name, base_url="")
     mock = MockSettings.from_fields(f.sub("mock")) if f.has("mock") else None
     latency = _parse_latency(f.sub("latency")) if f.has("latency") else None
-    dialect = f.choice("dialect", d.dialect, ("openai", "anthropic"))
+    dialect = f.choice("dialect", d.dialect, ("openai", "anthropic", "responses"))
     _no_keys_in_the_file(f)
     provider = ProviderConfig(
         name=name,

@@ -310,6 +310,9 @@ class Anthropic:
     def stream_writer(self, request: ClientRequest) -> StreamWriter:
         return Stream()
 
+    def answered(self, request: ClientRequest, body: bytes) -> None:
+        pass  # relayed as it is, nothing kept
+
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)
 

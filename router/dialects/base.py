@@ -143,6 +143,10 @@ class Dialect(Protocol):
         """The client's stream from a provider of this same dialect (another dialect's stream
         is written by its translator: router/dialects/pairs.py)."""
 
+    def answered(self, request: ClientRequest, body: bytes) -> None:
+        """A whole answer from a provider of this same dialect, relayed as it is: a dialect
+        that keeps something of it (the Responses API: the response, to store) reads it here."""
+
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         """Upstream side: a stream that opens with an error event or garbage is a failure."""
 

@@ -327,6 +327,9 @@ class OpenAI:
         assert isinstance(request, ChatRequest)
         return Stream(hide_usage=request.want_usage and not request.include_usage)
 
+    def answered(self, request: ClientRequest, body: bytes) -> None:
+        pass  # relayed as it is, nothing kept
+
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)
 

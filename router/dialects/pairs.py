@@ -24,7 +24,7 @@ from router.dialects.translate import (
     openai_answer_to_anthropic,
     openai_to_anthropic,
 )
-from router.errors import RequestError
+from router.errors import Untranslatable
 
 
 @attrs.frozen
@@ -90,8 +90,12 @@ TRANSLATORS: dict[tuple[str, str], Translator] = {
 
 
 def translator(client: Dialect, provider: Dialect) -> Translator:
-    """The translator from `client`'s dialect to `provider`'s (they differ)."""
+    """The translator from `client`'s dialect to `provider`'s (they differ). A pair with none
+    (a Responses-only provider, for a chat or messages client) makes the target ineligible."""
     found = TRANSLATORS.get((client.name, provider.name))
     if found is None:
-        raise RequestError(f"no translation from {client.name} to {provider.name}")
+        raise Untranslatable(
+            f"a {provider.name}-dialect provider cannot serve {client.name} clients",
+            param="model",
+        )
     return found

@@ -21,18 +21,20 @@ the stream began. No `[DONE]`.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from actors.outcome import Failure
+from actors.outcome import Failure, Kind
 from actors.settings import ProviderConfig
 from actors.sse import SSEDecoder, SSEEvent
+from actors.wire import Usage
 from router.dialects import openai
-from router.dialects.base import JSONRequest, StreamWriter
+from router.dialects.base import JSONRequest, StreamWriter, UpstreamCall, upstream_call
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
@@ -87,6 +89,16 @@ class ResponsesRequest(JSONRequest):
     def previous_response_id(self) -> str | None:
         value = self.obj.get("previous_response_id")
         return value if isinstance(value, str) else None
+
+    def call_for(self, upstream: Any, model: str) -> UpstreamCall:
+        """To a native provider: the client's bytes with `model` replaced; a continuation of a
+        conversation Cascade stored carries that conversation in `input` instead (the provider
+        never saw Cascade's response ids)."""
+        if self.previous_response_id is None:
+            return super().call_for(upstream, model)
+        obj = {k: v for k, v in self.obj.items() if k != "previous_response_id"}
+        body = json.dumps({**obj, "model": model, "input": self.conversation.items}).encode()
+        return upstream_call(upstream, body, self.stream)
 
     def continuing(self, history: list[dict[str, Any]]) -> ResponsesRequest:
         """This request with the stored conversation before its own input."""
@@ -687,9 +699,143 @@ class ViaChat:
         return self._outer.fail(message, code)
 
 
+# --- a provider that speaks the Responses API natively ------------------------------------------
+
+_INPUT_TOKENS = re.compile(rb'"input_tokens"\s*:\s*(\d+)')
+_OUTPUT_TOKENS = re.compile(rb'"output_tokens"\s*:\s*(\d+)')
+_CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
+_ENDS = (b"response.completed", b"response.incomplete")
+_FAILS = ("error", "response.failed")
+
+
+def _event_type(event: SSEEvent, parsed: dict[str, Any] | None = None) -> str | None:
+    if event.event:
+        return event.event.decode(errors="replace")
+    return parsed.get("type") if parsed is not None else None
+
+
+class Wire:
+    """The upstream side of a native Responses provider (actors/wire.py): Bearer auth, usage."""
+
+    fixed_headers: Mapping[str, str] = {}
+
+    def auth_headers(self, api_key: str) -> Mapping[str, str]:
+        return {"authorization": f"Bearer {api_key}"}
+
+    def tokens(self, body: bytes) -> int | None:
+        usage = self.usage(body)
+        return usage.total if usage is not None else None
+
+    def usage(self, body: bytes) -> Usage | None:
+        start = body.rfind(b'"usage"')
+        if start < 0:
+            return None
+        found = _INPUT_TOKENS.search(body, start)
+        if found is None:
+            return None
+        output = _OUTPUT_TOKENS.search(body, start)
+        cached = _CACHED_TOKENS.search(body, start)
+        return Usage(
+            int(found.group(1)),
+            int(output.group(1)) if output else 0,
+            int(cached.group(1)) if cached else 0,
+        )
+
+    def stream_tally(self) -> _Tally:
+        return _Tally(self)
+
+
+class _Tally:
+    """A native stream is complete once `response.completed` (or `.incomplete`) has passed; that
+    event's response carries the usage."""
+
+    __slots__ = ("_wire", "complete", "usage")
+
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+        self.usage: Usage | None = None
+        self.complete = False
+
+    def feed(self, events: Sequence[SSEEvent]) -> None:
+        for event in events:
+            if event.event in _ENDS or (
+                event.event is None and (b'"response.completed"' in event.data
+                                         or b'"response.incomplete"' in event.data)
+            ):  # fmt: skip
+                self.complete = True
+                self.usage = self._wire.usage(event.data)
+
+
+WIRE = Wire()
+
+
+def _frame(event: SSEEvent) -> bytes:
+    head = b"event: " + event.event + b"\n" if event.event else b""
+    return head + b"data: " + event.data + b"\n\n"
+
+
+def native_check_start(events: tuple[SSEEvent, ...]) -> Failure | None:
+    """Before commit: a native stream that opens with an error, or with garbage, is a failure."""
+    for event in events:
+        parsed = event_object(event.data)
+        if parsed is None:
+            continue
+        if _event_type(event, parsed) in _FAILS:
+            error = parsed.get("error") or (parsed.get("response") or {}).get("error") or {}
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            return Failure(Kind.PROTOCOL, "stream_error", str(message or "in-band error"))
+        return None
+    return Failure(Kind.PROTOCOL, "malformed_stream", "the stream opened with no valid event")
+
+
+class NativeStream:
+    """A Responses client's stream from a native provider: its events relayed as they are
+    (malformed ones dropped); its `response.completed` kept (to store); a failure after the
+    start ends with a `response.failed` numbered after the provider's last event."""
+
+    def __init__(self, request: ResponsesRequest) -> None:
+        self._request = request
+        self.done = False
+        self._seq = -1
+        self._response: dict[str, Any] = {"id": request.conversation.id}
+
+    def relay(self, events: Sequence[SSEEvent]) -> tuple[bytes, str | None]:
+        out: list[bytes] = []
+        for event in events:
+            parsed = event_object(event.data)
+            if parsed is None:
+                continue
+            kind = _event_type(event, parsed)
+            if kind in _FAILS:
+                error = parsed.get("error") or (parsed.get("response") or {}).get("error") or {}
+                message = error.get("message") if isinstance(error, dict) else str(error)
+                return b"".join(out), str(message or "upstream error")
+            if isinstance(parsed.get("sequence_number"), int):
+                self._seq = parsed["sequence_number"]
+            if isinstance(parsed.get("response"), dict):
+                self._response = parsed["response"]
+            out.append(_frame(event))
+            if kind in ("response.completed", "response.incomplete"):
+                self.done = True
+                self._request.conversation.final = self._response
+                break
+        return b"".join(out), None
+
+    def finish(self) -> bytes:
+        return b""  # the provider's own end has been relayed
+
+    def fail(self, message: str, code: str) -> bytes:
+        self._seq += 1
+        response = {**self._response, "status": "failed",
+                    "error": {"code": _error_code(code), "message": message}}  # fmt: skip
+        event = {"type": "response.failed", "sequence_number": self._seq, "response": response}
+        return b"event: response.failed\ndata: " + json.dumps(event).encode() + b"\n\n"
+
+
 class Responses:
-    """The Responses face (router/dialects/base.py `Dialect`): a client dialect whose requests
-    are served by chat completions and messages providers, translated."""
+    """The Responses dialect (router/dialects/base.py `Dialect`): as a client face, served by
+    chat completions and messages providers (translated) and by native ones (as it is); as a
+    provider dialect, a provider that speaks only the Responses API."""
 
     name = "responses"
     client_path = "/v1/responses"
@@ -713,13 +859,21 @@ class Responses:
         return openai.error_body(message, type, code, param, **extra)
 
     def stream_writer(self, request: Any) -> StreamWriter:
-        raise RequestError("no provider speaks the Responses API natively yet")
+        assert isinstance(request, ResponsesRequest)
+        return NativeStream(request)
+
+    def answered(self, request: Any, body: bytes) -> None:
+        """A native provider's whole answer, relayed as it is: kept, to store."""
+        assert isinstance(request, ResponsesRequest)
+        answer = event_object(body)
+        if answer is not None and isinstance(answer.get("id"), str):
+            request.conversation.final = answer
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
-        return openai.check_start(events)
+        return native_check_start(events)
 
-    def wire(self, provider: ProviderConfig) -> openai.Wire:
-        return openai.WIRE
+    def wire(self, provider: ProviderConfig) -> Wire:
+        return WIRE
 
 
 DIALECT = Responses()

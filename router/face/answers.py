@@ -123,7 +123,9 @@ async def answer(
     if encoding:  # asked for identity, but an upstream may compress anyway: say so
         extra.append((b"content-encoding", encoding.encode()))
     status, body = reply.status, reply.body
-    if client is not upstream:
+    if client is upstream:
+        client.answered(request, body)
+    else:
         try:
             body = translator(client, upstream).answer(request, body)
         except (ValueError, TypeError, AttributeError, KeyError):  # not the dialect's shape
