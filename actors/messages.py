@@ -93,6 +93,7 @@ class Failed:
 
     failure: Failure
     response: Response | None = None
+    usage: Usage | None = None  # a stream that failed after it began: the usage it had reported
 
 
 Reply = Refused | Response | StreamStart | StreamEvents | StreamEnd | Failed

@@ -90,6 +90,7 @@ class _Call:
         "attempt",
         "phase",
         "start",
+        "tally",
         "timeouts",
         "timer",
         "total_deadline",
@@ -105,6 +106,7 @@ class _Call:
         self.start = 0.0
         self.total_deadline = math.inf
         self.ttfb = math.inf
+        self.tally: StreamTally | None = None  # a stream's, once it has one
 
     def set_phase(self, name: str) -> None:
         self.phase = name
@@ -133,7 +135,7 @@ class _Call:
                     if not request.stream:
                         return await self.whole_body(response)
                     decoder = SSEDecoder()
-                    tally = actor.wire.stream_tally()  # fed every event, the first ones too
+                    tally = self.tally = actor.wire.stream_tally()  # fed every event, first too
                     started = await self.stream_start(response, decoder, tally)
                     if started is not None:
                         return started
@@ -503,6 +505,8 @@ class ProviderActor:
             until = self._settle(attempt.request, outcome, tpm_entry)
             if until is not None and isinstance(last, Failed):
                 last = attrs.evolve(last, failure=attrs.evolve(last.failure, until=until))
+            if isinstance(last, Failed) and call.tally is not None and call.tally.usage:
+                last = attrs.evolve(last, usage=call.tally.usage)  # what it said before failing
             terminal = last
             try:  # the first reply always fits the buffer: skip send()'s scheduling round
                 attempt.reply.send_nowait(terminal)

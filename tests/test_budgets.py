@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -218,9 +219,8 @@ async def test_a_client_that_leaves_pays_only_for_what_it_was_sent(
                 async for _ in r.aiter_raw():
                     pass
         tokens, _ = await books(gw)
-        if phase == "mid-stream":  # the estimate: input (chars / 4) + relayed data bytes / 4
-            relayed = len(chunk_event("x" * 400)) - len(b"data: \n\n")
-            assert tokens == input_estimate(chat(stream=True)) + relayed // 4
+        if phase == "mid-stream":  # the estimate: input (chars / 4) + relayed content / 4
+            assert tokens == input_estimate(chat(stream=True)) + 400 // 4
         else:
             assert tokens == 0
 
@@ -283,8 +283,81 @@ async def test_an_upstream_cut_mid_stream_charges_what_was_streamed(
     async with budgeted(monkeypatch, {"up": FakeUpstream(cut_mid_stream)}) as gw:
         r = await post(gw, chat(stream=True))
         assert "[DONE]" not in r.text
-        relayed = len(chunk_event("y" * 400)) - len(b"data: \n\n")
-        assert (await books(gw))[0] == input_estimate(chat(stream=True)) + relayed // 4
+        assert (await books(gw))[0] == input_estimate(chat(stream=True)) + 400 // 4
+
+
+async def test_a_cut_stream_is_never_charged_more_than_it_reserved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """max_tokens 10: 400 characters relayed before the cut would estimate 100 output tokens,
+    but the request could never have cost more than its input and 10 (issue 21)."""
+    async with budgeted(monkeypatch, {"up": FakeUpstream(cut_mid_stream)}) as gw:
+        body = chat(stream=True, max_tokens=10)
+        r = await post(gw, body)
+        assert "[DONE]" not in r.text
+        assert (await books(gw))[0] == input_estimate(body) + 10
+
+
+def anthropic_stream(output_tokens: bool, cut: bool) -> Any:
+    """message_start reporting 77 input tokens, 40 characters of text, then the end (with or
+    without message_delta's output count), or a cut."""
+
+    async def handler(exchange: Exchange) -> None:
+        def event(name: str, data: dict[str, Any]) -> bytes:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+        message = {"id": "m", "type": "message", "role": "assistant", "model": "m",
+                   "content": [], "stop_reason": None,
+                   "usage": {"input_tokens": 77, "output_tokens": 1}}  # fmt: skip
+        await exchange.start(200, "text/event-stream")
+        await exchange.body_part(event("message_start", {"message": message}))
+        await exchange.body_part(event("content_block_start", {
+            "index": 0, "content_block": {"type": "text", "text": ""}}))  # fmt: skip
+        await exchange.body_part(event("content_block_delta", {
+            "index": 0, "delta": {"type": "text_delta", "text": "z" * 40}}))  # fmt: skip
+        if cut:
+            raise Cut()
+        await exchange.body_part(event("content_block_stop", {"index": 0}))
+        usage = {"output_tokens": 10} if output_tokens else {}
+        await exchange.body_part(event("message_delta", {
+            "delta": {"stop_reason": "end_turn"}, "usage": usage}))  # fmt: skip
+        await exchange.body_part(event("message_stop", {}), more=False)
+
+    return handler
+
+
+@pytest.mark.parametrize(
+    ("output_tokens", "cut", "charged"),
+    [(True, False, 77 + 10), (False, False, 77 + 40 // 4), (False, True, 77 + 40 // 4)],
+    ids=["reported", "no-output-count", "cut"],
+)
+async def test_an_anthropic_stream_is_charged_what_it_reported_else_its_content(
+    monkeypatch: pytest.MonkeyPatch, output_tokens: bool, cut: bool, charged: int
+) -> None:
+    """The input message_start reported is used (before a cut too); a missing output count is
+    estimated from the content relayed, never taken from message_start's placeholder."""
+    up = FakeUpstream(anthropic_stream(output_tokens, cut))
+    async with budgeted(monkeypatch, {"up": up}, providers={"up": {"dialect": "anthropic"}}) as gw:
+        body = {"model": "gpt", "max_tokens": 200, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        r = await post(gw, body, "/v1/messages")
+        assert r.status_code == 200
+        assert (await books(gw))[0] == charged
+
+
+async def test_a_key_without_budgets_has_its_usage_booked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLAIN_KEY", KEY)
+    key = {"name": "plain", "key_env": "PLAIN_KEY"}
+    async with live_gateway({"up": FakeUpstream(answers)}, auth={"keys": [key]}) as gw:
+        assert (await post(gw, chat())).status_code == 200
+        await eventually(lambda: ledger(gw).in_flight == 0)
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            [shown] = (await client.get("/admin/keys")).json()["keys"]
+            metrics = (await client.get("/metrics")).text
+    assert shown["spent_today"]["tokens"] == 18
+    assert 'cascade_key_tokens_total{key="plain",kind="output",model="m",provider="up"} 7.0' in (
+        metrics
+    )
 
 
 async def test_a_failover_after_a_429_charges_the_target_that_answered(
@@ -329,6 +402,13 @@ async def test_a_budget_holds_exactly_at_its_boundary(monkeypatch: pytest.Monkey
         assert refused.json()["error"]["type"] == "budget_exceeded"
         assert int(refused.headers["retry-after"]) <= 86400
         assert "x-budget-reset" in refused.headers
+        assert refused.headers["x-should-retry"] == "false"  # the SDKs would wait hours
+        message = refused.json()["error"]["message"]
+        assert f"{2 * worst} tokens spent, 0 tokens reserved" in message
+        assert f"this request needs up to {worst} tokens" in message
+        async with anthropic.AsyncAnthropic(base_url=gw.url, api_key=KEY) as claude:
+            with trio.fail_after(5), pytest.raises(anthropic.RateLimitError):  # default retries
+                await claude.messages.create(model="gpt", max_tokens=10, messages=body["messages"])
         async with openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=KEY, max_retries=0) as sdk:
             with pytest.raises(openai.RateLimitError) as caught:  # what an SDK user sees
                 await sdk.chat.completions.create(
@@ -362,7 +442,7 @@ async def test_spend_survives_a_restart(
                     == 0
                 )
                 table = capsys.readouterr().out.splitlines()  # `cascade usage --since 1h`
-                assert table[1].split() == ["team", "1", "11", "7", "0.0000"]
+                assert table[1].split() == ["team", "1", "11", "7", "0.000025"]  # not 0.0000
 
 
 # The test client's requests are cancelled mid-body: httpx leaves its body generators to the GC,

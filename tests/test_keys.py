@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from router.config import Config, ConfigError
+from router.keys.ring import _openai_duration
 from router.serving.server import Running
 from tests.helpers import chat
 from tests.live import FakeUpstream, healthy, live_gateway
@@ -246,3 +247,12 @@ async def test_a_key_from_the_config_cannot_be_revoked_through_the_api(
             assert r.status_code == 409
             created = await admin.post("/admin/keys", json={"name": "team-a"})
             assert created.status_code == 400  # the config's name is taken
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0.25, "250ms"), (5.2, "5s"), (59.4, "59s"), (59.7, "1m0s"), (60.2, "1m0s"), (61, "1m1s")],
+)
+def test_reset_durations_have_one_format(seconds: float, shown: str) -> None:
+    """x-ratelimit-reset-*: whole seconds before minutes, so 59.7 s is 1m0s, never 60s."""
+    assert _openai_duration(seconds) == shown

@@ -404,11 +404,14 @@ async def test_two_workers_with_redis_steer_each_other_and_reload_together(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("dropped", [False, True], ids=["connected", "after-client-kill"])
 async def test_two_replicas_cannot_together_overspend_one_budget(
-    tmp_path: Path, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis: RedisServer, monkeypatch: pytest.MonkeyPatch, dropped: bool
 ) -> None:
     """A budget of exactly 10 requests' worst case, 40 requests split between two replicas at
-    once: 10 are served, 30 refused with budget_exceeded, and Redis has charged exactly 10."""
+    once: 10 are served, 30 refused with budget_exceeded, and Redis has charged exactly 10. Also
+    after Redis dropped every replica's connection (CLIENT KILL): the reservation path binds to
+    the new connection (it kept the old one, and every reservation failed, issue 21)."""
     key = "sk-shared-budget-0123456789abcdef0123"
     monkeypatch.setenv("SHARED_BUDGET_KEY", key)
     body = chat(max_tokens=10)
@@ -436,6 +439,14 @@ async def test_two_replicas_cannot_together_overspend_one_budget(
         config.write_text(json.dumps(raw))
         async with deployment(config) as (a, b):
             statuses: list[int] = []
+            if dropped:  # every replica's connections dropped; the race once they reconnected
+                await redis.command("CLIENT", "KILL", "TYPE", "normal")
+                await redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+
+                async def back() -> bool:
+                    return all(b"is back after" in b"".join(r.log) for r in (a, b))
+
+                await until(back, 10)
 
             async def one(replica: Replica) -> None:
                 headers = {"authorization": f"Bearer {key}"}

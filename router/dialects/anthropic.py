@@ -24,6 +24,8 @@ from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
+    content_counter,
+    count_content,
     event_object,
     finite_number,
     optional,
@@ -107,8 +109,9 @@ class Wire:
 
 
 class _StreamTally:
-    """message_start carries the input (and a first output count), message_delta the
-    cumulative output: the total is the start's input plus the latest output. The answer is
+    """message_start carries the input (and a placeholder output count, not used), message_delta
+    the cumulative output: the total is the start's input plus the latest message_delta's output
+    (0 when none said: the face then estimates it from the content relayed). The answer is
     complete at message_stop."""
 
     __slots__ = ("_input", "_output", "complete")
@@ -130,7 +133,8 @@ class _StreamTally:
             if name in (b"message_start", b"message_delta"):
                 side, outputs = _usage_parts(event.data)
                 self._input = side if side is not None else self._input
-                self._output = outputs if outputs is not None else self._output
+                if name == b"message_delta" and outputs is not None:
+                    self._output = outputs
             elif name == b"message_stop" or (not name and b"message_stop" in event.data):
                 self.complete = True  # (the second: an upstream that writes no event lines)
 
@@ -281,6 +285,9 @@ class Stream:
         return _error_event(status, f"{message} ({code})")
 
 
+_CONTENT = content_counter("text", "partial_json", "thinking")  # a stream's content, in its events
+
+
 class Anthropic:
     """The Anthropic Messages dialect (router/dialects/base.py `Dialect`)."""
 
@@ -312,6 +319,9 @@ class Anthropic:
 
     def answered(self, request: ClientRequest, body: bytes) -> None:
         pass  # relayed as it is, nothing kept
+
+    def content_chars(self, events: Sequence[SSEEvent]) -> int:
+        return count_content(_CONTENT, events)
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)

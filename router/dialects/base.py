@@ -150,4 +150,9 @@ class Dialect(Protocol):
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         """Upstream side: a stream that opens with an error event or garbage is a failure."""
 
+    def content_chars(self, events: Sequence[SSEEvent]) -> int:
+        """Upstream side: how much content (text, tool arguments, thinking) these events carry,
+        in characters of their JSON strings: what a stream that ends without its usage is
+        charged for (characters / 4)."""
+
     def wire(self, provider: ProviderConfig) -> UpstreamWire: ...

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from router.errors import RequestError
@@ -33,6 +34,16 @@ _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 
 
 _EVENT_DECODER = json.JSONDecoder()
+
+
+def content_counter(*keys: str) -> re.Pattern[bytes]:
+    """A pattern for the string values of these keys in an event's JSON (escapes included)."""
+    names = "|".join(re.escape(k) for k in keys)
+    return re.compile(rb'"(?:' + names.encode() + rb')"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def count_content(pattern: re.Pattern[bytes], events: Sequence[Any]) -> int:
+    return sum(len(m) for event in events for m in pattern.findall(event.data))
 
 
 def event_object(data: bytes) -> dict[str, Any] | None:

@@ -21,6 +21,8 @@ from router.dialects.base import ClientRequest, JSONRequest, StreamWriter
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
+    content_counter,
+    count_content,
     event_object,
     finite_number,
     optional,
@@ -299,6 +301,11 @@ class Stream:
         return stream_error_frame(message, code)
 
 
+_CONTENT = content_counter(
+    "content", "arguments", "reasoning_content"
+)  # a stream's content, in its events
+
+
 class OpenAI:
     """The OpenAI chat completions dialect (router/dialects/base.py `Dialect`)."""
 
@@ -329,6 +336,9 @@ class OpenAI:
 
     def answered(self, request: ClientRequest, body: bytes) -> None:
         pass  # relayed as it is, nothing kept
+
+    def content_chars(self, events: Sequence[SSEEvent]) -> int:
+        return count_content(_CONTENT, events)
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return check_start(events)

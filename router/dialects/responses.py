@@ -38,6 +38,8 @@ from router.dialects.base import JSONRequest, StreamWriter, UpstreamCall, upstre
 from router.dialects.jsonbody import (
     MAX_OUTPUT_TOKENS,
     bounded_int,
+    content_counter,
+    count_content,
     event_object,
     finite_number,
     optional,
@@ -832,6 +834,9 @@ class NativeStream:
         return b"event: response.failed\ndata: " + json.dumps(event).encode() + b"\n\n"
 
 
+_CONTENT = content_counter("delta")  # a stream's content, in its events
+
+
 class Responses:
     """The Responses dialect (router/dialects/base.py `Dialect`): as a client face, served by
     chat completions and messages providers (translated) and by native ones (as it is); as a
@@ -868,6 +873,9 @@ class Responses:
         answer = event_object(body)
         if answer is not None and isinstance(answer.get("id"), str):
             request.conversation.final = answer
+
+    def content_chars(self, events: Sequence[SSEEvent]) -> int:
+        return count_content(_CONTENT, events)
 
     def check_start(self, events: tuple[SSEEvent, ...]) -> Failure | None:
         return native_check_start(events)

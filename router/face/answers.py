@@ -5,7 +5,7 @@ the client's dialect (router/dialects/), whatever dialect the provider that serv
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 
 import attrs
@@ -13,6 +13,7 @@ import trio
 
 from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, StreamStart
 from actors.outcome import INCOMPLETE_STREAM
+from actors.sse import SSEEvent
 from actors.wire import Usage
 from router.cascade.dispatcher import CascadeError, Winner
 from router.config import Target
@@ -36,7 +37,11 @@ class Delivery:
     answer: Response | None = None  # a whole answer, as the provider sent it
     usage: Usage | None = None  # a stream's usage, when its end said
     completed: bool = False  # a stream that ended with its dialect's end of answer
-    relayed: int = 0  # bytes of upstream event data relayed to the client
+    # Metered requests (a client key's): the content relayed so far, in characters, counted by
+    # the upstream dialect's `count` (what a stream that ends without its usage is charged for)
+    metered: bool = False
+    count: Callable[[Sequence[SSEEvent]], int] | None = None
+    content: int = 0
     # Run once the answer is whole, before its end is sent (the Responses face stores it)
     on_whole: Callable[[], Awaitable[None]] | None = None
 
@@ -160,7 +165,8 @@ async def stream(
     await send({"type": "http.response.start", "status": start.status, "headers": headers})
     delivery.first_byte = trio.current_time()
     first, _ = writer.relay(start.events)  # check_start has already refused an in-band error
-    delivery.relayed += sum(len(e.data) for e in start.events)
+    if delivery.count is not None:
+        delivery.content += delivery.count(start.events)
     tail = [first]
     upstream_done = False
     if writer.done:
@@ -210,7 +216,8 @@ async def _relay(
         out: list[bytes] = []
         for reply in batch:
             if isinstance(reply, StreamEvents):
-                delivery.relayed += sum(len(e.data) for e in reply.events)
+                if delivery.count is not None:
+                    delivery.content += delivery.count(reply.events)
                 data, error = writer.relay(reply.events)
                 out.append(data)
                 if error is not None:
@@ -235,6 +242,7 @@ async def _relay(
                 return writer.finish(), True  # complete (the actor judged): [DONE] if missing
             elif isinstance(reply, Failed):
                 tail.extend(out)
+                delivery.usage = reply.usage  # what the upstream reported before it failed
                 failure = reply.failure
                 message = f"the upstream stream failed after it began: {failure.message}"
                 return writer.fail(message, failure.error_type), True

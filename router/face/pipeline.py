@@ -12,11 +12,12 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+import attrs
 import trio
 
 from actors.wire import Usage
 from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch
-from router.config import Route, ServerConfig
+from router.config import Route, ServerConfig, Target
 from router.config.keys import KeyConfig
 from router.dialects.base import ClientRequest, Dialect
 from router.dialects.bodies import UpstreamBodies
@@ -112,13 +113,13 @@ class Pipeline:
         if key is not None:  # limits before anything else happens for this request
             extra = gateway.gate.admit(key, request.model, request.estimated_tokens)
             send = with_headers(send, extra) if extra else send
-            if key.budgets and request.stream:  # the exact usage, to settle the budget with
+            if request.stream:  # the exact usage, to settle with (every key's usage is booked)
                 request = parsed.request = request.asking_usage()
         dispatch = gateway.dispatcher.dispatch(job_for(face, gateway, scope, parsed, request_id))
-        tracked, delivery = TrackedSend(send), Delivery()
+        tracked, delivery = TrackedSend(send), Delivery(metered=key is not None)
         delivery.on_whole = conversations.remembering(gateway.responses, request, key)
         hold = None
-        if key is not None and key.budgets:  # the last step before the try: its finally settles
+        if key is not None:  # the last step before the try: its finally settles
             hold = await gateway.gate.reserve(
                 key,
                 request.estimated_input_tokens,
@@ -177,6 +178,8 @@ class Pipeline:
             async with dispatch as winner:
                 upstream = gateway.dialects[winner.target.provider]
                 if request.stream:
+                    if delivery.metered:
+                        delivery.count = upstream.content_chars
                     writer = (
                         face.stream_writer(request)
                         if upstream is face
@@ -302,23 +305,44 @@ def settle(
     tracked: TrackedSend,
     delivery: Delivery,
 ) -> None:
-    """Book what the request cost its key, however it ended (docs/keys-and-budgets.md)."""
-    request = parsed.request
+    """Book what the request cost its key, however it ended (docs/keys-and-budgets.md): the
+    usage the provider reported, else an estimate (the content relayed, characters / 4, with
+    the input the provider reported before a cut); never more than the request reserved."""
     usage, outcome = Usage(), "refunded"  # no answer, or none of it reached the client
     target = delivery.target if tracked.status else None
     if target is not None:
-        whole = delivery.answer
-        if whole is not None:  # a whole answer, handed to the client
-            wire = gateway.dialects[target.provider].wire(gateway.config.providers[target.provider])
-            found = whole.usage or wire.usage(whole.body)
-            usage = found or Usage(request.estimated_input_tokens, len(whole.body) // 4)
-            outcome = "ok"
-        elif delivery.completed and delivery.usage is not None:
-            outcome, usage = "ok", delivery.usage
-        else:  # a stream cut short, or one whose upstream reported no usage: an estimate
-            outcome = "ok" if delivery.completed else "partial"
-            usage = Usage(request.estimated_input_tokens, delivery.relayed // 4)
-    gateway.gate.settle(hold, key, parsed.route_name, target, usage, outcome)
+        usage, outcome = _used(gateway, parsed.request, target, delivery)
+    gateway.gate.settle(hold, key, parsed.route_name, target, _capped(usage, hold), outcome)
+
+
+def _used(
+    gateway: Gateway, request: ClientRequest, target: Target, delivery: Delivery
+) -> tuple[Usage, str]:
+    whole = delivery.answer
+    if whole is not None:  # a whole answer, handed to the client
+        wire = gateway.dialects[target.provider].wire(gateway.config.providers[target.provider])
+        found = whole.usage or wire.usage(whole.body)
+        return found or Usage(request.estimated_input_tokens, len(whole.body) // 4), "ok"
+    reported = delivery.usage
+    estimate = delivery.content // 4
+    if delivery.completed and reported is not None and (reported.output or not estimate):
+        return reported, "ok"
+    # A stream cut short, or one whose upstream did not report its output: an estimate
+    outcome = "ok" if delivery.completed else "partial"
+    if reported is not None and reported.input:  # e.g. Anthropic's message_start, before a cut
+        return attrs.evolve(reported, output=estimate), outcome
+    return Usage(request.estimated_input_tokens, estimate), outcome
+
+
+def _capped(usage: Usage, hold: Hold) -> Usage:
+    """At most the reservation: the upstream cannot produce more than the request's max_tokens,
+    and an estimate must not charge more than the worst case that was admitted."""
+    if usage.total <= hold.tokens:
+        return usage
+    room = int(hold.tokens)
+    if usage.input >= room:
+        return attrs.evolve(usage, input=room, output=0)
+    return attrs.evolve(usage, output=room - usage.input)
 
 
 async def read_in_time(

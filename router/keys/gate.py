@@ -18,10 +18,12 @@ from router.config.keys import KeyConfig
 from router.errors import RequestError
 from router.keys.ledger import Charge, Ledger
 from router.keys.ring import KeyRing, presented_key
-from router.state.budgets import Hold
+from router.state.budgets import Exceeded, Hold
 from router.telemetry.metrics import Metrics
 
 Headers = list[tuple[bytes, bytes]]
+# A Retry-After longer than this is not worth waiting for in a client: it is told not to retry
+MAX_CLIENT_WAIT = 60
 
 
 class KeyGate:
@@ -64,14 +66,16 @@ class KeyGate:
         if decision.retry_after is not None:
             self.metrics.key_refusals.labels(key.name, decision.reason or "rpm").inc()
             wait = max(1, math.ceil(decision.retry_after))
+            headers = [(b"retry-after", str(wait).encode()), *decision.headers]
+            if wait > MAX_CLIENT_WAIT:
+                headers.append((b"x-should-retry", b"false"))
             raise RequestError(
                 f"this key's {decision.reason} limit is reached; retry in {wait} s",
                 status=429,
                 code="rate_limit_exceeded",
                 type="rate_limit_error",
-                headers=[(b"retry-after", str(wait).encode()), *decision.headers],
+                headers=headers,
             )
-        self.metrics.child(self.metrics.key_requests, key.name).inc()
         return decision.headers
 
     async def reserve(
@@ -86,24 +90,10 @@ class KeyGate:
         now = dt.datetime.now(dt.UTC)
         held = await self.ledger.reserve_shared(key.name, key.budgets, worst.total, cost, now)
         if isinstance(held, Hold):
+            self.metrics.child(self.metrics.key_requests, key.name).inc()  # admitted
             return held
         self.metrics.key_refusals.labels(key.name, "budget").inc()
-        budget = held.budget
-        limit = f"{budget.limit:g} tokens" if budget.unit == "tokens" else f"${budget.limit:g}"
-        headers: Headers = []
-        when = "it never resets"
-        if held.reset is not None:
-            wait = math.ceil((held.reset - now).total_seconds())
-            headers.append((b"retry-after", str(wait).encode()))
-            headers.append((b"x-budget-reset", held.reset.isoformat().encode()))
-            when = f"it resets at {held.reset.isoformat()}"
-        raise RequestError(
-            f"this key's {budget.period} budget of {limit} is spent; {when}",
-            status=429,
-            code="budget_exceeded",
-            type="budget_exceeded",
-            headers=headers,
-        )
+        raise _over_budget(held, now)
 
     def settle(
         self,
@@ -118,7 +108,7 @@ class KeyGate:
         refund), and show what is left of the key's budgets."""
         provider, model = (served_by.provider, served_by.model) if served_by else ("-", "-")
         price = self.config.prices.get(f"{provider}/{model}")
-        cost = price.cost(usage) if price is not None else 0.0
+        cost = min(price.cost(usage), hold.cost) if price is not None else 0.0  # <= reserved
         charge = Charge(
             time.time(), hold.key, route, provider, model, usage.input, usage.output, cost, outcome
         )
@@ -132,3 +122,30 @@ class KeyGate:
             metrics.child(metrics.tokens, hold.key, provider, model, "input").inc(usage.input)
             metrics.child(metrics.tokens, hold.key, provider, model, "output").inc(usage.output)
             metrics.child(metrics.cost, hold.key, provider, model).inc(cost)
+
+
+def _over_budget(held: Exceeded, now: dt.datetime) -> RequestError:
+    """429 `budget_exceeded`: what did not fit (spent, reserved, this request's worst case), and
+    when the period resets; never retried by the SDKs (x-should-retry: false): a budget frees
+    at its reset, hours away, not in a client's retry loop."""
+    budget = held.budget
+
+    def amount(value: float) -> str:
+        return f"{value:g} tokens" if budget.unit == "tokens" else f"${value:.6g}"
+
+    headers: Headers = [(b"x-should-retry", b"false")]
+    when = "it never resets"
+    if held.reset is not None:
+        wait = math.ceil((held.reset - now).total_seconds())
+        headers.append((b"retry-after", str(wait).encode()))
+        headers.append((b"x-budget-reset", held.reset.isoformat().encode()))
+        when = f"it resets at {held.reset.isoformat()}"
+    return RequestError(
+        f"this key's {budget.period} budget of {amount(budget.limit)} cannot take this request:"
+        f" {amount(held.spent)} spent, {amount(held.reserved)} reserved by requests in flight,"
+        f" and this request needs up to {amount(held.need)}; {when}",
+        status=429,
+        code="budget_exceeded",
+        type="budget_exceeded",
+        headers=headers,
+    )

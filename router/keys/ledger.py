@@ -77,7 +77,8 @@ class Ledger:
         """Reserve in the shared backend (one round trip, shielded from cancellation so a hold
         taken there is always ours to settle); this replica's own books while it is down."""
         shared = self.shared
-        if shared is None or not shared.up:
+        budgets = tuple(budgets)
+        if shared is None or not shared.up or not budgets:  # no budget: only this replica books
             return self.reserve(key, budgets, tokens, cost, when)
         hold_id = uuid.uuid4().hex
         try:
@@ -85,6 +86,7 @@ class Ledger:
                 result = await shared.reserve(hold_id, key, budgets, tokens, cost, when)
         except Exception as exc:  # Redis failed or is slow: release in case the script ran
             log.warning("budgets: shared reservation failed (%s); this replica's view", exc)
+            shared.failed()
             shared.settle(hold_id, key, 0.0, 0.0, when)
             return self.reserve(key, budgets, tokens, cost, when)
         if isinstance(result, Hold):
@@ -100,8 +102,9 @@ class Ledger:
         held = self._reserved.setdefault(key, [0.0, 0.0])
         for budget in budgets:
             need, already = (tokens, held[0]) if budget.unit == "tokens" else (cost, held[1])
-            if self.spent(key, budget.unit, budget.period, when) + already + need > budget.limit:
-                return Exceeded(budget, period_end(budget.period, when))
+            spent = self.spent(key, budget.unit, budget.period, when)
+            if spent + already + need > budget.limit:
+                return Exceeded(budget, period_end(budget.period, when), spent, already, need)
         held[0] += tokens
         held[1] += cost
         self.in_flight += 1

@@ -148,8 +148,8 @@ def _openai_duration(seconds: float) -> str:
     """OpenAI's reset format: `1s`, `6m0s`, `250ms`."""
     if seconds < 1:
         return f"{max(0, round(seconds * 1000))}ms"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.0f}s"
+    minutes, rest = divmod(round(seconds), 60)  # whole seconds first: 59.7 s is 1m0s, not 60s
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 def presented_key(authorization: bytes | None, x_api_key: bytes | None) -> str | None:

@@ -44,6 +44,9 @@ class SharedBudgets(Protocol):
     @property
     def up(self) -> bool: ...
 
+    def failed(self) -> None:
+        """A reservation failed (Redis down or slow): skip it a while."""
+
     async def reserve(
         self,
         hold_id: str,
@@ -63,9 +66,13 @@ class SharedBudgets(Protocol):
 class Exceeded:
     budget: Budget
     reset: dt.datetime | None  # when the period ends (None: a total budget never resets)
+    spent: float = 0.0  # in the budget's unit, this period
+    reserved: float = 0.0  # held by requests in flight
+    need: float = 0.0  # what this request would have reserved
 
 
 HOLD_MAX_AGE = 3600.0  # longer than any request may take
+FAIL_FAST = 1.0  # seconds a failed reservation keeps requests on this replica's own view
 SETTLE_QUEUE = 100_000
 
 # KEYS: reserved hash, holds hash, hold times zset, then one spent counter per budget.
@@ -91,13 +98,13 @@ for i = 1, n do
   local spent = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
   local held, need = rt, tokens
   if unit == 'cost' then held, need = rc, cost end
-  if spent + held + need > limit then return i end
+  if spent + held + need > limit then return {i, tostring(spent), tostring(held)} end
 end
 redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', tokens)
 redis.call('HINCRBYFLOAT', KEYS[1], 'cost', cost)
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[7 + 2 * n] .. '|' .. tokens .. '|' .. cost)
 redis.call('ZADD', KEYS[3], now, ARGV[1])
-return 0
+return {0}
 """
 
 # KEYS: reserved hash, holds hash, hold times zset, spent tokens day/month/total, spent cost
@@ -136,14 +143,24 @@ class RedisBudgets:
         self.prefix = prefix
         self.timeout = timeout
         self.client: coredis.Redis[bytes] | None = None
+        self.failed_at: float | None = None  # a reservation failed: Redis is skipped a while
         self._send, self._receive = trio.open_memory_channel[_Settle](SETTLE_QUEUE)
         self._unsent: list[_Settle] = []  # settlements that met an outage: replayed after it
         self._reserve: Any = None
+        self._reserve_client: Any = None
         self._settle: Any = None
 
     @property
     def up(self) -> bool:
-        return self.client is not None
+        """Connected, and no reservation failed in the last second: while Redis is down but the
+        connection has not noticed yet, requests reserve on this replica's view at once instead
+        of each waiting out the timeout."""
+        if self.client is None:
+            return False
+        return self.failed_at is None or trio.current_time() - self.failed_at > FAIL_FAST
+
+    def failed(self) -> None:
+        self.failed_at = trio.current_time()
 
     def _keys(self, key: str) -> list[str]:
         base = f"{self.prefix}budget:"
@@ -165,8 +182,8 @@ class RedisBudgets:
         case the script ran, and falls back to its own view)."""
         client = self.client
         assert client is not None
-        if self._reserve is None:
-            self._reserve = client.register_script(_RESERVE)
+        if self._reserve is None or self._reserve_client is not client:  # a new connection
+            self._reserve, self._reserve_client = client.register_script(_RESERVE), client
         budgets = list(budgets)
         keys = self._keys(key) + [
             self._spent(key, b.unit, period_id(b.period, when)) for b in budgets
@@ -175,10 +192,14 @@ class RedisBudgets:
         for b in budgets:
             args += [b.unit, b.limit]
         args.append(key)
-        over = int(await self._reserve(keys=keys, args=args))
+        answer = await self._reserve(keys=keys, args=args)
+        self.failed_at = None
+        over = int(answer[0])
         if over:
             budget = budgets[over - 1]
-            return Exceeded(budget, period_end(budget.period, when))
+            need = tokens if budget.unit == "tokens" else cost
+            spent, held = float(answer[1]), float(answer[2])
+            return Exceeded(budget, period_end(budget.period, when), spent, held, need)
         return Hold(key, tokens, cost, shared_id=hold_id)
 
     def settle(self, hold_id: str, key: str, tokens: float, cost: float, when: dt.datetime) -> None:

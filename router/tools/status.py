@@ -101,7 +101,9 @@ def render_usage(rows: list[dict[str, Any]], group: str) -> str:
         t[3] += row["cost"]
     lines = [f"{group:<24} {'requests':>9} {'input':>12} {'output':>12} {'cost USD':>12}"]
     for name, (requests, inputs, outputs, cost) in sorted(totals.items()):
-        lines.append(f"{name:<24} {requests:>9.0f} {inputs:>12.0f} {outputs:>12.0f} {cost:>12.4f}")
+        lines.append(
+            f"{name:<24} {requests:>9.0f} {inputs:>12.0f} {outputs:>12.0f} {_usd(cost):>12}"
+        )
     if not totals:
         lines.append("(nothing settled in this period)")
     return "\n".join(lines)
@@ -129,3 +131,11 @@ def usage(url: str, token_env: str | None, since: float, by: str, as_json: bool)
     rows = r.json()["usage"]
     print(json.dumps(rows, indent=2) if as_json else render_usage(rows, by))
     return 0
+
+
+def _usd(cost: float) -> str:
+    """A cost with the precision it has: cents when it is dollars, six decimals (micro-dollars,
+    a token's price) below a cent, 0 when nothing was spent."""
+    if cost == 0:
+        return "0"
+    return f"{cost:.2f}" if cost >= 0.01 else f"{cost:.6f}"
