@@ -469,6 +469,14 @@ async def test_two_replicas_cannot_together_overspend_one_budget(
             await until(settled)
             reserved = await redis.command("HGET", "t:budget:shared:reserved", "tokens")
             assert float(reserved.split(b"\r\n")[1]) == 0
+            # Both replicas show the deployment's figures, and their own share beside them
+            shown = [(await r.get("/admin/keys")).json()["keys"][0] for r in (a, b)]
+            assert [s["scope"] for s in shown] == ["deployment", "deployment"]
+            assert shown[0]["spent_today"] == shown[1]["spent_today"]
+            assert shown[0]["spent_today"]["tokens"] == 10 * worst
+            assert shown[0]["budgets"][0]["spent"] == 10 * worst
+            shares = [s["this_replica"]["spent_today"]["tokens"] for s in shown]
+            assert sum(shares) == 10 * worst  # each replica settled its own share
         nursery.cancel_scope.cancel()
 
 

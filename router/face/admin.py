@@ -26,12 +26,15 @@ import trio
 
 from actors.messages import ManualBlock, ManualUnblock
 from router.config import Config, ConfigError, parse_key
+from router.config.keys import KeyConfig, Period, Unit
 from router.dialects import DIALECTS
 from router.dialects.jsonbody import check_model_name
 from router.errors import RequestError
 from router.face.answers import respond
 from router.face.gateway import Gateway
 from router.face.pipeline import read_in_time
+from router.keys.ledger import Ledger
+from router.state.budgets import RedisBudgets
 from router.telemetry.feed import Feed
 from router.units import parse_duration
 from router.web.asgi import Receive, Scope, Send, header
@@ -213,37 +216,64 @@ async def revoke_key(
 async def keys(
     app: AdminHost, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
 ) -> None:
-    """GET /admin/keys: every key's limits, spend this period and what is reserved now."""
+    """GET /admin/keys: every key's limits, spend this period and what is reserved now. With
+    budgets in Redis, a budgeted key's figures are the deployment's (the shared counters, every
+    replica's holds), with this replica's own share under `this_replica`."""
     now = dt.datetime.now(dt.UTC)
-    ledger = gateway.ledger
-    keys = []
     configured = gateway.config.auth.keys
+    keys = []
     for key in (*configured, *gateway.keys.runtime.values()):
-        tokens, cost = ledger.reserved(key.name)
-        keys.append(
-            {
-                "name": key.name,
-                "source": "config" if key in configured else "admin API",
-                "models": list(key.models),
-                "rpm": key.rpm,
-                "tpm": key.tpm,
-                "budgets": [
-                    {
-                        "unit": b.unit,
-                        "limit": b.limit,
-                        "period": b.period,
-                        "spent": round(ledger.spent(key.name, b.unit, b.period, now), 6),
-                    }
-                    for b in key.budgets
-                ],
-                "spent_today": {
-                    "tokens": ledger.spent(key.name, "tokens", "day", now),
-                    "cost": round(ledger.spent(key.name, "cost", "day", now), 6),
-                },
-                "reserved": {"tokens": tokens, "cost": round(cost, 6)},
-            }
-        )
+        shown = {
+            "name": key.name,
+            "source": "config" if key in configured else "admin API",
+            "models": list(key.models),
+            "rpm": key.rpm,
+            "tpm": key.tpm,
+            **_figures(gateway.ledger, key, now),
+        }
+        shared = gateway.ledger.shared
+        if key.budgets and isinstance(shared, RedisBudgets) and shared.up:
+            try:
+                deployment = await shared.figures(key.name, now)
+            except Exception as exc:  # Redis failed: this replica's view, said so
+                log.warning("admin: the deployment's budget figures are unavailable (%s)", exc)
+            else:
+                shown = {**shown, **_figures(gateway.ledger, key, now, deployment),
+                         "this_replica": _figures(gateway.ledger, key, now)}  # fmt: skip
+        keys.append(shown)
     await respond(send, 200, json.dumps({"keys": keys}).encode(), request_id)
+
+
+def _figures(
+    ledger: Ledger, key: KeyConfig, now: dt.datetime, shared: dict[str, float] | None = None
+) -> dict[str, object]:
+    """A key's budgets with their spend, today's spend and what is reserved: this replica's
+    books, or the deployment's figures from Redis (`shared`)."""
+
+    def spent(unit: Unit, period: Period) -> float:
+        if shared is not None:
+            return shared[f"{unit}:{period}"]
+        return ledger.spent(key.name, unit, period, now)
+
+    tokens, cost = (
+        ledger.reserved(key.name)
+        if shared is None
+        else (shared["reserved:tokens"], shared["reserved:cost"])
+    )
+    return {
+        "scope": "replica" if shared is None else "deployment",
+        "budgets": [
+            {
+                "unit": b.unit,
+                "limit": b.limit,
+                "period": b.period,
+                "spent": round(spent(b.unit, b.period), 6),
+            }
+            for b in key.budgets
+        ],
+        "spent_today": {"tokens": spent("tokens", "day"), "cost": round(spent("cost", "day"), 6)},
+        "reserved": {"tokens": tokens, "cost": round(cost, 6)},
+    }
 
 
 async def usage(

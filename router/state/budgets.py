@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from router.config.keys import Budget, period_end, period_id
+from router.config.keys import Budget, Period, period_end, period_id
 
 if TYPE_CHECKING:
     import coredis
@@ -201,6 +201,22 @@ class RedisBudgets:
             spent, held = float(answer[1]), float(answer[2])
             return Exceeded(budget, period_end(budget.period, when), spent, held, need)
         return Hold(key, tokens, cost, shared_id=hold_id)
+
+    async def figures(self, key: str, when: dt.datetime) -> dict[str, float]:
+        """The deployment's figures for `key`: spent per unit and period ("tokens:day", ...)
+        from the shared counters, and reserved ("reserved:tokens", "reserved:cost") summed over
+        every replica's live holds. One round trip; raises when Redis fails."""
+        client = self.client
+        assert client is not None
+        periods: tuple[Period, ...] = ("day", "month", "total")
+        names = [(u, p) for u in ("tokens", "cost") for p in periods]
+        with trio.fail_after(self.timeout):
+            spent = await client.mget([self._spent(key, u, period_id(p, when)) for u, p in names])
+            reserved = await client.hgetall(self._keys(key)[0])
+        out = {f"{u}:{p}": float(v or 0) for (u, p), v in zip(names, spent, strict=True)}
+        for unit in ("tokens", "cost"):
+            out[f"reserved:{unit}"] = max(0.0, float(reserved.get(unit.encode(), 0) or 0))
+        return out
 
     def settle(self, hold_id: str, key: str, tokens: float, cost: float, when: dt.datetime) -> None:
         """Queue the settlement (never waits): the backend's task writes it, once Redis is up."""
