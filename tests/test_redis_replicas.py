@@ -505,3 +505,38 @@ async def test_two_replicas_on_one_redis_continue_one_conversation(
     assert second.status_code == 200, second.text
     assert [i["role"] for i in items.json()["data"]][::-1] == ["user", "assistant", "user"]
     assert gone.json()["deleted"] is True and after.status_code == 404
+
+
+async def test_a_key_made_or_revoked_on_one_replica_holds_on_the_other_within_a_second(
+    tmp_path: Path, redis: RedisServer
+) -> None:
+    """Client keys made through one replica's admin API reach the other through Redis (a table
+    and a channel), and a revocation too: the revoked key is refused everywhere (issue 21)."""
+    config = write_config(tmp_path / "c.json", redis.url, {"m": {"mock": {}}}, targets=["m/x"])
+    raw = json.loads(config.read_text())
+    raw["auth"] = {"keys": [{"name": "static", "sha256": "0" * 64}]}  # keys on from the start
+    config.write_text(json.dumps(raw))
+    async with deployment(config) as (a, b):
+        async with httpx.AsyncClient(timeout=20) as client:
+            made = await client.post(f"{a.url}/admin/keys", json={"name": "ci"})
+            secret = made.json()["key"]
+            auth = {"authorization": f"Bearer {secret}"}
+
+            async def status_on_b() -> int:
+                r = await client.post(f"{b.url}/v1/chat/completions", json=chat(), headers=auth)
+                return r.status_code
+
+            start = trio.current_time()
+            await until(lambda: _is(status_on_b, 200), 1.0)  # made on A, valid on B
+            made_after = trio.current_time() - start
+            await client.post(f"{a.url}/admin/keys/ci/revoke")
+            start = trio.current_time()
+            await until(lambda: _is(status_on_b, 401), 1.0)  # revoked on A, refused on B
+            revoked_after = trio.current_time() - start
+            listed = (await client.get(f"{b.url}/admin/keys")).json()["keys"]
+    assert made.status_code == 201 and [k["name"] for k in listed] == ["static"]
+    assert made_after < 1.0 and revoked_after < 1.0
+
+
+async def _is(check: Callable[[], Awaitable[int]], expected: int) -> bool:
+    return await check() == expected

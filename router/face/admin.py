@@ -46,6 +46,7 @@ class AdminHost(Protocol):
     """What the admin endpoints use of the app."""
 
     feed: Feed
+    gateway: Gateway
     shutting_down: bool
     reload: Callable[[], Awaitable[dict[str, Any]]] | None
 
@@ -184,6 +185,8 @@ async def create_key(
     gateway.ledger.runtime_keys[key.name] = settings
     gateway.keys.add(key)
     log.warning("client key %s created through the admin API", key.name)
+    if gateway.shared is not None:  # every replica and worker, within a second
+        await gateway.shared.keys.publish(key.name, settings)
     answer = {
         "name": key.name,
         "key": secret,
@@ -210,6 +213,8 @@ async def revoke_key(
     if store is not None:
         await trio.to_thread.run_sync(store.revoke_key, name)
     log.warning("client key %s revoked through the admin API", name)
+    if gateway.shared is not None:
+        await gateway.shared.keys.publish(name, None)
     await respond(send, 200, json.dumps({"name": name, "revoked": True}).encode(), request_id)
 
 
@@ -372,3 +377,33 @@ def _is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+async def apply_shared_key(app: AdminHost, name: str, settings: dict[str, Any] | None) -> None:
+    """A client key made (settings) or revoked (None) on another replica or worker, announced
+    through the state backend: applied to this process's keys and books, idempotently (the
+    announcing process hears its own change too). A key of the config file wins."""
+    gateway = app.gateway
+    ledger = gateway.ledger
+    if name in {k.name for k in gateway.config.auth.keys}:
+        return
+    if settings is None:
+        if gateway.keys.revoke(name):
+            ledger.runtime_keys.pop(name, None)
+            if ledger.store is not None:
+                await trio.to_thread.run_sync(ledger.store.revoke_key, name)
+            log.warning("client key %s revoked on another replica: revoked here", name)
+        return
+    if ledger.runtime_keys.get(name) == settings:
+        return  # already here
+    try:
+        key = parse_key(settings, gateway.keys.names() - {name})
+    except ConfigError as exc:
+        log.error("client key %s from the state backend is invalid: %s", name, exc)
+        return
+    gateway.keys.revoke(name)  # a key of that name made earlier: replaced
+    gateway.keys.add(key)
+    ledger.runtime_keys[name] = settings
+    if ledger.store is not None:
+        await trio.to_thread.run_sync(ledger.store.save_key, name, settings)
+    log.warning("client key %s made on another replica: valid here", name)

@@ -24,6 +24,7 @@ import trio
 
 from actors.provider import ProviderActor
 from router.config import Config
+from router.face import admin
 from router.face.app import App
 from router.keys.ledger import Ledger, UsageStore
 from router.serving.assembly import Assembly, MockServers
@@ -117,6 +118,8 @@ async def serve(
             assembly = Assembly(metrics, actor_nursery, mocks, http_transports, shared, ledger)
             gateway, _ = await assembly.build(config)
             app = App(gateway)
+            if shared is not None:  # client keys made or revoked elsewhere apply here
+                shared.keys.apply = partial(admin.apply_shared_key, app)
             reloader = Reloader(app, source, assembly, link)
             app.reload = reloader.reload
             control = trio.CancelScope()  # SIGHUP watcher and worker link: until hypercorn is done

@@ -42,6 +42,7 @@ from actors.shared import (
 )
 from router.config import StateConfig
 from router.state.budgets import RedisBudgets
+from router.state.keytable import SharedKeys
 from router.state.responses import RedisResponses, ResponseStore
 from router.telemetry.metrics import Metrics
 
@@ -224,6 +225,7 @@ class RedisState:
             settings.responses_max, settings.responses_max_bytes, settings.responses_ttl
         )
         self.responses = RedisResponses(prefix, settings.timeout, local)  # the Responses API's
+        self.keys = SharedKeys(prefix, settings.timeout)  # client keys made by the admin API
         metrics.state_up.labels("redis").set(0)
 
     # --- actors ------------------------------------------------------------------------------
@@ -330,12 +332,15 @@ class RedisState:
         async with (
             client,
             client.pubsub(
-                channels=[self._channel], retry_policy=None, ignore_subscribe_messages=True
+                channels=[self._channel, self.keys.channel],
+                retry_policy=None,
+                ignore_subscribe_messages=True,
             ) as pubsub,
         ):
             write = client.register_script(_WRITE)
             lease = client.register_script(_LEASE)
             await self._resync(client, write)
+            await self.keys.load(client)  # client keys made through the admin API meanwhile
             if self.down_since is not None:
                 log.warning(
                     "shared state: Redis at %s is back after %.1f s; state resynchronised",
@@ -352,14 +357,16 @@ class RedisState:
             try:
                 self.budgets.client = client
                 self.responses.client = client
+                self.keys.client = client
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._listen, pubsub)
+                    nursery.start_soon(self._listen, pubsub, client)
                     nursery.start_soon(self._keepalive, client)
                     nursery.start_soon(self.budgets.write_settlements, client)
                     await self._write_loop(client, write, lease)
             finally:
                 self.budgets.client = None
                 self.responses.client = None
+                self.keys.client = None
 
     async def _resync(self, client: coredis.Redis[bytes], write: Any) -> None:
         """Load what Redis knows into the actors, then publish what they learned on their own."""
@@ -435,9 +442,13 @@ class RedisState:
             else:
                 await self._write(write, item)
 
-    async def _listen(self, pubsub: Any) -> None:
+    async def _listen(self, pubsub: Any, client: coredis.Redis[bytes]) -> None:
+        keys_channel = self.keys.channel.encode()
         async for message in pubsub:
             if message.get("type") != "message":
+                continue
+            if message.get("channel") in (keys_channel, self.keys.channel):
+                await self.keys.changed(client, _text(message["data"]))
                 continue
             decoded = _decode(message["data"])
             if decoded is None or decoded[0] == self.origin:
@@ -451,6 +462,10 @@ class RedisState:
             await trio.sleep(self.settings.timeout)
             with trio.fail_after(self.settings.timeout):
                 await client.ping()
+
+
+def _text(data: bytes | str) -> str:
+    return data.decode() if isinstance(data, bytes) else data
 
 
 def _is_cancellation(exc: BaseException) -> bool:
