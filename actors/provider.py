@@ -507,6 +507,8 @@ class ProviderActor:
                 last = attrs.evolve(last, failure=attrs.evolve(last.failure, until=until))
             if isinstance(last, Failed) and call.tally is not None and call.tally.usage:
                 last = attrs.evolve(last, usage=call.tally.usage)  # what it said before failing
+                if outcome.tokens is None:  # the bill: what it had reported before failing
+                    self._metrics.tokens(call.tally.usage.total, "failed")
             terminal = last
             try:  # the first reply always fits the buffer: skip send()'s scheduling round
                 attempt.reply.send_nowait(terminal)
@@ -520,6 +522,8 @@ class ProviderActor:
             self._metrics.in_flight(-1)
             if terminal is None:  # cancelled before the attempt ended
                 self._metrics.cancelled(call.phase)
+                if call.tally is not None and call.tally.usage:  # what it had reported
+                    self._metrics.tokens(call.tally.usage.total, "cancelled")
                 self.admission.circuits.probe_abandoned(attempt.request.model)
 
     def _upstream_headers(self, request: UpstreamRequest) -> list[tuple[bytes, bytes]]:
@@ -541,7 +545,7 @@ class ProviderActor:
         model, failure = request.model, outcome.failure
         self._attempts += 1
         if outcome.tokens is not None:
-            self._metrics.tokens(outcome.tokens)
+            self._metrics.tokens(outcome.tokens, "served" if outcome.failure is None else "failed")
         if failure is None:
             self._metrics.attempt("ok")
             self._ttfbs.add(outcome.ttfb)

@@ -29,8 +29,9 @@ class ProviderMetrics(Protocol):
     def in_flight(self, delta: int) -> None:
         """Upstream calls in flight went up or down by `delta`."""
 
-    def tokens(self, total: int) -> None:
-        """A successful attempt's total tokens, as the upstream reported them (the bill)."""
+    def tokens(self, total: int, outcome: str = "served") -> None:
+        """An attempt's total tokens, as the upstream reported them (the bill): `served` (a
+        successful attempt), `failed` or `cancelled` (what it had reported before its end)."""
 
 
 class NoMetrics:
@@ -54,5 +55,5 @@ class NoMetrics:
     def in_flight(self, delta: int) -> None:
         pass
 
-    def tokens(self, total: int) -> None:
+    def tokens(self, total: int, outcome: str = "served") -> None:
         pass

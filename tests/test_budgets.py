@@ -134,7 +134,7 @@ async def test_a_plain_answer_is_charged_its_usage(monkeypatch: pytest.MonkeyPat
         assert await books(gw) == (18, pytest.approx((11 * 1 + 7 * 2) / 1e6))
         async with httpx.AsyncClient(base_url=gw.url) as client:
             metrics = (await client.get("/metrics")).text
-        assert 'cascade_upstream_tokens_total{provider="up"} 18.0' in metrics
+        assert 'cascade_upstream_tokens_total{outcome="served",provider="up"} 18.0' in metrics
         assert 'cascade_key_tokens_total{key="team",kind="output",model="m",provider="up"} 7.0' in (
             metrics
         )
@@ -505,3 +505,54 @@ async def test_the_responses_face_is_charged_like_any_other(
         assert r.status_code == 200
         tokens = (5, 2) if stream else (11, 7)
         assert await books(gw) == (sum(tokens), pytest.approx((tokens[0] + 2 * tokens[1]) / 1e6))
+
+
+async def test_the_bill_counts_failed_and_cancelled_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cascade_upstream_tokens_total: an Anthropic stream cut after message_start reported 77
+    input tokens is billed as failed; one whose client left mid-stream as cancelled."""
+
+    async def stalls_after_start(exchange: Exchange) -> None:
+        await anthropic_stream(output_tokens=False, cut=False)(_Stalling(exchange))
+
+    body = {"model": "gpt", "max_tokens": 200, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    cut = FakeUpstream(anthropic_stream(output_tokens=False, cut=True))
+    async with budgeted(monkeypatch, {"up": cut}, providers={"up": {"dialect": "anthropic"}}) as gw:
+        assert (await post(gw, body, "/v1/messages")).status_code == 200
+        await books(gw)
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            metrics = (await client.get("/metrics")).text
+    assert 'cascade_upstream_tokens_total{outcome="failed",provider="up"} 77.0' in metrics
+
+    stalled = FakeUpstream(stalls_after_start)
+    async with budgeted(
+        monkeypatch, {"up": stalled}, providers={"up": {"dialect": "anthropic"}}
+    ) as gw:
+        with trio.move_on_after(0.5):  # the client gives up mid-stream
+            async with (
+                httpx.AsyncClient(base_url=gw.url, headers=AUTH) as client,
+                client.stream("POST", "/v1/messages", json=body) as r,
+            ):
+                async for _ in r.aiter_raw():
+                    pass
+        await books(gw)
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            metrics = (await client.get("/metrics")).text
+    assert 'cascade_upstream_tokens_total{outcome="cancelled",provider="up"} 77.0' in metrics
+
+
+class _Stalling:
+    """An exchange whose last part never goes out: the stream stalls after its content."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+
+    async def start(self, status: int, content_type: str) -> None:
+        await self._exchange.start(status, content_type)
+
+    async def body_part(self, data: bytes, more: bool = True) -> None:
+        if b"content_block_stop" in data:
+            await self._exchange.wait_disconnect()
+        await self._exchange.body_part(data, more)

@@ -122,7 +122,8 @@ class Metrics:
         # Per provider: a plain [int] the actor adds to (no lock on the request path), read
         # by the collector below at scrape time.
         self.upstream_tokens: dict[str, list[int]] = {}
-        r.register(_UpstreamTokens(self.upstream_tokens))
+        self.upstream_tokens_other: dict[tuple[str, str], int] = {}  # failed, cancelled
+        r.register(_UpstreamTokens(self.upstream_tokens, self.upstream_tokens_other))
         # A worker's supervisor's figures (router/serving/workers.py), filled in by its control link
         self.supervisor: dict[str, int] = {}
         r.register(_Supervisor(self.supervisor))
@@ -237,25 +238,33 @@ class _ProviderMetrics:
     def in_flight(self, delta: int) -> None:
         self._in_flight.inc(delta)
 
-    def tokens(self, total: int) -> None:
-        self._tokens[0] += total
+    def tokens(self, total: int, outcome: str = "served") -> None:
+        if outcome == "served":
+            self._tokens[0] += total
+        else:
+            others = self._metrics.upstream_tokens_other
+            others[(self._name, outcome)] = others.get((self._name, outcome), 0) + total
 
 
 class _UpstreamTokens(Collector):
-    """`cascade_upstream_tokens_total{provider}`, from the per-provider totals the actors keep."""
+    """`cascade_upstream_tokens_total{provider,outcome}`, from the totals the actors keep."""
 
-    def __init__(self, totals: dict[str, list[int]]) -> None:
+    def __init__(self, totals: dict[str, list[int]], others: dict[tuple[str, str], int]) -> None:
         self._totals = totals
+        self._others = others
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
             "cascade_upstream_tokens",
-            "Tokens providers reported using (input + output) in successful attempts, whoever"
-            " they were for: the operator's bill",
-            labels=["provider"],
+            "Tokens providers reported using (input + output), whoever they were for: the"
+            " operator's bill. outcome: served (successful attempts), failed and cancelled (what"
+            " the upstream had reported before the attempt ended)",
+            labels=["provider", "outcome"],
         )
         for name, total in sorted(self._totals.items()):
-            family.add_metric([name], total[0])
+            family.add_metric([name, "served"], total[0])
+        for (name, outcome), count in sorted(self._others.items()):
+            family.add_metric([name, outcome], count)
         yield family
 
 
