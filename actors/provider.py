@@ -127,7 +127,10 @@ class _Call:
         with self.timer:
             try:
                 async with actor._transport.post(
-                    request.path, request.body, actor._upstream_headers(request), self.set_phase
+                    actor.config.path_for(request.path, request.model),
+                    request.body,
+                    actor._upstream_headers(request),
+                    self.set_phase,
                 ) as response:
                     self.phase = "first_byte"
                     if not 200 <= response.status < 300:

@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import quote
 
 import attrs
 
@@ -71,6 +72,20 @@ class RetryBudget:
     min_retries: int = 3
 
 
+@attrs.frozen
+class Azure:
+    """An Azure OpenAI resource: each model is a deployment, called at
+    `{base_url}/openai/deployments/{deployment}/chat/completions?api-version=...`."""
+
+    api_version: str
+    deployments: Mapping[str, str] = attrs.field(factory=dict)  # model -> deployment name
+    auth: Literal["api-key", "bearer"] = "api-key"  # the key as `api-key`, or an Entra token
+
+    def path(self, path: str, model: str) -> str:
+        deployment = quote(self.deployments.get(model, model), safe="")
+        return f"/openai/deployments/{deployment}{path}?api-version={quote(self.api_version)}"
+
+
 REASONING_MODELS = ("o1*", "o3*", "o4*", "gpt-5*")
 
 
@@ -106,6 +121,12 @@ class ProviderConfig:
     drop_params: bool = False
     # (openai) models that take max_completion_tokens, not max_tokens, and no sampling knobs
     reasoning_models: tuple[str, ...] = REASONING_MODELS
+    azure: Azure | None = None  # an Azure OpenAI resource (dialect openai)
+
+    def path_for(self, path: str, model: str) -> str:
+        """Where a call for `model` goes, under base_url: the dialect's path, or an Azure
+        deployment's."""
+        return path if self.azure is None else self.azure.path(path, model)
 
     def is_reasoning(self, model: str) -> bool:
         return _matches(self.reasoning_models, model)

@@ -50,6 +50,7 @@ class Exchange:
     started: float
     closed: trio.Event = attrs.field(factory=trio.Event)
     path: str = ""
+    query: str = ""
 
     @property
     def json(self) -> Any:
@@ -90,7 +91,15 @@ class FakeUpstream:
             return
         body = await read_body(scope, receive, 1 << 30)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        exchange = Exchange(body, headers, send, receive, trio.current_time(), path=scope["path"])
+        exchange = Exchange(
+            body,
+            headers,
+            send,
+            receive,
+            trio.current_time(),
+            path=scope["path"],
+            query=scope.get("query_string", b"").decode(),
+        )
         self.exchanges.append(exchange)
         handler = self.handlers.pop(0) if len(self.handlers) > 1 else self.handlers[0]
         await handler(exchange)

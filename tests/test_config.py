@@ -323,3 +323,23 @@ def test_a_config_that_is_not_utf8_is_a_problem_with_its_place(
     path.write_bytes(b"# ok\n# r\xe9sum\xe9\nroutes: []\n")
     assert main(["check", str(path)]) == 1
     assert capsys.readouterr().out == (f"{path}:2:4: not UTF-8 (byte 0xe9); save it as UTF-8\n")
+
+
+def test_an_azure_provider_names_what_is_wrong() -> None:
+    found = problems(with_provider(azure={"deployments": {"gpt-4o": 3}, "auth": "token"}))
+    assert any("azure.api_version: is required" in p for p in found)
+    assert any("azure.deployments.gpt-4o: expected the deployment's name" in p for p in found)
+    assert any("azure.auth:" in p for p in found)
+    assert any("azure: is for an OpenAI-dialect provider" in p for p in problems(
+        with_provider(dialect="anthropic", azure={"api_version": "2024-10-21"})))  # fmt: skip
+
+
+def test_an_azure_provider_maps_models_to_deployments() -> None:
+    config = Config.from_mapping(
+        with_provider(azure={"api_version": "2024-10-21", "deployments": {"gpt-4o": "prod"}})
+    )
+    provider = config.providers["p"]
+    assert provider.path_for("/chat/completions", "gpt-4o") == (
+        "/openai/deployments/prod/chat/completions?api-version=2024-10-21"
+    )
+    assert provider.path_for("/chat/completions", "o3").startswith("/openai/deployments/o3/")

@@ -19,6 +19,7 @@ import yaml
 
 from actors.http1 import header_problem
 from actors.settings import (
+    Azure,
     CircuitPolicy,
     LatencyTrigger,
     Limits,
@@ -352,11 +353,36 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
         circuit=_parse_circuit(f.sub("circuit")),
         retry_budget=_parse_retry_budget(f.sub("retry_budget")),
         headers=_provider_headers(f),
+        azure=_parse_azure(f, dialect),
         ca_file=_ca_file(f),
         proxy=_proxy(f, mock),
     )
     f.done()
     return provider, mock
+
+
+def _parse_azure(f: _Fields, dialect: str) -> Azure | None:
+    """providers.X.azure: {api_version, deployments: {model: deployment}, auth}."""
+    if not f.has("azure"):
+        return None
+    if dialect != "openai":
+        f.error("azure", "is for an OpenAI-dialect provider (Azure OpenAI); remove dialect")
+    a = f.sub("azure")
+    api_version = a.string("api_version", "")
+    if not api_version:
+        a.error("api_version", 'is required (e.g. "2024-10-21")')
+    deployments: dict[str, str] = {}
+    given = a.get("deployments")
+    if given is not _MISSING and not isinstance(given, dict):
+        a.error("deployments", "expected a mapping of model names to deployment names")
+    for model, deployment in given.items() if isinstance(given, dict) else ():
+        if not isinstance(deployment, str) or not deployment:
+            a.error(f"deployments.{model}", "expected the deployment's name")
+        else:
+            deployments[str(model)] = deployment
+    azure = Azure(api_version, deployments, a.choice("auth", "api-key", ("api-key", "bearer")))
+    a.done()
+    return azure
 
 
 def _base_url(f: _Fields, name: str, mock: MockSettings | None) -> str:

@@ -99,6 +99,17 @@ class _StreamTally:
 WIRE = Wire()
 
 
+class AzureWire(Wire):
+    """Azure OpenAI with a resource key: the `api-key` header (an Entra ID token goes as a
+    Bearer token, as OpenAI's: `azure.auth: bearer`)."""
+
+    def auth_headers(self, api_key: str) -> Mapping[str, str]:
+        return {"api-key": api_key}
+
+
+AZURE_WIRE = AzureWire()
+
+
 def error_body(
     message: str, type: str, code: str | None = None, param: str | None = None, **extra: Any
 ) -> bytes:
@@ -344,6 +355,8 @@ class OpenAI:
         return check_start(events)
 
     def wire(self, provider: ProviderConfig) -> Wire:
+        if provider.azure is not None and provider.azure.auth == "api-key":
+            return AZURE_WIRE
         return WIRE
 
 
