@@ -18,6 +18,7 @@ import attrs
 import httpx
 import trio
 
+from actors import bedrock
 from actors.admission import PARKED, Admission, Learned, Outcome
 from actors.http1 import header_problem
 from actors.machines import LatencySamples
@@ -51,7 +52,7 @@ from actors.shared import (
     ProbeAnswer,
     SharedLink,
 )
-from actors.sse import SSEDecoder, SSEEvent
+from actors.sse import EventDecoder, SSEDecoder, SSEEvent
 from actors.telemetry import ProviderMetrics
 from actors.transport import (
     ConnectFailed,
@@ -126,10 +127,11 @@ class _Call:
         self.timer.deadline = min(self.start + self.timeouts.first_byte, self.total_deadline)
         with self.timer:
             try:
+                path, body, headers = await actor._call_parts(request)
                 async with actor._transport.post(
-                    actor.config.path_for(request.path, request.model),
-                    request.body,
-                    actor._upstream_headers(request),
+                    path,
+                    body,
+                    headers,
                     self.set_phase,
                 ) as response:
                     self.phase = "first_byte"
@@ -137,7 +139,7 @@ class _Call:
                         return await self.error_answer(response)
                     if not request.stream:
                         return await self.whole_body(response)
-                    decoder = SSEDecoder()
+                    decoder = actor._decoder()
                     tally = self.tally = actor.wire.stream_tally()  # fed every event, first too
                     started = await self.stream_start(response, decoder, tally)
                     if started is not None:
@@ -184,7 +186,7 @@ class _Call:
         return Outcome(None, ttfb, self.elapsed(), self.actor.wire.tokens(body)), answer
 
     async def stream_start(
-        self, response: UpstreamResponse, decoder: SSEDecoder, tally: StreamTally
+        self, response: UpstreamResponse, decoder: EventDecoder, tally: StreamTally
     ) -> tuple[Outcome, Reply] | None:
         """Read to the first complete event (the first byte) and hand it over; a verdict when
         the stream cannot start (empty, an in-band error, garbage, or already ended before its
@@ -212,7 +214,7 @@ class _Call:
         return None
 
     async def pump(
-        self, response: UpstreamResponse, decoder: SSEDecoder, tally: StreamTally
+        self, response: UpstreamResponse, decoder: EventDecoder, tally: StreamTally
     ) -> tuple[Outcome, Reply]:
         """Relay the stream's events until its end: a success if the answer was complete."""
         reply = self.attempt.reply
@@ -294,6 +296,7 @@ class ProviderActor:
         self.admission = Admission(config.name, config, shared)
         self.config: ProviderConfig = config
         self.wire = wire
+        self._signer: bedrock.Signer | None = None  # Bedrock's, made at the first call
         self._apply(config, wire, first=True)
 
     # --- configuration ---------------------------------------------------------------------
@@ -303,6 +306,7 @@ class ProviderActor:
         old: ProviderConfig | None = None if first else self.config
         self.config = config
         self.wire = wire
+        self._signer = None  # Bedrock's region or profile may have changed
         if not first:
             self.admission.apply(config)
         if old is None or _connection_settings(old) != _connection_settings(config):
@@ -528,6 +532,26 @@ class ProviderActor:
                 if call.tally is not None and call.tally.usage:  # what it had reported
                     self._metrics.tokens(call.tally.usage.total, "cancelled")
                 self.admission.circuits.probe_abandoned(attempt.request.model)
+
+    async def _call_parts(
+        self, request: UpstreamRequest
+    ) -> tuple[str, bytes, list[tuple[bytes, bytes]]]:
+        """The path, body and headers of a call: as the dialect wrote them, or as Bedrock
+        takes them (its body, the model in the path, signed)."""
+        config = self.config
+        path = config.path_for(request.path, request.model, request.stream)
+        headers = self._upstream_headers(request)
+        if config.bedrock is None:
+            return path, request.body, headers
+        body = bedrock.body(request.body, config.bedrock.anthropic_version)
+        if self._signer is None:
+            self._signer = bedrock.Signer(config.bedrock)
+        headers += await self._signer.headers(self._transport.url(path), body)
+        return path, body, headers
+
+    def _decoder(self) -> EventDecoder:
+        """A stream's decoder: server-sent events, or Bedrock's binary event stream."""
+        return SSEDecoder() if self.config.bedrock is None else bedrock.EventStreamDecoder()
 
     def _upstream_headers(self, request: UpstreamRequest) -> list[tuple[bytes, bytes]]:
         headers = self._headers.copy()

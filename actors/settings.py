@@ -86,6 +86,16 @@ class Azure:
         return f"/openai/deployments/{deployment}{path}?api-version={quote(self.api_version)}"
 
 
+@attrs.frozen
+class Bedrock:
+    """Claude on AWS Bedrock (an Anthropic-dialect provider): each model a Bedrock model id,
+    calls signed with SigV4 from the standard AWS credential chain (actors/bedrock.py)."""
+
+    region: str
+    profile: str | None = None  # a profile of the shared AWS config files (default: the chain's)
+    anthropic_version: str = "bedrock-2023-05-31"
+
+
 REASONING_MODELS = ("o1*", "o3*", "o4*", "gpt-5*")
 
 
@@ -122,11 +132,17 @@ class ProviderConfig:
     # (openai) models that take max_completion_tokens, not max_tokens, and no sampling knobs
     reasoning_models: tuple[str, ...] = REASONING_MODELS
     azure: Azure | None = None  # an Azure OpenAI resource (dialect openai)
+    bedrock: Bedrock | None = None  # Claude on AWS Bedrock (dialect anthropic)
 
-    def path_for(self, path: str, model: str) -> str:
-        """Where a call for `model` goes, under base_url: the dialect's path, or an Azure
-        deployment's."""
-        return path if self.azure is None else self.azure.path(path, model)
+    def path_for(self, path: str, model: str, stream: bool = False) -> str:
+        """Where a call for `model` goes, under base_url: the dialect's path, an Azure
+        deployment's, or Bedrock's InvokeModel (WithResponseStream) for the model."""
+        if self.azure is not None:
+            return self.azure.path(path, model)
+        if self.bedrock is not None:
+            action = "invoke-with-response-stream" if stream else "invoke"
+            return f"/model/{quote(model, safe='')}/{action}"
+        return path
 
     def is_reasoning(self, model: str) -> bool:
         return _matches(self.reasoning_models, model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import attrs
 
 
@@ -9,6 +11,15 @@ import attrs
 class SSEEvent:
     data: bytes
     event: bytes | None = None
+
+
+class EventDecoder(Protocol):
+    """Turns an upstream body's bytes into events as they arrive (SSEDecoder; Bedrock's
+    event-stream decoder, actors/bedrock.py)."""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]: ...
+
+    def finish(self) -> list[SSEEvent]: ...
 
 
 class SSEDecoder:

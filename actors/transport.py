@@ -151,6 +151,10 @@ class Transport:
         )
         self._extensions_timeout = {"connect": connect_timeout}
 
+    def url(self, path: str) -> str:
+        """The URL a call to `path` goes to (what a signature must cover)."""
+        return self._base_url + path
+
     def post(
         self,
         path: str,

@@ -20,6 +20,7 @@ import yaml
 from actors.http1 import header_problem
 from actors.settings import (
     Azure,
+    Bedrock,
     CircuitPolicy,
     LatencyTrigger,
     Limits,
@@ -333,10 +334,11 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
     mock = MockSettings.from_fields(f.sub("mock")) if f.has("mock") else None
     latency = _parse_latency(f.sub("latency")) if f.has("latency") else None
     dialect = f.choice("dialect", d.dialect, ("openai", "anthropic", "responses"))
+    bedrock = _parse_bedrock(f, dialect)
     _no_keys_in_the_file(f)
     provider = ProviderConfig(
         name=name,
-        base_url=_base_url(f, name, mock).rstrip("/"),
+        base_url=_base_url(f, name, mock, bedrock).rstrip("/"),
         dialect=dialect,
         anthropic_version=_anthropic_version(f, dialect, d.anthropic_version),
         default_max_tokens=f.integer("default_max_tokens", d.default_max_tokens, minimum=1),
@@ -354,11 +356,34 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
         retry_budget=_parse_retry_budget(f.sub("retry_budget")),
         headers=_provider_headers(f),
         azure=_parse_azure(f, dialect),
+        bedrock=bedrock,
         ca_file=_ca_file(f),
         proxy=_proxy(f, mock),
     )
     f.done()
     return provider, mock
+
+
+def _parse_bedrock(f: _Fields, dialect: str) -> Bedrock | None:
+    """providers.X.bedrock: {region, profile, anthropic_version} (Claude on AWS Bedrock)."""
+    if not f.has("bedrock"):
+        return None
+    if dialect != "anthropic":
+        f.error(
+            "bedrock", "is Claude on Bedrock: an Anthropic-dialect provider (dialect: anthropic)"
+        )
+    b = f.sub("bedrock")
+    region = b.string("region", "")
+    if not region:
+        b.error("region", 'is required (e.g. "us-east-1")')
+    d = Bedrock(region="")
+    bedrock = Bedrock(
+        region=region,
+        profile=b.optional_string("profile"),
+        anthropic_version=b.string("anthropic_version", d.anthropic_version),
+    )
+    b.done()
+    return bedrock
 
 
 def _parse_azure(f: _Fields, dialect: str) -> Azure | None:
@@ -385,11 +410,15 @@ def _parse_azure(f: _Fields, dialect: str) -> Azure | None:
     return azure
 
 
-def _base_url(f: _Fields, name: str, mock: MockSettings | None) -> str:
+def _base_url(
+    f: _Fields, name: str, mock: MockSettings | None, bedrock: Bedrock | None = None
+) -> str:
     if mock is not None:
         if f.get("base_url") is not _MISSING:
             f.error("base_url", "a provider has either base_url or mock, not both")
         return "mock://" + name
+    if bedrock is not None and not f.has("base_url"):  # the region's runtime endpoint
+        return f"https://bedrock-runtime.{bedrock.region}.amazonaws.com"
     base_url = f.string("base_url", "")
     if not f.has("base_url"):
         f.error("base_url", "is required (or mock: for a local mock provider)")
