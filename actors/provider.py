@@ -18,7 +18,7 @@ import attrs
 import httpx
 import trio
 
-from actors import bedrock
+from actors import bedrock, vertex
 from actors.admission import PARKED, Admission, Learned, Outcome
 from actors.http1 import header_problem
 from actors.machines import LatencySamples
@@ -297,6 +297,7 @@ class ProviderActor:
         self.config: ProviderConfig = config
         self.wire = wire
         self._signer: bedrock.Signer | None = None  # Bedrock's, made at the first call
+        self._tokens: vertex.TokenSource | None = None  # Vertex AI's, made at the first call
         self._apply(config, wire, first=True)
 
     # --- configuration ---------------------------------------------------------------------
@@ -307,6 +308,7 @@ class ProviderActor:
         self.config = config
         self.wire = wire
         self._signer = None  # Bedrock's region or profile may have changed
+        self._tokens = None  # Vertex's credentials file too
         if not first:
             self.admission.apply(config)
         if old is None or _connection_settings(old) != _connection_settings(config):
@@ -541,6 +543,11 @@ class ProviderActor:
         config = self.config
         path = config.path_for(request.path, request.model, request.stream)
         headers = self._upstream_headers(request)
+        if config.vertex is not None:
+            if self._tokens is None:
+                self._tokens = vertex.TokenSource(config.vertex)
+            headers += await self._tokens.headers()
+            return path, vertex.body(request.body, config.vertex.anthropic_version), headers
         if config.bedrock is None:
             return path, request.body, headers
         body = bedrock.body(request.body, config.bedrock.anthropic_version)

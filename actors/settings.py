@@ -96,6 +96,17 @@ class Bedrock:
     anthropic_version: str = "bedrock-2023-05-31"
 
 
+@attrs.frozen
+class Vertex:
+    """Claude on Google Vertex AI (an Anthropic-dialect provider): each model a Vertex model
+    name, calls authorised with an OAuth2 token from google-auth (actors/vertex.py)."""
+
+    project: str
+    region: str
+    credentials_file: str | None = None  # a service-account or ADC file (default: ADC)
+    anthropic_version: str = "vertex-2023-10-16"
+
+
 REASONING_MODELS = ("o1*", "o3*", "o4*", "gpt-5*")
 
 
@@ -133,6 +144,7 @@ class ProviderConfig:
     reasoning_models: tuple[str, ...] = REASONING_MODELS
     azure: Azure | None = None  # an Azure OpenAI resource (dialect openai)
     bedrock: Bedrock | None = None  # Claude on AWS Bedrock (dialect anthropic)
+    vertex: Vertex | None = None  # Claude on Google Vertex AI (dialect anthropic)
 
     def path_for(self, path: str, model: str, stream: bool = False) -> str:
         """Where a call for `model` goes, under base_url: the dialect's path, an Azure
@@ -142,6 +154,13 @@ class ProviderConfig:
         if self.bedrock is not None:
             action = "invoke-with-response-stream" if stream else "invoke"
             return f"/model/{quote(model, safe='')}/{action}"
+        if self.vertex is not None:
+            v = self.vertex
+            action = "streamRawPredict" if stream else "rawPredict"
+            return (
+                f"/v1/projects/{quote(v.project, safe='')}/locations/{quote(v.region, safe='')}"
+                f"/publishers/anthropic/models/{quote(model, safe='')}:{action}"
+            )
         return path
 
     def is_reasoning(self, model: str) -> bool:

@@ -28,7 +28,9 @@ from actors.settings import (
     RateLimitPolicy,
     RetryBudget,
     Timeouts,
+    Vertex,
 )
+from actors.vertex import base_url as vertex_base_url
 from router.config.keys import AuthConfig, Budget, KeyConfig, Period, Price
 from router.units import parse_duration, parse_size
 
@@ -335,10 +337,11 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
     latency = _parse_latency(f.sub("latency")) if f.has("latency") else None
     dialect = f.choice("dialect", d.dialect, ("openai", "anthropic", "responses"))
     bedrock = _parse_bedrock(f, dialect)
+    vertex = _parse_vertex(f, dialect)
     _no_keys_in_the_file(f)
     provider = ProviderConfig(
         name=name,
-        base_url=_base_url(f, name, mock, bedrock).rstrip("/"),
+        base_url=_base_url(f, name, mock, bedrock, vertex).rstrip("/"),
         dialect=dialect,
         anthropic_version=_anthropic_version(f, dialect, d.anthropic_version),
         default_max_tokens=f.integer("default_max_tokens", d.default_max_tokens, minimum=1),
@@ -357,6 +360,7 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
         headers=_provider_headers(f),
         azure=_parse_azure(f, dialect),
         bedrock=bedrock,
+        vertex=vertex,
         ca_file=_ca_file(f),
         proxy=_proxy(f, mock),
     )
@@ -386,6 +390,30 @@ def _parse_bedrock(f: _Fields, dialect: str) -> Bedrock | None:
     return bedrock
 
 
+def _parse_vertex(f: _Fields, dialect: str) -> Vertex | None:
+    """providers.X.vertex: {project, region, credentials_file, anthropic_version}."""
+    if not f.has("vertex"):
+        return None
+    if dialect != "anthropic":
+        f.error(
+            "vertex", "is Claude on Vertex AI: an Anthropic-dialect provider (dialect: anthropic)"
+        )
+    v = f.sub("vertex")
+    project, region = v.string("project", ""), v.string("region", "")
+    for field, value in (("project", project), ("region", region)):
+        if not value:
+            v.error(field, "is required")
+    d = Vertex(project="", region="")
+    vertex = Vertex(
+        project=project,
+        region=region,
+        credentials_file=v.optional_string("credentials_file"),
+        anthropic_version=v.string("anthropic_version", d.anthropic_version),
+    )
+    v.done()
+    return vertex
+
+
 def _parse_azure(f: _Fields, dialect: str) -> Azure | None:
     """providers.X.azure: {api_version, deployments: {model: deployment}, auth}."""
     if not f.has("azure"):
@@ -411,7 +439,11 @@ def _parse_azure(f: _Fields, dialect: str) -> Azure | None:
 
 
 def _base_url(
-    f: _Fields, name: str, mock: MockSettings | None, bedrock: Bedrock | None = None
+    f: _Fields,
+    name: str,
+    mock: MockSettings | None,
+    bedrock: Bedrock | None = None,
+    vertex: Vertex | None = None,
 ) -> str:
     if mock is not None:
         if f.get("base_url") is not _MISSING:
@@ -419,6 +451,8 @@ def _base_url(
         return "mock://" + name
     if bedrock is not None and not f.has("base_url"):  # the region's runtime endpoint
         return f"https://bedrock-runtime.{bedrock.region}.amazonaws.com"
+    if vertex is not None and not f.has("base_url"):
+        return vertex_base_url(vertex.region)
     base_url = f.string("base_url", "")
     if not f.has("base_url"):
         f.error("base_url", "is required (or mock: for a local mock provider)")
