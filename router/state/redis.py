@@ -261,6 +261,8 @@ class RedisState:
     def status(self) -> dict[str, object]:
         """For /readyz: whether Redis is reachable, and since when not."""
         out: dict[str, object] = {"backend": "redis", "up": self.up}
+        if self.up and not self.budgets.up:  # connected, but reservations failed a moment ago
+            out["budgets"] = "failing: reservations use this replica's own books"
         if self.link.dropped:  # events the queue to Redis had no room for (resync repairs)
             out["dropped_events"] = self.link.dropped
         if not self.up and self.down_since is not None:
