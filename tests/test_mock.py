@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import anthropic
 import openai
+import pytest
 import trio
 
 from tests.live import SDK_LEFTOVERS, live_gateway
@@ -150,3 +151,35 @@ async def test_the_anthropic_mock_thinks_calls_and_then_answers() -> None:
     assert first.content[0].signature  # type: ignore[union-attr]
     assert second.stop_reason == "end_turn" and second.content[0].type == "text"
     assert "the tool said: 10:42" in second.content[0].text  # type: ignore[union-attr]
+
+
+async def test_the_mock_plays_azure_and_bedrock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cloud configs tried offline: a `mock:` provider with `azure:` checks the api-version and
+    the key; one with `bedrock:` takes the signed call and answers in Bedrock's binary event
+    stream, which the gateway decodes (issue 22)."""
+    for name, value in (("AWS_ACCESS_KEY_ID", "AKIDMOCK"), ("AWS_SECRET_ACCESS_KEY", "mock"),
+                        ("AZ_KEY", "az-mock-key")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    providers = {
+        "az": {"mock": {}, "azure": {"api_version": "2024-10-21"}, "api_key_env": "AZ_KEY"},
+        "br": {"mock": {}, "dialect": "anthropic", "bedrock": {"region": "us-east-1"}},
+    }
+    routes = [{"match": "gpt", "targets": ["az/gpt-4o"]},
+              {"match": "claude", "targets": ["br/anthropic.claude-x-v1:0"]}]  # fmt: skip
+    with trio.fail_after(20):
+        async with live_gateway({}, extra_providers=providers, routes=routes) as gw:
+            sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+            azure = await sdk.chat.completions.create(model="gpt", messages=HELLO)
+            translated = await sdk.chat.completions.create(model="claude", messages=HELLO)
+            await sdk.close()
+            claude = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+            async with claude.messages.stream(model="claude", max_tokens=50, messages=HELLO) as s:
+                streamed = await s.get_final_message()
+            await claude.close()
+    assert (
+        azure.choices[0].message.content == "[az] word0 word1 word2 word3 word4 word5 word6 word7"
+    )
+    assert translated.choices[0].message.content.startswith("[br] word0")
+    assert streamed.content[0].text.startswith("[br] word0")  # type: ignore[union-attr]

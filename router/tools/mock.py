@@ -14,12 +14,16 @@ first.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import random
 import re
+import struct
 import time
 from collections.abc import MutableMapping
 from typing import Any
+from urllib.parse import unquote
 
 import attrs
 import trio
@@ -53,9 +57,15 @@ class MockUpstream:
             await _json(send, 200, {"object": "list", "data": [{"id": "mock", "object": "model"}]})
             return
         path = scope["path"]
+        bedrock = _BEDROCK.match(path)
+        if bedrock is not None:
+            await self._bedrock(scope, send, body, unquote(bedrock[1]), bedrock[2])
+            return
         anthropic = path.endswith("/v1/messages")
         if not anthropic and not path.endswith("/chat/completions"):
             await _json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
+            return
+        if "/openai/deployments/" in path and not await _azure_checks(scope, send):
             return
         try:
             request = json.loads(body)
@@ -67,6 +77,27 @@ class MockUpstream:
             return
         self.requests += 1
         await self._answer(send, plan)
+
+    async def _bedrock(self, scope: Scope, send: Any, body: bytes, model: str, action: str) -> None:
+        """Claude on Bedrock: a signed call (SigV4's Authorization header; the signature is
+        not checked), the model in the path, the answer or its binary event stream."""
+        authorization = _header(scope, b"authorization")
+        if not authorization.startswith("AWS4-HMAC-SHA256 Credential="):
+            await _json(send, 403, {"message": "Missing Authentication Token"},
+                        {"x-amzn-errortype": "MissingAuthenticationTokenException"})  # fmt: skip
+            return
+        try:
+            request = json.loads(body)
+            stream = action == "invoke-with-response-stream"
+            plan = _Planned._from_messages(
+                {**request, "model": model, "stream": stream}, self.name, self.settings.chunks
+            )
+        except (ValueError, AttributeError, TypeError):
+            await _json(send, 400, {"message": "Malformed input request"},
+                        {"x-amzn-errortype": "ValidationException"})  # fmt: skip
+            return
+        self.requests += 1
+        await self._answer(send, attrs.evolve(plan, bedrock=True))
 
     async def _answer(self, send: Any, plan: _Planned) -> None:
         if self.settings.latency:
@@ -89,6 +120,9 @@ class MockUpstream:
         frames = (
             plan.anthropic_events(ident) if plan.anthropic else plan.openai_frames(ident, created)
         )
+        if plan.bedrock:
+            await self._stream(send, [_event_stream(f) for f in frames], cut, _EVENT_STREAM)
+            return
         await self._stream(send, frames, cut)
 
     async def _fault(self, send: Any, plan: _Planned, roll: float) -> bool | None:
@@ -97,10 +131,18 @@ class MockUpstream:
         s = self.settings
         if roll < s.rate_429:
             headers = {} if s.retry_after is None else {"retry-after": f"{s.retry_after:g}"}
+            if plan.bedrock:  # Bedrock's shape
+                headers["x-amzn-errortype"] = "ThrottlingException"
+                await _json(send, 429, {"message": "Too many requests (mock)"}, headers)
+                return None
             await _error(send, 429, "mock rate limit", "rate_limit_error", plan.anthropic, headers)
             return None
         roll -= s.rate_429
         if roll < s.error_rate:
+            if plan.bedrock:
+                await _json(send, 500, {"message": "mock failure"},
+                            {"x-amzn-errortype": "InternalServerException"})  # fmt: skip
+                return None
             kind = "api_error" if plan.anthropic else "server_error"
             await _error(send, 500, "mock failure", kind, plan.anthropic)
             return None
@@ -109,8 +151,10 @@ class MockUpstream:
             await trio.sleep_forever()
         return roll - s.stall_rate < s.cut_rate
 
-    async def _stream(self, send: Any, frames: list[bytes], cut: bool) -> None:
-        await send(_start(200, {"content-type": "text/event-stream", "cache-control": "no-cache"}))
+    async def _stream(
+        self, send: Any, frames: list[bytes], cut: bool, kind: str = "text/event-stream"
+    ) -> None:
+        await send(_start(200, {"content-type": kind, "cache-control": "no-cache"}))
         for i, data in enumerate(frames):
             if self.settings.chunk_interval and i:
                 await trio.sleep(self.settings.chunk_interval)
@@ -118,6 +162,41 @@ class MockUpstream:
                 raise _Cut()
             await _more(send, data)
         await send({"type": "http.response.body", "body": b""})
+
+
+_BEDROCK = re.compile(r"^/model/([^/]+)/(invoke|invoke-with-response-stream)$")
+_EVENT_STREAM = "application/vnd.amazon.eventstream"
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), "")
+
+
+async def _azure_checks(scope: Scope, send: Any) -> bool:
+    """An Azure OpenAI deployment's call: its api-version and a key or token, as Azure checks."""
+    if b"api-version=" not in scope.get("query_string", b""):
+        await _json(send, 404, {"error": {"code": "404", "message": "Resource not found"}})
+        return False
+    if not (_header(scope, b"api-key") or _header(scope, b"authorization")):
+        message = "Access denied due to missing subscription key or bearer token."
+        await _json(send, 401, {"error": {"code": "401", "message": message}})
+        return False
+    return True
+
+
+def _event_stream(sse: bytes) -> bytes:
+    """One Anthropic SSE event as Bedrock's event-stream message: a `chunk` event whose payload
+    carries the event's JSON, base64-encoded (prelude and message CRC32s as AWS frames them)."""
+    data = sse.split(b"data: ", 1)[1].rstrip(b"\n")
+    payload = json.dumps({"bytes": base64.b64encode(data).decode()}).encode()
+    headers = b"".join(
+        bytes([len(k)]) + k + b"\x07" + struct.pack(">H", len(v)) + v
+        for k, v in ((b":event-type", b"chunk"), (b":message-type", b"event"),
+                     (b":content-type", b"application/json"))
+    )  # fmt: skip
+    prelude = struct.pack(">II", 12 + len(headers) + len(payload) + 4, len(headers))
+    message = prelude + struct.pack(">I", binascii.crc32(prelude)) + headers + payload
+    return message + struct.pack(">I", binascii.crc32(message))
 
 
 async def _error(
@@ -153,6 +232,7 @@ class _Planned:
     anthropic: bool = False  # the request came to /v1/messages: answer in Anthropic's shape
     results: str | None = None  # the tool results the conversation ends with, quoted back
     thinking: bool = False  # (Anthropic) thinking was asked for: a thinking block comes first
+    bedrock: bool = False  # Claude on Bedrock: its error shapes, its binary event stream
 
     @classmethod
     def from_request(
