@@ -492,6 +492,22 @@ async def test_random_faults_and_cancellations_leave_the_books_balanced(
     assert rows == ledger(gw).settled >= 500  # each request that reserved settled exactly once
     assert tokens == spent_tokens
     assert cost == pytest.approx(spent_cost)
+    # No charge exceeds its reservation (input estimate + max_tokens 20), and every outcome's
+    # charge lies between what was delivered and that cap (issue 21: cut streams were charged
+    # up to 13x their worst case)
+    cap = max(input_estimate(chat(stream=s, max_tokens=20)) + 20 for s in (False, True))
+    with sqlite3.connect(db) as con:
+        by_outcome = dict(
+            con.execute(
+                "SELECT outcome, MAX(input + output) FROM charges GROUP BY outcome"
+            ).fetchall()
+        )
+        partial_floor = con.execute(
+            "SELECT MIN(input) FROM charges WHERE outcome = 'partial'"
+        ).fetchone()[0]
+    assert max(by_outcome.values()) <= cap
+    assert by_outcome.get("ok", 0) <= 18  # complete answers: their reported usage (18 or 7)
+    assert partial_floor is None or partial_floor >= input_estimate(chat(max_tokens=20))
 
 
 @pytest.mark.parametrize("stream", [False, True])
