@@ -144,7 +144,8 @@ class Upstream(asyncio.Protocol):
                 return
             body = self.buffer[end + 4 : end + 4 + length]
             self.buffer = self.buffer[end + 4 + length :]
-            anthropic = head.startswith(b"post /v1/messages ")
+            # Anthropic's shape for /v1/messages and for Bedrock's InvokeModel (/model/ID/invoke)
+            anthropic = head.startswith((b"post /v1/messages ", b"post /model/"))
             self.respond(b'"stream":true' in body.replace(b" ", b""), anthropic)
 
     def respond(self, stream: bool, anthropic: bool = False) -> None:

@@ -19,6 +19,10 @@ and the answer translated).
 `--responses` adds Cascade serving the Responses face (`POST /v1/responses`, a string input)
 from the same chat completions provider: the request translated to chat, the answer back.
 
+`--clouds` adds Cascade with an Azure OpenAI target (its deployment path, `api-key` header) and
+with a Claude-on-Bedrock target (its body rewritten and SigV4-signed by botocore per request, from
+fixed credentials in the environment), both against the same canned upstream.
+
 `--state` adds Cascade with rpm/tpm limits set, once with `state.backend: local` and once with
 `redis` (a redis-server on a free port; needs redis-server): what the shared backend costs per
 request, leases and all.
@@ -124,6 +128,7 @@ def main() -> int:
     p.add_argument("--only", action="append", help="only the servers whose name has this")
     p.add_argument("--cross", action="store_true", help="also: a cross-dialect route")
     p.add_argument("--responses", action="store_true", help="also: the Responses face")
+    p.add_argument("--clouds", action="store_true", help="also: Azure and Bedrock targets")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -159,6 +164,19 @@ def main() -> int:
             root = {"base_url": f"http://127.0.0.1:{upstream_port}", "dialect": "anthropic"}
             servers["Cascade, OpenAI client to an Anthropic provider"] = config(
                 "cross", provider=root
+            )
+        if args.clouds:  # the same canned upstream, called as Azure and as Bedrock are
+            os.environ.update(AZ_KEY="az-bench", AWS_ACCESS_KEY_ID="AKIDBENCH",
+                              AWS_SECRET_ACCESS_KEY="bench", AWS_CONFIG_FILE="/nonexistent",
+                              AWS_SHARED_CREDENTIALS_FILE="/nonexistent")  # fmt: skip
+            root = f"http://127.0.0.1:{upstream_port}"
+            azure = {"base_url": root, "api_key_env": "AZ_KEY",
+                     "azure": {"api_version": "2024-10-21"}}  # fmt: skip
+            bedrock = {"base_url": root, "dialect": "anthropic",
+                       "bedrock": {"region": "us-east-1"}}  # fmt: skip
+            servers["Cascade, an Azure OpenAI target"] = config("azure", provider=azure)
+            servers["Cascade, OpenAI client to a Bedrock target"] = config(
+                "bedrock", provider=bedrock
             )
         if args.responses:  # same provider, same config: the face is the only difference
             servers["Cascade, /v1/responses"] = config("responses")
