@@ -11,7 +11,7 @@ import binascii
 import json
 import struct
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import anthropic
@@ -62,6 +62,7 @@ class FakeBedrock:
         self.mode = mode  # ok | exception (mid-stream) | throttled
         self.seen: list[dict[str, Any]] = []
         self.relayed = trio.Event()  # the client has received content (mode exception)
+        self.disconnected = trio.Event()  # the gateway closed the call (mode stall)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -100,6 +101,13 @@ class FakeBedrock:
         parts = [data[:half], data[half:]]
         if self.mode == "exception":  # the error once the client has the first content
             parts = [data[:half], data[half : -len(frames[-1])], frames[-1]]
+        if self.mode == "stall":  # the first content, then nothing until the caller leaves
+            await send({"type": "http.response.body", "body": b"".join(frames[:4]),
+                        "more_body": True})  # fmt: skip
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.disconnected.set()
+            return
         for i, part in enumerate(parts):
             if i == 2:
                 await self.relayed.wait()
@@ -222,3 +230,23 @@ async def test_throttling_blocks_bedrock_and_fails_over(monkeypatch: pytest.Monk
         "[gpt] word0 word1 word2 word3 word4 word5 word6 word7"
     ] * 2
     assert len(fake.seen) == 1  # blocked after its ThrottlingException: skipped the second time
+
+
+async def test_a_client_that_leaves_closes_the_bedrock_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancellation is the same for every provider: the client gone mid-stream, the signed
+    upstream call is closed at once."""
+    fake = FakeBedrock("stall")
+    async with bedrock_gateway(fake, monkeypatch) as gw:
+        sdk = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+        async with sdk.messages.stream(
+            model="claude", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            async with aclosing(stream.__aiter__()) as events:
+                async for event in events:
+                    if event.type == "text":
+                        break  # the client leaves after the first text
+        await sdk.close()
+        with trio.fail_after(5):
+            await fake.disconnected.wait()

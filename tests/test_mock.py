@@ -177,7 +177,23 @@ async def test_the_mock_plays_azure_and_bedrock(monkeypatch: pytest.MonkeyPatch)
             claude = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
             async with claude.messages.stream(model="claude", max_tokens=50, messages=HELLO) as s:
                 streamed = await s.get_final_message()
+            tool = {"name": "read_clock", "input_schema": {"type": "object", "properties": {}}}
+            async with claude.messages.stream(
+                model="claude", max_tokens=50, messages=HELLO, tools=[tool]
+            ) as s:
+                called = await s.get_final_message()  # a tool_use block, from the event stream
             await claude.close()
+            sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+            azure_call = await sdk.chat.completions.create(
+                model="gpt", messages=HELLO, tools=[CLOCK]
+            )
+            bedrock_call = await sdk.chat.completions.create(
+                model="claude", messages=HELLO, tools=[CLOCK]
+            )
+            await sdk.close()
+    assert called.content[-1].type == "tool_use" and called.stop_reason == "tool_use"
+    assert azure_call.choices[0].message.tool_calls[0].function.name == "read_clock"  # type: ignore[index]
+    assert bedrock_call.choices[0].message.tool_calls[0].function.name == "read_clock"  # type: ignore[index]
     assert (
         azure.choices[0].message.content == "[az] word0 word1 word2 word3 word4 word5 word6 word7"
     )
