@@ -540,3 +540,31 @@ async def test_a_key_made_or_revoked_on_one_replica_holds_on_the_other_within_a_
 
 async def _is(check: Callable[[], Awaitable[int]], expected: int) -> bool:
     return await check() == expected
+
+
+async def test_a_client_keys_rpm_is_one_limit_across_two_replicas(
+    tmp_path: Path, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rpm 20 for a key, 40 requests split between two replicas at once: 20 are served (each
+    replica alone would admit 20, 40 in all, before issue 21), the rest refused rpm."""
+    secret = "sk-rpm-shared-0123456789abcdef0123"
+    monkeypatch.setenv("RPM_KEY", secret)
+    config = write_config(tmp_path / "c.json", redis.url, {"m": {"mock": {}}}, targets=["m/x"])
+    raw = json.loads(config.read_text())
+    raw["auth"] = {"keys": [{"name": "team", "key_env": "RPM_KEY", "rpm": 20}]}
+    config.write_text(json.dumps(raw))
+    async with deployment(config) as (a, b):
+        statuses: list[int] = []
+
+        async def one(replica: Replica) -> None:
+            headers = {"authorization": f"Bearer {secret}"}
+            async with httpx.AsyncClient(base_url=replica.url, headers=headers) as client:
+                r = await client.post("/v1/chat/completions", json=chat())
+            statuses.append(r.status_code)
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as burst:
+                for i in range(40):
+                    burst.start_soon(one, (a, b)[i % 2])
+    served = statuses.count(200)
+    assert 18 <= served <= 20 and statuses.count(429) == 40 - served  # leases left unspent: <= 2

@@ -57,7 +57,8 @@ class Gateway:
         return found
 
     def __attrs_post_init__(self) -> None:
-        self.gate = KeyGate(self.config, self.keys, self.ledger, self.metrics)
+        limits = self.shared.key_limits if self.shared is not None else None
+        self.gate = KeyGate(self.config, self.keys, self.ledger, self.metrics, limits)
         self.dialects = {
             name: DIALECTS[provider.dialect] for name, provider in self.config.providers.items()
         }

@@ -111,7 +111,7 @@ class Pipeline:
         """Admit (the key gate), dispatch, deliver, and record however it ends."""
         started, request = parsed.started, parsed.request
         if key is not None:  # limits before anything else happens for this request
-            extra = gateway.gate.admit(key, request.model, request.estimated_tokens)
+            extra = await gateway.gate.admit(key, request.model, request.estimated_tokens)
             send = with_headers(send, extra) if extra else send
             if request.stream:  # the exact usage, to settle with (every key's usage is booked)
                 request = parsed.request = request.asking_usage()

@@ -6,6 +6,7 @@ fit), and, when the request ends however it ends, what it cost settled (docs/key
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -19,7 +20,10 @@ from router.errors import RequestError
 from router.keys.ledger import Charge, Ledger
 from router.keys.ring import KeyRing, presented_key
 from router.state.budgets import Exceeded, Hold
+from router.state.keylimits import SharedKeyLimits
 from router.telemetry.metrics import Metrics
+
+log = logging.getLogger("cascade.keys")
 
 Headers = list[tuple[bytes, bytes]]
 # A Retry-After longer than this is not worth waiting for in a client: it is told not to retry
@@ -29,13 +33,21 @@ MAX_CLIENT_WAIT = 60
 class KeyGate:
     """Authenticate, admit, reserve and settle, over one gateway's keys, books and metrics."""
 
-    __slots__ = ("config", "keys", "ledger", "metrics")
+    __slots__ = ("config", "keys", "ledger", "metrics", "shared")
 
-    def __init__(self, config: Config, keys: KeyRing, ledger: Ledger, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        keys: KeyRing,
+        ledger: Ledger,
+        metrics: Metrics,
+        shared: SharedKeyLimits | None = None,
+    ) -> None:
         self.config = config
         self.keys = keys
         self.ledger = ledger
         self.metrics = metrics
+        self.shared = shared  # rpm/tpm across replicas (state.backend: redis)
 
     def authenticate(self, authorization: bytes | None, x_api_key: bytes | None) -> KeyConfig:
         """The key a model endpoint was called with; 401 (before anything else) without one."""
@@ -50,9 +62,10 @@ class KeyGate:
             )
         return key
 
-    def admit(self, key: KeyConfig, model: str, tokens: int) -> Headers:
-        """Refuse what `key` may not do (403: the model; 429: rpm/tpm); else the key's
-        x-ratelimit-* headers, for the answer."""
+    async def admit(self, key: KeyConfig, model: str, tokens: int) -> Headers:
+        """Refuse what `key` may not do (403: the model; 429: rpm/tpm, this replica's windows
+        and, with Redis, the deployment's leases); else the key's x-ratelimit-* headers (this
+        replica's view), for the answer."""
         if not key.allows(model):
             self.metrics.key_refusals.labels(key.name, "model").inc()
             raise RequestError(
@@ -63,20 +76,38 @@ class KeyGate:
                 type="permission_error",
             )
         decision = self.keys.admit(key, tokens, trio.current_time())
-        if decision.retry_after is not None:
-            self.metrics.key_refusals.labels(key.name, decision.reason or "rpm").inc()
-            wait = max(1, math.ceil(decision.retry_after))
+        retry_after, reason = decision.retry_after, decision.reason
+        if retry_after is None and self.shared is not None and self.shared.up:
+            retry_after, reason = await self._shared(key, tokens)
+        if retry_after is not None:
+            self.metrics.key_refusals.labels(key.name, reason or "rpm").inc()
+            wait = max(1, math.ceil(retry_after))
             headers = [(b"retry-after", str(wait).encode()), *decision.headers]
             if wait > MAX_CLIENT_WAIT:
                 headers.append((b"x-should-retry", b"false"))
             raise RequestError(
-                f"this key's {decision.reason} limit is reached; retry in {wait} s",
+                f"this key's {reason} limit is reached; retry in {wait} s",
                 status=429,
                 code="rate_limit_exceeded",
                 type="rate_limit_error",
                 headers=headers,
             )
         return decision.headers
+
+    async def _shared(self, key: KeyConfig, tokens: int) -> tuple[float | None, str | None]:
+        """The deployment's rpm, then tpm, from leases (a Redis failure: this replica's
+        windows alone, which the request has already passed)."""
+        shared = self.shared
+        assert shared is not None
+        try:
+            for kind, limit, amount in (("rpm", key.rpm, 1), ("tpm", key.tpm, tokens)):
+                if limit is not None:
+                    retry = await shared.take(key.name, kind, limit, amount)
+                    if retry is not None:
+                        return retry, kind
+        except Exception as exc:
+            log.warning("client key %s: shared rpm/tpm unavailable (%s)", key.name, exc)
+        return None, None
 
     async def reserve(
         self, key: KeyConfig, input_tokens: int, max_output: int | None, targets: Iterable[Target]

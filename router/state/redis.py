@@ -42,6 +42,7 @@ from actors.shared import (
 )
 from router.config import StateConfig
 from router.state.budgets import RedisBudgets
+from router.state.keylimits import SharedKeyLimits
 from router.state.keytable import SharedKeys
 from router.state.responses import RedisResponses, ResponseStore
 from router.telemetry.metrics import Metrics
@@ -226,6 +227,7 @@ class RedisState:
         )
         self.responses = RedisResponses(prefix, settings.timeout, local)  # the Responses API's
         self.keys = SharedKeys(prefix, settings.timeout)  # client keys made by the admin API
+        self.key_limits = SharedKeyLimits(prefix, settings.timeout, settings.lease, _LEASE)
         metrics.state_up.labels("redis").set(0)
 
     # --- actors ------------------------------------------------------------------------------
@@ -360,6 +362,7 @@ class RedisState:
                 self.budgets.client = client
                 self.responses.client = client
                 self.keys.client = client
+                self.key_limits.client = client
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._listen, pubsub, client)
                     nursery.start_soon(self._keepalive, client)
@@ -369,6 +372,7 @@ class RedisState:
                 self.budgets.client = None
                 self.responses.client = None
                 self.keys.client = None
+                self.key_limits.client = None
 
     async def _resync(self, client: coredis.Redis[bytes], write: Any) -> None:
         """Load what Redis knows into the actors, then publish what they learned on their own."""
