@@ -7,7 +7,8 @@ botocore does the cryptography and the framing (its SigV4 signer, its credential
 standard AWS environment variables, shared config and credentials files, a role's environment;
 its event-stream parser): hand-written versions of those are how gateways get them subtly wrong.
 Credentials are resolved in a worker thread (the chain may read files or call a metadata
-endpoint), never on the trio thread.
+endpoint), never on the trio thread. botocore is imported when a Bedrock provider is first used
+(it takes ~70 ms to load): a gateway without one never loads it.
 """
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import trio
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.eventstream import EventStreamBuffer, InvalidHeadersLength, InvalidPayloadLength
-from botocore.session import Session
 
 from actors.sse import SSEEvent
 
@@ -49,6 +46,8 @@ class Signer:
     """SigV4 for one provider's calls, with its credentials from botocore's chain."""
 
     def __init__(self, settings: Bedrock) -> None:
+        from botocore.session import Session
+
         self.region = settings.region
         self._session = Session(profile=settings.profile) if settings.profile else Session()
         self._credentials: Any = None
@@ -69,6 +68,9 @@ class Signer:
     async def headers(self, url: str, payload: bytes) -> list[tuple[bytes, bytes]]:
         """The headers that sign a POST of `payload` to `url` (Authorization, X-Amz-Date, and
         X-Amz-Security-Token for temporary credentials)."""
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
         request = AWSRequest(
             "POST", url, data=payload, headers={"content-type": "application/json"}
         )
@@ -85,10 +87,13 @@ class EventStreamDecoder:
     Anthropic events its `chunk` messages carry (base64 JSON); an exception message (throttling,
     a model error mid-stream) becomes an Anthropic `error` event. The SSEDecoder's interface."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_malformed")
 
     def __init__(self) -> None:
+        from botocore.eventstream import EventStreamBuffer, ParserError
+
         self._buffer = EventStreamBuffer()
+        self._malformed = (ParserError, ValueError)
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buffer.add_data(chunk)
@@ -98,7 +103,7 @@ class EventStreamDecoder:
                 event = _event(message.headers, message.payload)
                 if event is not None:
                     events.append(event)
-        except (InvalidHeadersLength, InvalidPayloadLength, ValueError) as exc:
+        except self._malformed as exc:
             events.append(_error("protocol_error", f"a malformed event-stream frame ({exc})"))
         return events
 
