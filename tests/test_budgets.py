@@ -19,9 +19,14 @@ import httpx
 import openai
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
+from actors.wire import Usage
+from router.face.pipeline import _capped
 from router.keys.ledger import Ledger
 from router.serving.server import Running
+from router.state.budgets import Hold
 from router.tools.status import usage as usage_command
 from tests.helpers import chat, eventually, sse_data
 from tests.live import Cut, Exchange, FakeUpstream, chunk_event, healthy, live_gateway
@@ -572,3 +577,20 @@ class _Stalling:
         if b"content_block_stop" in data:
             await self._exchange.wait_disconnect()
         await self._exchange.body_part(data, more)
+
+
+@given(
+    st.integers(0, 500), st.integers(0, 500), st.integers(0, 500), st.integers(0, 500),
+    st.integers(1, 600),
+)  # fmt: skip
+def test_a_capped_charge_fits_its_reservation_and_stays_a_usage(
+    inputs: int, output: int, read: int, write: int, reserved: int
+) -> None:
+    read, write = min(read, inputs), min(write, max(0, inputs - min(read, inputs)))
+    usage = Usage(inputs, output, read, write)
+    capped = _capped(usage, Hold("k", reserved, 0.0))
+    assert (
+        capped.total <= max(reserved, 0) and capped.cache_read + capped.cache_write <= capped.input
+    )
+    if usage.total <= reserved:
+        assert capped == usage

@@ -340,9 +340,10 @@ def _capped(usage: Usage, hold: Hold) -> Usage:
     if usage.total <= hold.tokens:
         return usage
     room = int(hold.tokens)
-    if usage.input >= room:
-        return attrs.evolve(usage, input=room, output=0)
-    return attrs.evolve(usage, output=room - usage.input)
+    if usage.input < room:
+        return attrs.evolve(usage, output=room - usage.input)
+    read = min(usage.cache_read, room)  # the cache parts stay within the input charged
+    return Usage(room, 0, read, min(usage.cache_write, room - read))
 
 
 async def read_in_time(
