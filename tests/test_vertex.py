@@ -66,7 +66,19 @@ class FakeGoogle:
             await self._json(send, 429, error)
             return
         if scope["path"].endswith(":rawPredict"):
-            await self._json(send, 200, message("answer from vertex", "claude-x"))
+            answer = message("answer from vertex", "claude-x")
+            tools = json.loads(body).get("tools")
+            if tools:  # a tool call, as Claude answers one
+                answer["content"] = [
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_v1",
+                        "name": tools[0]["name"],
+                        "input": {"city": "Oslo"},
+                    }
+                ]
+                answer["stop_reason"] = "tool_use"  # fmt: skip
+            await self._json(send, 200, answer)
             return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
@@ -137,6 +149,33 @@ async def test_clients_of_both_dialects_served_by_vertex(tmp_path: Path) -> None
     sent = fake.calls[1]["body"]
     assert sent["anthropic_version"] == "vertex-2023-10-16" and "model" not in sent
     assert sent["stream"] is True
+
+
+async def test_tools_through_vertex_for_both_dialects(tmp_path: Path) -> None:
+    weather = {"name": "get_weather", "input_schema": {"type": "object",
+               "properties": {"city": {"type": "string"}}}}  # fmt: skip
+    fake = FakeGoogle()
+    async with vertex_gateway(fake, tmp_path) as gw:
+        claude = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+        called = await claude.messages.create(
+            model="claude", max_tokens=50, tools=[weather],  # type: ignore[list-item]
+            messages=[{"role": "user", "content": "weather?"}],
+        )  # fmt: skip
+        await claude.close()
+        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        tool = {"type": "function", "function": {"name": "get_weather",
+                "parameters": weather["input_schema"]}}  # fmt: skip
+        chat = await sdk.chat.completions.create(
+            model="gpt",
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=[tool],  # type: ignore[list-item]
+        )
+        await sdk.close()
+    assert called.stop_reason == "tool_use" and called.content[0].type == "tool_use"
+    [call] = chat.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}  # type: ignore[union-attr]
+    assert fake.calls[1]["body"]["tools"][0]["name"] == "get_weather"  # translated for Vertex
 
 
 async def test_a_token_near_its_expiry_is_refreshed(tmp_path: Path) -> None:
