@@ -54,17 +54,17 @@ async def run_claude(url: str, workdir: Path, model: str = "claude-demo") -> tup
         "DISABLE_AUTOUPDATER": "1",
         "DISABLE_ERROR_REPORTING": "1",
     }
+    return await run_agent([str(CLAUDE), "-p", PROMPT, "--model", model], workdir, env)
+
+
+async def run_agent(argv: list[str], workdir: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    """An agent CLI in a project holding notes.txt, bounded in time: (exit code, out, err)."""
     project = workdir / "project"
     project.mkdir(exist_ok=True)
     (project / "notes.txt").write_text("the meeting is at ten\n")
     with trio.fail_after(90):
         done = await trio.run_process(
-            [str(CLAUDE), "-p", PROMPT, "--model", model],
-            cwd=project,
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
+            argv, cwd=project, env=env, capture_stdout=True, capture_stderr=True, check=False
         )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
@@ -148,19 +148,8 @@ async def run_codex(url: str, workdir: Path) -> tuple[int, str, str]:
         "CODEX_HOME": str(home / ".codex"),
         "CASCADE_API_KEY": "not-a-real-key",
     }
-    project = workdir / "project"
-    project.mkdir(exist_ok=True)
-    (project / "notes.txt").write_text("the meeting is at ten\n")
-    with trio.fail_after(90):
-        done = await trio.run_process(
-            [str(CODEX), "exec", "--skip-git-repo-check", "Use exec_command to read notes.txt"],
-            cwd=project,
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
+    argv = [str(CODEX), "exec", "--skip-git-repo-check", "Use exec_command to read notes.txt"]
+    return await run_agent(argv, workdir, env)
 
 
 def codex_gateway(primary: FakeUpstream) -> Any:
