@@ -568,3 +568,82 @@ async def test_a_client_keys_rpm_is_one_limit_across_two_replicas(
                     burst.start_soon(one, (a, b)[i % 2])
     served = statuses.count(200)
     assert 18 <= served <= 20 and statuses.count(429) == 40 - served  # leases left unspent: <= 2
+
+
+async def test_a_redis_restart_forgets_no_spend(
+    tmp_path: Path, redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis killed and started again empty (no persistence): each replica adds its books back
+    once it reconnects, so a nearly spent budget still serves exactly what fits (issue 21: a
+    restart forgot every budget's spend)."""
+    secret = "sk-reseed-0123456789abcdef0123456789"
+    monkeypatch.setenv("RESEED_KEY", secret)
+    body = chat(max_tokens=10)
+    worst = len(json.dumps(body, separators=(",", ":"))) // 4 + 10
+
+    async def exact(exchange: Exchange) -> None:
+        await exchange.json_answer(
+            200,
+            {"id": "x", "object": "chat.completion", "model": "m",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                          "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": worst - 10, "completion_tokens": 10,
+                       "total_tokens": worst}},
+        )  # fmt: skip
+
+    async def post(replica: Replica) -> int:
+        headers = {"authorization": f"Bearer {secret}"}
+        async with httpx.AsyncClient(base_url=replica.url, headers=headers) as client:
+            return (await client.post("/v1/chat/completions", json=body)).status_code
+
+    async def spent() -> float:
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        reply = await redis.command("GET", f"t:budget:team:spent:tokens:{day}")
+        return (
+            float(reply.split(b"\r\n")[1]) if reply.startswith(b"$") and b"$-1" not in reply else 0
+        )
+
+    upstream = FakeUpstream(exact)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_asgi, upstream, "127.0.0.1", 0)
+        configs = []
+        for name in ("a", "b"):  # each replica with its own books (usage store)
+            config = write_config(tmp_path / f"{name}.json", redis.url,
+                                  {"up": {"base_url": url + "/v1"}}, targets=["up/m"])  # fmt: skip
+            raw = json.loads(config.read_text())
+            raw["auth"] = {"usage_db": str(tmp_path / f"{name}.sqlite3"),
+                           "keys": [{"name": "team", "key_env": "RESEED_KEY",
+                                     "budgets": [{"tokens": 10 * worst, "period": "day"}]}]}  # fmt: skip
+            config.write_text(json.dumps(raw))
+            configs.append(config)
+        replicas = [await start_replica(nursery, c) for c in configs]
+        a, b = replicas
+        try:
+            await connected(a, b)
+            assert [await post(r) for r in (a, b, a, b, a, b)] == [200] * 6
+            await until(lambda: _equal(spent, 6 * worst))
+            await redis.kill()
+            await redis.start()  # empty: no persistence
+
+            async def added_back() -> bool:
+                return all(b"their spend is added back" in b"".join(r.log) for r in (a, b))
+
+            await until(added_back, 15)
+            assert await spent() == 6 * worst  # both replicas' books, once each
+            statuses: list[int] = []
+
+            async def one(replica: Replica) -> None:
+                statuses.append(await post(replica))
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as burst:
+                    for i in range(20):
+                        burst.start_soon(one, (a, b)[i % 2])
+            assert sorted(statuses) == [200] * 4 + [429] * 16  # what the budget had left
+        finally:
+            await stop(replicas)
+            nursery.cancel_scope.cancel()
+
+
+async def _equal(read: Callable[[], Awaitable[float]], expected: float) -> bool:
+    return await read() == expected

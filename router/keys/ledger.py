@@ -64,6 +64,12 @@ class Ledger:
             for (key, unit, period), amount in store.load_spend().items():
                 self._spent[(key, unit, period)] = amount
 
+    def shares(self, when: dt.datetime) -> list[tuple[str, Unit, str, float]]:
+        """This process's books for the current periods (today, this month, in total): what it
+        adds to a shared backend that lost its counters (state/budgets.py `reseed`)."""
+        current = {period_id(p, when) for p in ("day", "month", "total")}
+        return [(k, u, pid, v) for (k, u, pid), v in self._spent.items() if pid in current and v]
+
     def spent(self, key: str, unit: Unit, period: Period, when: dt.datetime) -> float:
         return self._spent.get((key, unit, period_id(period, when)), 0.0)
 
@@ -155,6 +161,11 @@ class UsageStore:
                 "CREATE TABLE IF NOT EXISTS keys (name TEXT PRIMARY KEY, settings TEXT,"
                 " created REAL, revoked REAL)"
             )
+            db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('books', ?)", (uuid.uuid4().hex,)
+            )  # whose books these are: the same across restarts (budgets' re-seeding in Redis)
+            self.books_id = db.execute("SELECT value FROM meta WHERE name = 'books'").fetchone()[0]
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5)

@@ -108,6 +108,9 @@ async def serve(
     store = UsageStore(Path(config.auth.usage_db)) if config.auth.usage_db else None
     # Spend so far this day/month/ever, from the store; with Redis, budgets are the deployment's
     ledger = Ledger(store, shared.budgets if shared is not None else None)
+    if shared is not None:  # a Redis that lost its counters gets these books back
+        books = store.books_id if store is not None else shared.origin
+        shared.budgets.books = (books, ledger.shares)
     async with trio.open_nursery() as background:
         if shared is not None:  # connects in the background: actors start on their own view
             await background.start(shared.run)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -70,6 +71,33 @@ class Exceeded:
     reserved: float = 0.0  # held by requests in flight
     need: float = 0.0  # what this request would have reserved
 
+
+# Re-seeding after Redis lost its counters (a restart without persistence). KEYS: the epoch key,
+# the prefix of the per-epoch set of books already added. ARGV: a new epoch, these books' id,
+# then (counter key, amount, ttl seconds or 0) per share. Each replica's books are added once
+# per epoch: a reconnection to the same Redis adds nothing, a new (empty) Redis gets every
+# replica's books as each reconnects.
+# A Redis that has counters but no epoch was written by a version without re-seeding: its counters
+# already hold every replica's spend, so it is adopted ("adopted": no replica adds its books).
+_RESEED = """
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[1]
+  for i = 3, #ARGV, 3 do
+    if redis.call('EXISTS', ARGV[i]) == 1 then epoch = 'adopted' end
+  end
+  redis.call('SET', KEYS[1], epoch)
+end
+if epoch == 'adopted' then return 0 end
+local added = KEYS[2] .. epoch
+if redis.call('SISMEMBER', added, ARGV[2]) == 1 then return 0 end
+redis.call('SADD', added, ARGV[2])
+for i = 3, #ARGV, 3 do
+  redis.call('INCRBYFLOAT', ARGV[i], ARGV[i + 1])
+  if tonumber(ARGV[i + 2]) > 0 then redis.call('EXPIRE', ARGV[i], ARGV[i + 2]) end
+end
+return 1
+"""
 
 HOLD_MAX_AGE = 3600.0  # longer than any request may take
 FAIL_FAST = 1.0  # seconds a failed reservation keeps requests on this replica's own view
@@ -148,6 +176,9 @@ class RedisBudgets:
         self._unsent: list[_Settle] = []  # settlements that met an outage: replayed after it
         self._reserve: Any = None
         self._reserve_client: Any = None
+        # Set by the server: the id of this process's books (its usage store's, stable across
+        # restarts; else this process's) and what they hold for the current periods
+        self.books: tuple[str, Callable[[dt.datetime], list[Any]]] | None = None
         self._settle: Any = None
 
     @property
@@ -201,6 +232,25 @@ class RedisBudgets:
             spent, held = float(answer[1]), float(answer[2])
             return Exceeded(budget, period_end(budget.period, when), spent, held, need)
         return Hold(key, tokens, cost, shared_id=hold_id)
+
+    async def reseed(self, client: coredis.Redis[bytes], when: dt.datetime) -> bool:
+        """At each connection: when Redis has lost its counters (no epoch: a restart without
+        persistence, or a new Redis), add this process's books to them, once per epoch. True
+        when they were added."""
+        if self.books is None:
+            return False
+        books_id, shares = self.books
+        ttl = {"day": 2 * 86400, "month": 63 * 86400}
+        args: list[Any] = [uuid.uuid4().hex, books_id]
+        for key, unit, pid, amount in shares(when):
+            kind = "total" if pid == "total" else ("month" if len(pid) == 7 else "day")
+            args += [self._spent(key, unit, pid), amount, ttl.get(kind, 0)]
+        keys = [f"{self.prefix}budget:epoch", f"{self.prefix}budget:seeded:"]
+        with trio.fail_after(self.timeout):
+            added: Any = await client.register_script(_RESEED)(keys=keys, args=args)
+        if int(added) and len(args) > 2:
+            log.warning("budgets: Redis had no record of these books; their spend is added back")
+        return bool(int(added))
 
     async def figures(self, key: str, when: dt.datetime) -> dict[str, float]:
         """The deployment's figures for `key`: spent per unit and period ("tokens:day", ...)

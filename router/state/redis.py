@@ -13,6 +13,7 @@ from Redis, publishes those its actors learned meanwhile, and tells the actors i
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import logging
@@ -345,6 +346,7 @@ class RedisState:
             lease = client.register_script(_LEASE)
             await self._resync(client, write)
             await self.keys.load(client)  # client keys made through the admin API meanwhile
+            await self.budgets.reseed(client, dt.datetime.now(dt.UTC))  # a Redis that forgot
             if self.down_since is not None:
                 log.warning(
                     "shared state: Redis at %s is back after %.1f s; state resynchronised",
