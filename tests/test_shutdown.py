@@ -305,3 +305,42 @@ async def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
             assert all(w["status"] == "reloaded" for w in r.json()["workers"])
             assert await served(url, "renamed") == {200}  # on both, the new worker included
             assert await running.stop() == 0
+
+
+async def test_a_key_made_on_one_worker_works_on_every_worker_at_once(tmp_path: Path) -> None:
+    """Without Redis, a client key made (or revoked) through one worker's admin API reaches the
+    others through the supervisor, at once (issue 21: they saw it only at their next reload)."""
+    config = tmp_path / "workers.yaml"
+    workers_config(config, "gpt")
+    raw = json.loads(config.read_text())
+    raw["auth"] = {"keys": [{"name": "static", "sha256": "0" * 64}]}  # keys on from the start
+    config.write_text(json.dumps(raw))
+
+    async def statuses(secret: str, times: int = 16) -> set[int]:
+        """Each request on a new connection: the kernel spreads them over both workers."""
+        seen = set()
+        for _ in range(times):
+            async with httpx.AsyncClient(base_url=url) as client:
+                r = await client.post("/v1/chat/completions", json=chat("gpt"),
+                                      headers={"authorization": f"Bearer {secret}"})  # fmt: skip
+                seen.add(r.status_code)
+        return seen
+
+    with trio.fail_after(60):
+        async with workers(config) as running:
+            url, pids = await running.listening()
+            assert len(set(pids)) == 2
+            async with httpx.AsyncClient(base_url=url) as client:
+                made = await client.post("/admin/keys", json={"name": "ci"})
+            secret = made.json()["key"]
+            with trio.fail_after(1.0):
+                while await statuses(secret, 4) != {200}:  # bounded by the fail_after
+                    pass
+            assert await statuses(secret) == {200}  # both workers know it
+            async with httpx.AsyncClient(base_url=url) as client:
+                await client.post("/admin/keys/ci/revoke")
+            with trio.fail_after(1.0):
+                while await statuses(secret, 4) != {401}:
+                    pass
+            assert await statuses(secret) == {401}  # and both forgot it
+            assert await running.stop() == 0

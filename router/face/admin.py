@@ -48,6 +48,8 @@ class AdminHost(Protocol):
     feed: Feed
     gateway: Gateway
     shutting_down: bool
+    # Tells the other workers of a key made or revoked here (a worker without Redis), if any
+    share_key: Callable[[str, dict[str, Any] | None], Awaitable[bool]] | None
     reload: Callable[[], Awaitable[dict[str, Any]]] | None
 
 
@@ -187,6 +189,8 @@ async def create_key(
     log.warning("client key %s created through the admin API", key.name)
     if gateway.shared is not None:  # every replica and worker, within a second
         await gateway.shared.keys.publish(key.name, settings)
+    elif app.share_key is not None:  # the other workers of this machine
+        await app.share_key(key.name, settings)
     answer = {
         "name": key.name,
         "key": secret,
@@ -215,6 +219,8 @@ async def revoke_key(
     log.warning("client key %s revoked through the admin API", name)
     if gateway.shared is not None:
         await gateway.shared.keys.publish(name, None)
+    elif app.share_key is not None:
+        await app.share_key(name, None)
     await respond(send, 200, json.dumps({"name": name, "revoked": True}).encode(), request_id)
 
 

@@ -53,6 +53,8 @@ class App:
         self._in_flight = 0  # model requests being served
         self._drained = trio.Event()  # set once shutting down with none in flight
         self.feed = Feed()  # recent cascades, recorded only while someone watches
+        # Set by a worker's server: tells the other workers of a key made or revoked here
+        self.share_key: Callable[[str, dict[str, Any] | None], Awaitable[bool]] | None = None
         self.pipeline = Pipeline(self.feed, self._tracked_stream)
 
     def begin_shutdown(self, grace: float) -> None:

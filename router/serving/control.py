@@ -34,6 +34,8 @@ class WorkerLink:
         # The supervisor's figures ({"wanted", "running", "restarts"}), updated in place as they
         # come: /readyz and /metrics read them.
         self.status: dict[str, int] = {}
+        # Applies a client key made or revoked on another worker (set by the server)
+        self.on_key: Callable[[str, dict[str, Any] | None], Awaitable[None]] | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
         async with self._send_lock:
@@ -58,6 +60,9 @@ class WorkerLink:
                         await self._apply(apply, message["config"])
                     elif message["type"] == "status":
                         self.status.update({k: v for k, v in message.items() if k != "type"})
+                    elif message["type"] == "key":
+                        if self.on_key is not None:
+                            await self.on_key(message["name"], message["settings"])
                     else:  # the answer to this worker's own question
                         await self._answers.send(message)
 
@@ -69,6 +74,11 @@ class WorkerLink:
             await self.send({"type": "failed", "error": type(exc).__name__})
             return
         await self.send({"type": "applied", "summary": summary})
+
+    async def share_key(self, name: str, settings: dict[str, Any] | None) -> bool:
+        """A client key made (settings) or revoked (None) here: to every other worker."""
+        await self.send({"type": "key", "name": name, "settings": settings})
+        return True
 
     async def reload(self) -> dict[str, Any]:
         """Ask the supervisor to reload every worker; ConfigError when the config is invalid."""

@@ -130,6 +130,8 @@ async def serve(
                 await actor_nursery.start(_in_scope, control, reloader.reload_on_sighup)
             if link is not None:
                 link.status = metrics.supervisor  # one dict: /metrics and /readyz read it
+                link.on_key = partial(admin.apply_shared_key, app)  # made on another worker
+                app.share_key = link.share_key
                 await actor_nursery.start(_in_scope, control, partial(link.run, reloader.apply))
             async with trio.open_nursery() as watchers:  # requests' disconnect watchers
                 app.pipeline.watchers = watchers

@@ -21,6 +21,8 @@ Control messages are JSON lines over one socketpair per worker:
     worker ── {"type": "applied", "summary": {...}} | {"type": "failed", "error": "..."} ──▶ supervisor
     supervisor ── {"type": "invalid", "problems": [...]} | {"type": "done", "result": {...}} ──▶ asker
     supervisor ── {"type": "status", "wanted": n, "running": k, "restarts": r} ──▶ every worker
+    worker ── {"type": "key", "name": ..., "settings": {...} | null} ──▶ supervisor ──▶ the others
+      (a client key made, or revoked with null, through one worker's admin API; its hash only)
 
 Each worker has its own provider actors, so rate-limit blocks, circuits and limits are per worker
 (a 429 seen by one worker does not block the others; rpm/tpm limits apply per worker).
@@ -259,9 +261,17 @@ class Supervisor:
             for message in child.read_messages():
                 if message["type"] == "reload":
                     asking.append(child)
+                elif message["type"] == "key":
+                    self._relay(child, message)
                 else:
                     log.warning("worker %d: unexpected %s", child.index, message["type"])
         return asking
+
+    def _relay(self, sender: _Child, message: dict[str, Any]) -> None:
+        """A client key made or revoked on one worker: to every other (they apply it at once)."""
+        for child in self.children.values():
+            if child is not sender and child.alive:
+                child.send(message)
 
     def _validated(self) -> tuple[str, Config]:
         """The config source's text and its Config, as a worker would start with it."""
@@ -328,6 +338,8 @@ class Supervisor:
                     if message["type"] == "reload":
                         if child not in askers:
                             askers.append(child)  # answered by this same reload
+                    elif message["type"] == "key":
+                        self._relay(child, message)
                     else:
                         results[child.index] = message
                         waiting.pop(child.control, None)
