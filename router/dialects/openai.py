@@ -264,8 +264,12 @@ class StreamFilter:
     dropped: int = 0
     hide_usage: bool = False  # drop the usage-only chunk (Cascade asked for it, not the client)
 
-    def check(self, events: tuple[SSEEvent, ...]) -> tuple[list[SSEEvent], dict[str, Any] | None]:
-        """(events to forward, the first in-band error if one arrived)."""
+    def check(
+        self, events: tuple[SSEEvent, ...], chunks: list[dict[str, Any]] | None = None
+    ) -> tuple[list[SSEEvent], dict[str, Any] | None]:
+        """(events to forward, the first in-band error if one arrived); with `chunks`, the
+        forwarded events' parsed objects are added to it (a writer that reads them parses each
+        event once)."""
         good: list[SSEEvent] = []
         for event in events:
             data = event.data
@@ -286,6 +290,8 @@ class StreamFilter:
             if self.hide_usage and parsed.get("usage") and not parsed.get("choices"):
                 continue
             good.append(event)
+            if chunks is not None:
+                chunks.append(parsed)
         return good, None
 
 

@@ -527,14 +527,13 @@ class ChatToResponsesStream:
         out.append(self._event("response.in_progress", {"response": response}))
 
     def relay(self, events: Sequence[SSEEvent]) -> tuple[bytes, str | None]:
-        good, error = self._filter.check(tuple(events))
+        chunks: list[dict[str, Any]] = []
+        _, error = self._filter.check(tuple(events), chunks)  # each event parsed once
         out: list[bytes] = []
         if not self._started:
             self._start(out)
-        for event in good:
-            chunk = event_object(event.data)
-            if chunk is not None:
-                self._chunk(chunk, out)
+        for chunk in chunks:
+            self._chunk(chunk, out)
         message = None if error is None else str(error.get("message", "upstream error"))
         return b"".join(out), message
 
