@@ -24,7 +24,11 @@ Apply = Callable[[str, dict[str, Any] | None], Awaitable[None]]
 
 class SharedKeys:
     """`client` is the state backend's live client (None while Redis is down); `apply` is set by
-    the server, once it has a gateway to apply changes to."""
+    the server, once it has a gateway to apply changes to.
+
+    A change made here while Redis is down is kept and shared when it is back; a key revoked
+    elsewhere while this process was away (it knew the key from the table, the table no longer
+    has it) is revoked here when it reconnects."""
 
     def __init__(self, prefix: str, timeout: float) -> None:
         self.table = prefix + "keys"
@@ -32,33 +36,50 @@ class SharedKeys:
         self.timeout = timeout
         self.client: coredis.Redis[bytes] | None = None
         self.apply: Apply | None = None
+        self._known: set[str] = set()  # names this process knows the table holds
+        self._pending: dict[str, dict[str, Any] | None] = {}  # made here while Redis was down
 
     async def publish(self, name: str, settings: dict[str, Any] | None) -> bool:
         """Store (or remove) a key and announce it; False when Redis is down (the change is
-        then this process's only)."""
+        kept, and shared once Redis is back)."""
         client = self.client
-        if client is None:
-            return False
-        try:
-            with trio.fail_after(self.timeout):
-                if settings is not None:
-                    await client.hset(self.table, {name: json.dumps(settings)})
-                else:
-                    await client.hdel(self.table, [name])
-                await client.publish(self.channel, name)
-        except Exception as exc:
-            log.warning("client keys: could not share %s through Redis (%s)", name, exc)
-            return False
-        return True
+        if client is not None:
+            try:
+                await self._write(client, name, settings)
+                return True
+            except Exception as exc:
+                log.warning("client keys: could not share %s through Redis (%s)", name, exc)
+        self._pending[name] = settings
+        return False
+
+    async def _write(
+        self, client: coredis.Redis[bytes], name: str, settings: dict[str, Any] | None
+    ) -> None:
+        with trio.fail_after(self.timeout):
+            if settings is not None:
+                await client.hset(self.table, {name: json.dumps(settings)})
+            else:
+                await client.hdel(self.table, [name])
+            await client.publish(self.channel, name)
+        self._pending.pop(name, None)
+        (self._known.add if settings is not None else self._known.discard)(name)
 
     async def load(self, client: coredis.Redis[bytes]) -> None:
-        """Every shared key, applied (at connection: what was made while this was away)."""
+        """At connection: share what was made here meanwhile, then apply the table (keys made
+        elsewhere meanwhile), and revoke what it no longer holds of what this process knew."""
+        for name, settings in list(self._pending.items()):
+            await self._write(client, name, settings)
         if self.apply is None:
             return
         with trio.fail_after(self.timeout):
-            table = await client.hgetall(self.table)
-        for name, raw in table.items():
-            await self.apply(name.decode(), json.loads(raw))
+            table = {
+                k.decode(): json.loads(v) for k, v in (await client.hgetall(self.table)).items()
+            }
+        for name, settings in table.items():
+            await self.apply(name, settings)
+        for name in self._known - table.keys():  # revoked elsewhere while this was away
+            await self.apply(name, None)
+        self._known = set(table)
 
     async def changed(self, client: coredis.Redis[bytes], name: str) -> None:
         """A change announced on the channel: the key's settings now, or its revocation."""
@@ -67,3 +88,4 @@ class SharedKeys:
         with trio.fail_after(self.timeout):
             raw = await client.hget(self.table, name)
         await self.apply(name, json.loads(raw) if raw is not None else None)
+        (self._known.add if raw is not None else self._known.discard)(name)
