@@ -288,7 +288,12 @@ async def test_an_upstream_cut_mid_stream_charges_what_was_streamed(
     async with budgeted(monkeypatch, {"up": FakeUpstream(cut_mid_stream)}) as gw:
         r = await post(gw, chat(stream=True))
         assert "[DONE]" not in r.text
-        assert (await books(gw))[0] == input_estimate(chat(stream=True)) + 400 // 4
+        charged = input_estimate(chat(stream=True)) + 400 // 4
+        assert (await books(gw))[0] == charged
+        async with httpx.AsyncClient(base_url=gw.url) as client:
+            metrics = (await client.get("/metrics")).text
+    # the operator's bill: an OpenAI stream reports nothing before its end, the estimate counts
+    assert f'cascade_upstream_tokens_total{{outcome="failed",provider="up"}} {charged}.0' in metrics
 
 
 async def test_a_cut_stream_is_never_charged_more_than_it_reserved(
@@ -532,7 +537,8 @@ async def test_the_bill_counts_failed_and_cancelled_attempts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """cascade_upstream_tokens_total: an Anthropic stream cut after message_start reported 77
-    input tokens is billed as failed; one whose client left mid-stream as cancelled."""
+    input tokens is billed as failed, and the 40 characters of content relayed (10 tokens
+    estimated); one whose client left mid-stream as cancelled."""
 
     async def stalls_after_start(exchange: Exchange) -> None:
         await anthropic_stream(output_tokens=False, cut=False)(_Stalling(exchange))
@@ -545,7 +551,7 @@ async def test_the_bill_counts_failed_and_cancelled_attempts(
         await books(gw)
         async with httpx.AsyncClient(base_url=gw.url) as client:
             metrics = (await client.get("/metrics")).text
-    assert 'cascade_upstream_tokens_total{outcome="failed",provider="up"} 77.0' in metrics
+    assert 'cascade_upstream_tokens_total{outcome="failed",provider="up"} 87.0' in metrics
 
     stalled = FakeUpstream(stalls_after_start)
     async with budgeted(
@@ -561,7 +567,7 @@ async def test_the_bill_counts_failed_and_cancelled_attempts(
         await books(gw)
         async with httpx.AsyncClient(base_url=gw.url) as client:
             metrics = (await client.get("/metrics")).text
-    assert 'cascade_upstream_tokens_total{outcome="cancelled",provider="up"} 77.0' in metrics
+    assert 'cascade_upstream_tokens_total{outcome="cancelled",provider="up"} 87.0' in metrics
 
 
 class _Stalling:

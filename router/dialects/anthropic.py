@@ -295,6 +295,7 @@ class Anthropic:
     client_path = "/v1/messages"
     upstream_path = PATH
     forwarded_headers: tuple[bytes, ...] = (b"anthropic-beta",)  # never credentials
+    input_at_start = True
 
     def parse(self, body: bytes) -> MessagesRequest:
         return parse_messages_request(body)

@@ -122,6 +122,9 @@ class Dialect(Protocol):
     upstream_path: str  # under a provider's base_url
     # Client headers passed on to providers of the same dialect (never credentials).
     forwarded_headers: tuple[bytes, ...]
+    # Upstream side: a stream reports its input tokens at its start (Anthropic's message_start),
+    # so an attempt that ends early has them billed by its actor
+    input_at_start: bool
 
     def parse(self, body: bytes) -> ClientRequest: ...
 

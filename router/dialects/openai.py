@@ -330,6 +330,7 @@ class OpenAI:
     client_path = "/v1/chat/completions"
     upstream_path = PATH
     forwarded_headers: tuple[bytes, ...] = ()
+    input_at_start = False
 
     def parse(self, body: bytes) -> ChatRequest:
         return parse_chat_request(body)

@@ -845,6 +845,7 @@ class Responses:
     client_path = "/v1/responses"
     upstream_path = PATH
     forwarded_headers: tuple[bytes, ...] = ()
+    input_at_start = False
 
     def parse(self, body: bytes) -> ResponsesRequest:
         return parse_responses_request(body)

@@ -312,7 +312,13 @@ def settle(
     target = delivery.target if tracked.status else None
     if target is not None:
         usage, outcome = _used(gateway, parsed.request, target, delivery)
-    gateway.gate.settle(hold, key, parsed.route_name, target, _capped(usage, hold), outcome)
+    charged = _capped(usage, hold)
+    gateway.gate.settle(hold, key, parsed.route_name, target, charged, outcome)
+    if target is not None and outcome == "partial":  # the bill: what the actor could not see
+        # (its actor billed what the upstream itself reported before the end: an input at start)
+        known_input = gateway.dialects[target.provider].input_at_start
+        unseen = charged.output + (0 if known_input else charged.input)
+        gateway.metrics.bill(target.provider, "failed" if tracked.finished else "cancelled", unseen)
 
 
 def _used(

@@ -193,6 +193,12 @@ class Metrics:
         if overhead is not None:
             self.overhead.observe(overhead)
 
+    def bill(self, provider: str, outcome: str, tokens: int) -> None:
+        """Estimated tokens of an attempt that ended early (a keyed stream's relayed content),
+        in cascade_upstream_tokens_total beside what upstreams reported."""
+        key = (provider, outcome)
+        self.upstream_tokens_other[key] = self.upstream_tokens_other.get(key, 0) + tokens
+
     def count_refused(self, dialect: str, status: int) -> None:
         """A model request refused before its cascade (bad input, unknown model, a key's
         limits): counted under route "-", with no latency."""
