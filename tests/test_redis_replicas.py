@@ -477,6 +477,14 @@ async def test_two_replicas_cannot_together_overspend_one_budget(
             assert shown[0]["budgets"][0]["spent"] == 10 * worst
             shares = [s["this_replica"]["spent_today"]["tokens"] for s in shown]
             assert sum(shares) == 10 * worst  # each replica settled its own share
+            # and the budget gauge is the deployment's on both: nothing left
+            gauge = 'cascade_key_budget_remaining{key="shared",period="day",unit="tokens"} 0.0'
+
+            async def gauges_agree() -> bool:
+                texts = [(await r.get("/metrics")).text for r in (a, b)]
+                return all(gauge in text for text in texts)
+
+            await until(gauges_agree)
         nursery.cancel_scope.cancel()
 
 

@@ -413,3 +413,25 @@ async def apply_shared_key(app: AdminHost, name: str, settings: dict[str, Any] |
     if ledger.store is not None:
         await trio.to_thread.run_sync(ledger.store.save_key, name, settings)
     log.warning("client key %s made on another replica: valid here", name)
+
+
+async def refresh_budget_gauges(gateway: Gateway) -> None:
+    """With budgets in Redis, `cascade_key_budget_remaining` from the deployment's spend (one
+    round trip per budgeted key, at each scrape), the same on every replica; without Redis (or
+    while it fails) the gauge stays this replica's, set at each settlement."""
+    shared = gateway.ledger.shared
+    if not isinstance(shared, RedisBudgets) or not shared.up:
+        return
+    now = dt.datetime.now(dt.UTC)
+    metrics = gateway.metrics
+    for key in (*gateway.config.auth.keys, *gateway.keys.runtime.values()):
+        if not key.budgets:
+            continue
+        try:
+            figures = await shared.figures(key.name, now)
+        except Exception as exc:
+            log.warning("metrics: the deployment's budget figures are unavailable (%s)", exc)
+            return
+        for budget in key.budgets:
+            left = budget.limit - figures[f"{budget.unit}:{budget.period}"]
+            metrics.child(metrics.budget_left, key.name, budget.unit, budget.period).set(left)

@@ -282,6 +282,7 @@ class App:
     async def metrics(
         self, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
     ) -> None:
+        await admin.refresh_budget_gauges(gateway)  # with Redis: the deployment's, at scrape
         body = gateway.metrics.render()
         await respond(send, 200, body, request_id, METRICS_CONTENT_TYPE.encode())
 
