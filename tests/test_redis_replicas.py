@@ -404,6 +404,22 @@ async def test_two_workers_with_redis_steer_each_other_and_reload_together(
         nursery.cancel_scope.cancel()
 
 
+# A request whose worst case (input estimate + max_tokens) is WORST, and an upstream that uses
+# exactly that: budgets in these tests hold a whole number of such requests.
+BUDGETED = chat(max_tokens=10)
+WORST = len(json.dumps(BUDGETED, separators=(",", ":"))) // 4 + 10
+
+
+async def exact(exchange: Exchange) -> None:
+    await exchange.json_answer(
+        200,
+        {"id": "x", "object": "chat.completion", "model": "m",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                      "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": WORST - 10, "completion_tokens": 10, "total_tokens": WORST}},
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("dropped", [False, True], ids=["connected", "after-client-kill"])
 async def test_two_replicas_cannot_together_overspend_one_budget(
     tmp_path: Path, redis: RedisServer, monkeypatch: pytest.MonkeyPatch, dropped: bool
@@ -414,18 +430,7 @@ async def test_two_replicas_cannot_together_overspend_one_budget(
     the new connection (it kept the old one, and every reservation failed, issue 21)."""
     key = "sk-shared-budget-0123456789abcdef0123"
     monkeypatch.setenv("SHARED_BUDGET_KEY", key)
-    body = chat(max_tokens=10)
-    worst = len(json.dumps(body, separators=(",", ":"))) // 4 + 10
-
-    async def exact(exchange: Exchange) -> None:
-        await exchange.json_answer(
-            200,
-            {"id": "x", "object": "chat.completion", "model": "m",
-             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                          "finish_reason": "stop"}],
-             "usage": {"prompt_tokens": worst - 10, "completion_tokens": 10,
-                       "total_tokens": worst}},
-        )  # fmt: skip
+    body, worst = BUDGETED, WORST
 
     upstream = FakeUpstream(exact)
     async with trio.open_nursery() as nursery:
@@ -586,18 +591,7 @@ async def test_a_redis_restart_forgets_no_spend(
     restart forgot every budget's spend)."""
     secret = "sk-reseed-0123456789abcdef0123456789"
     monkeypatch.setenv("RESEED_KEY", secret)
-    body = chat(max_tokens=10)
-    worst = len(json.dumps(body, separators=(",", ":"))) // 4 + 10
-
-    async def exact(exchange: Exchange) -> None:
-        await exchange.json_answer(
-            200,
-            {"id": "x", "object": "chat.completion", "model": "m",
-             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
-                          "finish_reason": "stop"}],
-             "usage": {"prompt_tokens": worst - 10, "completion_tokens": 10,
-                       "total_tokens": worst}},
-        )  # fmt: skip
+    body, worst = BUDGETED, WORST
 
     async def post(replica: Replica) -> int:
         headers = {"authorization": f"Bearer {secret}"}
