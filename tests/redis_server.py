@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -72,3 +73,14 @@ class RedisServer:
                 parts.append(f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n")
             await stream.send_all(b"".join(parts))
             return await stream.receive_some(65536)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own, killed at its end (import it into a test module)."""
+    server = RedisServer(free_port())
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

@@ -4,24 +4,12 @@ down is shared once it is back."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import coredis
-import pytest
 
 from router.state.keytable import SharedKeys
-from tests.redis_server import RedisServer, free_port
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_port())
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
+from tests.redis_server import RedisServer
 
 
 def replica() -> tuple[SharedKeys, list[tuple[str, Any]]]:

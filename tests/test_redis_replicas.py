@@ -22,17 +22,7 @@ import trio
 from router.web.server import serve_asgi
 from tests.helpers import chat, start_cascade
 from tests.live import Exchange, FakeUpstream, healthy
-from tests.redis_server import RedisServer, free_port
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[RedisServer]:
-    server = RedisServer(free_port())
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
+from tests.redis_server import RedisServer
 
 
 class Replica:
