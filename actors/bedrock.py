@@ -1,7 +1,8 @@
 """Claude on AWS Bedrock, as an Anthropic-dialect provider's upstream: the body Bedrock wants
-(the Messages body without `model` and `stream`, with its `anthropic_version`), the model in the
-path (`InvokeModel`, `InvokeModelWithResponseStream`), SigV4 signing, and the binary event
-stream of a streamed answer decoded into the Anthropic events it carries.
+(the Messages body without `model` and `stream`, with its `anthropic_version`), SigV4 signing,
+and the binary event stream of a streamed answer decoded into the Anthropic events it carries
+(the model's path, `InvokeModel` or `InvokeModelWithResponseStream`, is
+`ProviderConfig.path_for`'s).
 
 botocore does the cryptography and the framing (its SigV4 signer, its credential chain: the
 standard AWS environment variables, shared config and credentials files, a role's environment;
@@ -16,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import trio
 
@@ -26,12 +26,6 @@ if TYPE_CHECKING:
     from actors.settings import Bedrock
 
 SERVICE = "bedrock"
-
-
-def path(model: str, stream: bool) -> str:
-    """InvokeModel or InvokeModelWithResponseStream for `model` (a Bedrock model id or ARN)."""
-    action = "invoke-with-response-stream" if stream else "invoke"
-    return f"/model/{quote(model, safe='')}/{action}"
 
 
 def body(anthropic: bytes, version: str) -> bytes:

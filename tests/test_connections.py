@@ -17,6 +17,11 @@ from tests.helpers import chat, eventually
 from tests.live import Exchange, FakeUpstream, answers, live_gateway
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nhost: cascade\r\n\r\n"
+_CHAT = json.dumps(chat()).encode()
+CHAT_REQUEST = (  # a model request, as raw bytes
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: c\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_CHAT), _CHAT)
+)
 
 
 async def read_answer(stream: trio.SocketStream) -> bytes:
@@ -37,18 +42,13 @@ async def test_a_connection_is_closed_at_once_when_its_client_is_gone(how: str) 
     """Clients that reset the connection, or close it before reading the answer: the server
     closes its side at once instead of holding the fd for the keep-alive time (75 s here), which
     let one-shot clients exhaust a 1,024-fd limit in seconds (issue 9.4)."""
-    body = json.dumps(chat()).encode()
-    request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: c\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n%s" % (len(body), body)
-    )
     with trio.fail_after(10):
         async with live_gateway({"a": FakeUpstream(answers)}) as gw:
             port = int(gw.url.rsplit(":", 1)[1])
             before = open_fds()
             for _ in range(20):
                 stream = await trio.open_tcp_stream("127.0.0.1", port)
-                await stream.send_all(request)
+                await stream.send_all(CHAT_REQUEST)
                 if how == "reset":
                     answer = b""
                     while b'"usage"' not in answer:
@@ -87,18 +87,13 @@ async def test_keep_alive_counts_from_the_last_answer_and_never_cuts_a_request()
         await trio.sleep(0.5)
         await answers(exchange)
 
-    body = json.dumps(chat()).encode()
-    request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: c\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n%s" % (len(body), body)
-    )
     with trio.fail_after(10):
         async with live_gateway(
             {"a": FakeUpstream(slow)}, server={"keep_alive_timeout": "300ms"}
         ) as gw:
             port = int(gw.url.rsplit(":", 1)[1])
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-                await stream.send_all(request)
+                await stream.send_all(CHAT_REQUEST)
                 answer = b""
                 while b'"usage"' not in answer:
                     chunk = await stream.receive_some(65536)

@@ -432,10 +432,10 @@ def response_object(
     }
 
 
-def _message_item(text: str, status: str = "completed", ident: str | None = None) -> dict[str, Any]:
+def _message_item(text: str, status: str = "completed") -> dict[str, Any]:
     return {
         "type": "message",
-        "id": ident or _item_id("msg"),
+        "id": _item_id("msg"),
         "status": status,
         "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],

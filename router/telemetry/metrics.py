@@ -248,8 +248,7 @@ class _ProviderMetrics:
         if outcome == "served":
             self._tokens[0] += total
         else:
-            others = self._metrics.upstream_tokens_other
-            others[(self._name, outcome)] = others.get((self._name, outcome), 0) + total
+            self._metrics.bill(self._name, outcome, total)
 
 
 class _UpstreamTokens(Collector):
