@@ -155,7 +155,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    return usage(url, token_env, args.since, args.by, args.json)
+    return usage(url, token_env, args.since, args.by, args.json, args.replica)
 
 
 def _gateway(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -224,13 +224,14 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=_duration, default=1.0, help="refresh period")
     st.set_defaults(func=cmd_status)
 
-    us = sub.add_parser("usage", help="what client keys spent (needs auth.usage_db)")
+    us = sub.add_parser("usage", help="what client keys spent (auth.usage_db or Redis state)")
     us.add_argument("--url", help="the gateway (default: --config's, else 127.0.0.1:8080)")
     us.add_argument("--config", "-c", help="find the gateway (and its token) from its config")
     us.add_argument("--token-env", help="environment variable holding the admin token")
     us.add_argument("--since", type=_duration, default=86400.0, help="period: 24h, 7d, 30d…")
     us.add_argument("--by", choices=("key", "route", "provider", "model"), default="key")
     us.add_argument("--json", action="store_true", help="every row (key, route, provider, model)")
+    us.add_argument("--replica", action="store_true", help="this replica's usage store only")
     us.set_defaults(func=cmd_usage)
 
     lt = sub.add_parser("loadtest", help="load-test any OpenAI-compatible endpoint")

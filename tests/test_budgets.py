@@ -452,7 +452,8 @@ async def test_spend_survives_a_restart(
                     == 0
                 )
                 table = capsys.readouterr().out.splitlines()  # `cascade usage --since 1h`
-                assert table[1].split() == ["team", "1", "11", "7", "0.000025"]  # not 0.0000
+                assert table[0] == "this replica"  # no Redis: this replica's usage store
+                assert table[2].split() == ["team", "1", "11", "7", "0.000025"]  # not 0.0000
 
 
 # The test client's requests are cancelled mid-body: httpx leaves its body generators to the GC,

@@ -569,8 +569,24 @@ async def test_a_client_keys_rpm_is_one_limit_across_two_replicas(
             async with trio.open_nursery() as burst:
                 for i in range(40):
                     burst.start_soon(one, (a, b)[i % 2])
-    served = statuses.count(200)
-    assert 18 <= served <= 20 and statuses.count(429) == 40 - served  # leases left unspent: <= 2
+        served = statuses.count(200)
+        assert 18 <= served <= 20 and statuses.count(429) == 40 - served  # leases: <= 2 unspent
+        # A key without budgets, no usage store: /admin/usage is the deployment's on both
+        await until(lambda: _usage_is(a, served), 10)
+        await until(lambda: _usage_is(b, served), 10)
+        mine = [await _requests(r, "this_replica") for r in (a, b)]
+        assert sum(mine) == served and all(mine)
+        assert (await a.get("/admin/usage?scope=replica")).status_code == 404  # no usage_db
+
+
+async def _requests(replica: Replica, part: str = "usage") -> int:
+    body = (await replica.get("/admin/usage")).json()
+    assert body["scope"] == "deployment"
+    return sum(int(row["requests"]) for row in body[part])
+
+
+async def _usage_is(replica: Replica, requests: int) -> bool:
+    return await _requests(replica) == requests
 
 
 async def test_a_redis_restart_forgets_no_spend(
@@ -614,6 +630,7 @@ async def test_a_redis_restart_forgets_no_spend(
             await connected(a, b)
             assert [await post(r) for r in (a, b, a, b, a, b)] == [200] * 6
             await until(lambda: _equal(spent, 6 * worst))
+            await until(lambda: _usage_is(a, 6))
             await redis.kill()
             await redis.start()  # empty: no persistence
 
@@ -622,6 +639,8 @@ async def test_a_redis_restart_forgets_no_spend(
 
             await until(added_back, 15)
             assert await spent() == 6 * worst  # both replicas' books, once each
+            await until(lambda: _usage_is(b, 6))  # and the deployment's usage, once each
+            assert [await _requests(r, "this_replica") for r in (a, b)] == [3, 3]
             statuses: list[int] = []
 
             async def one(replica: Replica) -> None:

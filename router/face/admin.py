@@ -35,6 +35,7 @@ from router.face.gateway import Gateway
 from router.face.pipeline import read_in_time
 from router.keys.ledger import Ledger
 from router.state.budgets import RedisBudgets
+from router.state.usage import HOUR
 from router.telemetry.feed import Feed
 from router.units import parse_duration
 from router.web.asgi import Receive, Scope, Send, header
@@ -291,18 +292,34 @@ async def usage(
     app: AdminHost, gateway: Gateway, scope: Scope, receive: Receive, send: Send, request_id: str
 ) -> None:
     """GET /admin/usage?since=T&until=T (Unix seconds; default: the last 24 h): spend per
-    key, route, provider and model, from the usage store."""
-    store = gateway.ledger.store
-    if store is None:
-        raise RequestError("no usage store: set auth.usage_db", status=404, code="not_found")
+    key, route, provider and model. With Redis, the deployment's (every replica's, over the
+    whole hours covering the window) with this replica's share beside it; else, or with
+    `scope=replica`, this replica's usage store, to the second."""
+    store, shared = gateway.ledger.store, gateway.ledger.usage
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     try:
         until = float(query.get("until", [time.time()])[0])
         since = float(query.get("since", [until - 86400])[0])
     except ValueError:
         raise RequestError("'since' and 'until' are Unix times in seconds") from None
-    rows = await trio.to_thread.run_sync(store.usage, since, until)
-    body = {"since": since, "until": until, "usage": rows}
+    wanted = query.get("scope", ["deployment"])[0]
+    if wanted not in ("deployment", "replica"):
+        raise RequestError("'scope' is 'deployment' or 'replica'", param="scope")
+    body: dict[str, object] | None = None
+    if wanted == "deployment" and shared is not None and shared.client is not None:
+        try:
+            rows = await shared.deployment(since, until)
+        except Exception as exc:  # Redis failed: this replica's books, said so
+            log.warning("admin: the deployment's usage is unavailable (%s)", exc)
+        else:
+            first, end = shared.window(since, until)
+            body = {"scope": "deployment", "since": first * HOUR, "until": end * HOUR,
+                    "usage": rows, "this_replica": await shared.this_replica(since, until)}  # fmt: skip
+    if body is None:
+        if store is None:
+            raise RequestError("no usage store: set auth.usage_db", status=404, code="not_found")
+        rows = await trio.to_thread.run_sync(store.usage, since, until)
+        body = {"scope": "replica", "since": since, "until": until, "usage": rows}
     await respond(send, 200, json.dumps(body).encode(), request_id)
 
 

@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import attrs
@@ -27,6 +27,7 @@ import trio
 
 from router.config.keys import Budget, Period, Unit, period_end, period_id
 from router.state.budgets import Exceeded, Hold, SharedBudgets
+from router.state.usage import HourRow, SharedUsage
 
 log = logging.getLogger("cascade.budgets")
 
@@ -50,9 +51,13 @@ class Ledger:
     """Spent and reserved amounts per key. Plain synchronous code on the trio thread."""
 
     def __init__(
-        self, store: UsageStore | None = None, shared: SharedBudgets | None = None
+        self,
+        store: UsageStore | None = None,
+        shared: SharedBudgets | None = None,
+        usage: SharedUsage | None = None,
     ) -> None:
         self.shared = shared
+        self.usage = usage  # the deployment's hourly usage (Redis), this replica's share
         self._spent: dict[tuple[str, Unit, str], float] = {}
         self._reserved: dict[str, list[float]] = {}  # key -> [tokens, cost]
         self.in_flight = 0  # reservations not yet settled
@@ -136,6 +141,9 @@ class Ledger:
             spent[(key, "cost", pid)] = spent.get((key, "cost", pid), 0) + charge.cost
         if self.store is not None:
             self.store.record(charge)
+        if self.usage is not None:
+            row = (charge.key, charge.route, charge.provider, charge.model)
+            self.usage.record(charge.at, row, charge.input, charge.output, charge.cost)
         if hold.shared_id is not None and self.shared is not None:
             self.shared.settle(hold.shared_id, hold.key, tokens, charge.cost, when)
 
@@ -150,6 +158,7 @@ class UsageStore:
         self.path = path
         self._send, self._receive = trio.open_memory_channel[Charge](self.QUEUE)
         self._writer: sqlite3.Connection | None = None  # the writer task's own, kept open
+        self.written: Callable[[set[int]], None] | None = None  # told the hours of each batch
         with self._connect() as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS charges (at REAL, key TEXT, route TEXT,"
@@ -162,10 +171,28 @@ class UsageStore:
                 " created REAL, revoked REAL)"
             )
             db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+            self._hourly(db)
             db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('books', ?)", (uuid.uuid4().hex,)
             )  # whose books these are: the same across restarts (budgets' re-seeding in Redis)
             self.books_id = db.execute("SELECT value FROM meta WHERE name = 'books'").fetchone()[0]
+
+    @staticmethod
+    def _hourly(db: sqlite3.Connection) -> None:
+        """Hourly totals, kept in the same transaction as the charges (a store written by an
+        earlier version gets them from its charges once)."""
+        exists = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'hourly'").fetchone()
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS hourly (hour INTEGER, key TEXT, route TEXT,"
+            " provider TEXT, model TEXT, requests INTEGER, input INTEGER, output INTEGER,"
+            " cost REAL, PRIMARY KEY (hour, key, route, provider, model))"
+        )
+        if not exists:
+            db.execute(
+                "INSERT INTO hourly SELECT CAST(at / 3600 AS INTEGER), key, route, provider,"
+                " model, COUNT(*), SUM(input), SUM(output), SUM(cost) FROM charges"
+                " GROUP BY 1, 2, 3, 4, 5"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5)
@@ -222,6 +249,8 @@ class UsageStore:
                 batch += self._drain()
                 writing, batch = batch, []
                 await trio.to_thread.run_sync(self._write, writing)  # runs to its end
+                if self.written is not None:
+                    self.written({int(c.at // 3600) for c in writing})
         finally:
             batch += self._drain()
             if batch:
@@ -245,6 +274,13 @@ class UsageStore:
                 "INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [attrs.astuple(c) for c in batch],
             )
+            db.executemany(
+                "INSERT INTO hourly VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+                " requests = requests + 1, input = input + excluded.input,"
+                " output = output + excluded.output, cost = cost + excluded.cost",
+                [(int(c.at // 3600), c.key, c.route, c.provider, c.model, c.input, c.output,
+                  c.cost) for c in batch],
+            )  # fmt: skip
 
     def usage(self, since: float, until: float) -> list[dict[str, object]]:
         """Spend per key, route, provider and model between two wall-clock times."""
@@ -256,3 +292,11 @@ class UsageStore:
             ).fetchall()
         names = ("key", "route", "provider", "model", "requests", "input", "output", "cost")
         return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def hours(self, first: int, end: int) -> list[HourRow]:
+        """Totals per hour (Unix time // 3600), key, route, provider and model for the hours
+        [first, end): this store's share of the deployment's usage in Redis (state/usage.py)."""
+        with self._connect() as db:
+            return db.execute(
+                "SELECT * FROM hourly WHERE hour >= ? AND hour < ?", (first, end)
+            ).fetchall()

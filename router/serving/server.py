@@ -105,12 +105,7 @@ async def serve(
         sock = listening_socket(config.server.host, config.server.port)
     metrics = Metrics()
     shared = _shared_state(config, metrics)
-    store = UsageStore(Path(config.auth.usage_db)) if config.auth.usage_db else None
-    # Spend so far this day/month/ever, from the store; with Redis, budgets are the deployment's
-    ledger = Ledger(store, shared.budgets if shared is not None else None)
-    if shared is not None:  # a Redis that lost its counters gets these books back
-        books = store.books_id if store is not None else shared.origin
-        shared.budgets.books = (books, ledger.shares)
+    store, ledger = _books(config, shared)
     async with trio.open_nursery() as background:
         if shared is not None:  # connects in the background: actors start on their own view
             await background.start(shared.run)
@@ -152,6 +147,21 @@ def _warn_if_open(config: Config) -> None:
             " spends your provider keys (docs/keys-and-budgets.md)",
             config.server.host,
         )
+
+
+def _books(config: Config, shared: RedisState | None) -> tuple[UsageStore | None, Ledger]:
+    """The usage store and the ledger: spend so far this day/month/ever, from the store; with
+    Redis, budgets and usage are the deployment's."""
+    store = UsageStore(Path(config.auth.usage_db)) if config.auth.usage_db else None
+    if shared is None:
+        return store, Ledger(store)
+    ledger = Ledger(store, shared.budgets, shared.usage)
+    books = store.books_id if store is not None else shared.origin
+    shared.budgets.books = (books, ledger.shares)  # a Redis that lost its counters gets them
+    shared.usage.books_id = books
+    if store is not None:  # the deployment's usage: this store's hourly totals
+        shared.usage.stored, store.written = store.hours, shared.usage.changed
+    return store, ledger
 
 
 def _shared_state(config: Config, metrics: Metrics) -> RedisState | None:

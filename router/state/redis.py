@@ -46,6 +46,7 @@ from router.state.budgets import RedisBudgets
 from router.state.keylimits import SharedKeyLimits
 from router.state.keytable import SharedKeys
 from router.state.responses import RedisResponses, ResponseStore
+from router.state.usage import SharedUsage
 from router.telemetry.metrics import Metrics
 
 log = logging.getLogger("cascade.state")
@@ -223,6 +224,7 @@ class RedisState:
         self._channel = prefix + "events"
         self._shown_url = _without_credentials(settings.url)
         self.budgets = RedisBudgets(prefix, settings.timeout)  # client keys' budgets
+        self.usage = SharedUsage(prefix, settings.timeout)  # and what they spent, per hour
         local = ResponseStore(
             settings.responses_max, settings.responses_max_bytes, settings.responses_ttl
         )
@@ -362,6 +364,7 @@ class RedisState:
             await self._broadcast(BackendState(True))
             try:
                 self.budgets.client = client
+                self.usage.client = client
                 self.responses.client = client
                 self.keys.client = client
                 self.key_limits.client = client
@@ -369,9 +372,11 @@ class RedisState:
                     nursery.start_soon(self._listen, pubsub, client)
                     nursery.start_soon(self._keepalive, client)
                     nursery.start_soon(self.budgets.write_settlements, client)
+                    nursery.start_soon(self.usage.write, client)
                     await self._write_loop(client, write, lease)
             finally:
                 self.budgets.client = None
+                self.usage.client = None
                 self.responses.client = None
                 self.keys.client = None
                 self.key_limits.client = None

@@ -109,8 +109,11 @@ def render_usage(rows: list[dict[str, Any]], group: str) -> str:
     return "\n".join(lines)
 
 
-def usage(url: str, token_env: str | None, since: float, by: str, as_json: bool) -> int:
-    """`cascade usage`: spend over the last `since` seconds, from GET /admin/usage."""
+def usage(
+    url: str, token_env: str | None, since: float, by: str, as_json: bool, replica: bool = False
+) -> int:
+    """`cascade usage`: spend over the last `since` seconds, from GET /admin/usage: the
+    deployment's with Redis (whole hours), this replica's with `replica` or without Redis."""
     headers = admin_headers("usage", token_env)
     if headers is None:
         return 1
@@ -118,7 +121,11 @@ def usage(url: str, token_env: str | None, since: float, by: str, as_json: bool)
     try:
         r = httpx.get(
             url.rstrip("/") + "/admin/usage",
-            params={"since": now - since, "until": now},
+            params={
+                "since": now - since,
+                "until": now,
+                "scope": "replica" if replica else "deployment",
+            },
             headers=headers,
             timeout=30,
         )
@@ -128,8 +135,19 @@ def usage(url: str, token_env: str | None, since: float, by: str, as_json: bool)
     if r.status_code != 200:
         print(f"cascade usage: {url} answered {r.status_code}: {r.text[:300]}", file=sys.stderr)
         return 1
-    rows = r.json()["usage"]
-    print(json.dumps(rows, indent=2) if as_json else render_usage(rows, by))
+    body = r.json()
+    rows = body["usage"]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if body.get("scope") == "deployment":
+        start, end = (
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(body[k])) for k in ("since", "until")
+        )
+        print(f"every replica, {start} to {end} UTC (whole hours)")
+    else:
+        print("this replica")
+    print(render_usage(rows, by))
     return 0
 
 
