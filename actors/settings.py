@@ -143,6 +143,12 @@ class ProviderConfig:
     # (openai) models that take max_completion_tokens, not max_tokens, and no sampling knobs
     reasoning_models: tuple[str, ...] = REASONING_MODELS
     azure: Azure | None = None  # an Azure OpenAI resource (dialect openai)
+    # How the provider continues an answer from a prefix (a stream resumed after its first
+    # provider failed, docs/failure-semantics.md): "trailing" (it continues a trailing
+    # assistant message: Anthropic), "prefix" (the last assistant message marked
+    # `"prefix": true`: Mistral, DeepSeek), "continue_final_message" (vLLM), "none" (it cannot:
+    # not a target to resume on). None: the dialect's default ("trailing" for anthropic).
+    prefill: Literal["trailing", "prefix", "continue_final_message", "none"] | None = None
     bedrock: Bedrock | None = None  # Claude on AWS Bedrock (dialect anthropic)
     vertex: Vertex | None = None  # Claude on Google Vertex AI (dialect anthropic)
 
@@ -162,6 +168,13 @@ class ProviderConfig:
                 f"/publishers/anthropic/models/{quote(model, safe='')}:{action}"
             )
         return path
+
+    @property
+    def continues(self) -> str:
+        """How it continues an answer from a prefix ("none": it does not)."""
+        if self.prefill is not None:
+            return self.prefill
+        return "trailing" if self.dialect == "anthropic" else "none"
 
     def is_reasoning(self, model: str) -> bool:
         return _matches(self.reasoning_models, model)

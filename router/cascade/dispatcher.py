@@ -100,6 +100,9 @@ class ChatJob:
     estimated_tokens: int
     request_id: str
     deadline: float  # trio time
+    # A resumed stream's continuation (docs/failure-semantics.md): a target that refuses the
+    # request (a 4xx: e.g. it rejects the prefill) is skipped to the next one, not returned
+    continuation: bool = False
 
 
 @attrs.define
@@ -483,6 +486,10 @@ class _Run:
         retry the target, or fail over."""
         action = decision.action
         overflow = self.job.route.on_context_overflow
+        if self.job.continuation and action in (Action.RETURN, Action.CONTEXT_OVERFLOW):
+            # the client already has half an answer: nothing to return it, only other targets
+            self._log_failure(target, failure, "refused the continuation, failing over")
+            return
         if action is Action.RETURN or (action is Action.CONTEXT_OVERFLOW and not overflow):
             self._log_failure(target, failure, "returned to the client")
             raise self._returned(failure, reply)

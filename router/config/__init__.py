@@ -330,6 +330,19 @@ class MockSettings:
         return settings
 
 
+_PREFILLS = ("trailing", "prefix", "continue_final_message", "none")
+
+
+def _parse_prefill(f: _Fields, dialect: str) -> Any:
+    """How the provider continues a prefix (None: its dialect's default)."""
+    if not f.has("prefill"):
+        return None
+    prefill = f.choice("prefill", "none", _PREFILLS)
+    if dialect == "responses" and prefill != "none":
+        f.error("prefill", "a responses provider cannot continue a prefix: only 'none'")
+    return prefill
+
+
 def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings | None]:
     """The provider's settings, and its mock's when it is a `mock:` provider."""
     d = ProviderConfig(name=name, base_url="")
@@ -347,6 +360,7 @@ def _parse_provider(name: str, f: _Fields) -> tuple[ProviderConfig, MockSettings
         default_max_tokens=f.integer("default_max_tokens", d.default_max_tokens, minimum=1),
         drop_params=f.boolean("drop_params", d.drop_params),
         reasoning_models=f.strings("reasoning_models", d.reasoning_models),
+        prefill=_parse_prefill(f, dialect),
         api_key_env=f.optional_string("api_key_env"),
         timeouts=_parse_timeouts(f.sub("timeouts")),
         max_retries=f.integer("max_retries", d.max_retries, maximum=100),
@@ -583,6 +597,38 @@ class Hedge:
         return hedge
 
 
+RESUME_ON = ("cut", "stall", "error_event")
+
+
+@attrs.frozen
+class Resume:
+    """Continue a stream whose provider failed after its first byte on the next target that can
+    continue a prefix, within the request's deadline (docs/failure-semantics.md)."""
+
+    on: tuple[str, ...] = RESUME_ON  # which failures: cut, stall, error_event
+    max: int = 1  # resumes per request
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> Resume:
+        d = cls()
+        on = f.strings("on", d.on)
+        for name in on:
+            if name not in RESUME_ON:
+                f.error("on", f"{name!r} is not one of {', '.join(RESUME_ON)}")
+        resume = cls(on=on, max=f.integer("max", d.max, minimum=1, maximum=4))
+        f.done()
+        return resume
+
+
+def _parse_resume(f: _Fields) -> Resume | None:
+    """`resume: true` (the defaults), `false`, or `{on: [...], max: N}`."""
+    if not f.has("resume"):
+        return None
+    if isinstance(f.raw["resume"], bool):
+        return Resume() if f.boolean("resume", False) else None
+    return Resume.from_fields(f.sub("resume"))
+
+
 @attrs.frozen
 class Route:
     match: str
@@ -591,6 +637,7 @@ class Route:
     on_context_overflow: tuple[Target, ...] = ()
     deadline: float | None = None
     hedge: Hedge | None = None
+    resume: Resume | None = None  # continue a stream whose provider failed after it began
     direct: bool = (
         False  # a `provider/model` address, not a configured route (its model is the client's)
     )
@@ -620,6 +667,7 @@ class Route:
             on_context_overflow=targets("on_context_overflow"),
             deadline=f.optional_duration("deadline"),
             hedge=Hedge.from_fields(f.sub("hedge")) if f.has("hedge") else None,
+            resume=_parse_resume(f),
         )
         if not f.raw.get("targets"):
             f.error("targets", "needs at least one target")

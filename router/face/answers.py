@@ -15,7 +15,7 @@ from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, St
 from actors.outcome import INCOMPLETE_STREAM
 from actors.sse import SSEEvent
 from actors.wire import Usage
-from router.cascade.dispatcher import CascadeError, Winner
+from router.cascade.dispatcher import CascadeError, Dispatch, Winner
 from router.config import Target
 from router.dialects import translate
 from router.dialects.base import ClientRequest, Dialect, StreamWriter
@@ -44,6 +44,21 @@ class Delivery:
     content: int = 0
     # Run once the answer is whole, before its end is sent (the Responses face stores it)
     on_whole: Callable[[], Awaitable[None]] | None = None
+    resumes: Resumes | None = None  # a stream on a route that resumes
+
+
+@attrs.define
+class Resumes:
+    """A resumable stream's record (router/face/resuming.py): what the attempts before the one
+    that streams now used, the continuations' cascades, one entry per resume tried."""
+
+    earlier: Usage = attrs.Factory(Usage)
+    cascades: list[Dispatch] = attrs.Factory(list)
+    tried: list[dict[str, object]] = attrs.Factory(list)
+
+    @property
+    def calls(self) -> int:
+        return sum(d.calls for d in self.cascades)
 
 
 class TrackedSend:
@@ -148,6 +163,23 @@ async def answer(
     delivery.first_byte = trio.current_time()
 
 
+# A resume (router/face/resuming.py): given how the stream failed (cut, stall, error_event),
+# the continuation's winner and the writer to go on with, or None (the stream ends as it would)
+Resume = Callable[[str], Awaitable[tuple[Winner, StreamWriter] | None]]
+
+
+@attrs.frozen
+class _Stop:
+    """How a relayed stream stopped: complete, or broken (`code`, `message`, and `kind`: what a
+    resume answers to). `upstream_done`: the attempt has ended too."""
+
+    complete: bool
+    upstream_done: bool
+    code: str = ""
+    message: str = ""
+    kind: str = ""
+
+
 async def stream(
     send: Send,
     winner: Winner,
@@ -155,8 +187,10 @@ async def stream(
     writer: StreamWriter,
     tracked: Callable[[], AbstractContextManager[trio.CancelScope]],
     delivery: Delivery,
+    resume: Resume | None = None,
 ) -> None:
-    """Relay a committed stream; it ends complete or, on any failure, with an in-band error."""
+    """Relay a committed stream; it ends complete or, on any failure, with an in-band error
+    (unless `resume` continues it on another target)."""
     start = winner.reply
     assert isinstance(start, StreamStart)
     delivery.target = winner.target
@@ -164,35 +198,79 @@ async def stream(
     headers += [(b"cache-control", b"no-cache"), *served_headers(winner)]
     await send({"type": "http.response.start", "status": start.status, "headers": headers})
     delivery.first_byte = trio.current_time()
-    first, _ = writer.relay(start.events)  # check_start has already refused an in-band error
-    if delivery.count is not None:
-        delivery.content += delivery.count(start.events)
-    tail = [first]
-    upstream_done = False
+    replies = winner.replies
+    tail = [_write(writer, start.events, delivery)[0]]  # check_start refused an in-band error
     if writer.done:
-        delivery.completed = True
-        ending = writer.finish()
+        stop = _Stop(True, False)
     else:
         await send({"type": "http.response.body", "body": tail.pop(), "more_body": True})
         with tracked() as cutoff:
-            ending, upstream_done = await _relay(send, writer, winner.replies, delivery, tail)
-        if cutoff.cancelled_caught:
-            ending = writer.fail("the gateway is shutting down", "shutting_down")
-            upstream_done = True  # nothing more to wait for: the attempt is cancelled
+            stop = await _relay(send, writer, replies, delivery, tail)
+            while not stop.complete and resume is not None:
+                resumed = await resume(stop.kind)
+                if resumed is None:
+                    break
+                winner, writer = resumed
+                replies = winner.replies
+                stop = await _continue(send, writer, winner, delivery, tail)
+        if cutoff.cancelled_caught:  # nothing more to wait for: the attempt is cancelled
+            stop = _Stop(False, True, "shutting_down", "the gateway is shutting down")
+    if stop.complete:
+        delivery.completed = True
+        ending = writer.finish()
+    else:
+        ending = writer.fail(stop.message, stop.code)
     if delivery.completed and delivery.on_whole is not None:
         await delivery.on_whole()
     await send(
         {"type": "http.response.body", "body": b"".join([*tail, ending]), "more_body": False}
     )
-    if not upstream_done:
+    if not stop.upstream_done:
         # The client has its end. Let the upstream finish its body, so the attempt ends as the
         # success it was (the actor learns its latency, closes a probing circuit) instead of as a
         # cancellation. Upstreams close right after their end; the bound covers those that do not.
         with trio.move_on_after(_UPSTREAM_END_GRACE):
-            while not isinstance(reply := await winner.replies.receive(), StreamEnd | Failed):
+            while not isinstance(reply := await replies.receive(), StreamEnd | Failed):
                 pass
             if isinstance(reply, StreamEnd):
                 delivery.usage = reply.usage
+
+
+def _write(
+    writer: StreamWriter, events: Sequence[SSEEvent], delivery: Delivery
+) -> tuple[bytes, str | None]:
+    if delivery.count is not None:
+        delivery.content += delivery.count(events)
+    return writer.relay(events)
+
+
+async def _continue(
+    send: Send, writer: StreamWriter, winner: Winner, delivery: Delivery, tail: list[bytes]
+) -> _Stop:
+    """Go on with a resumed stream: the continuation's first events, then the rest."""
+    start = winner.reply
+    assert isinstance(start, StreamStart)
+    delivery.target = winner.target
+    data, error = _write(writer, start.events, delivery)
+    tail.append(data)
+    if error is not None:
+        return _broken(error, False)
+    if writer.done:
+        return _Stop(True, False)
+    await send({"type": "http.response.body", "body": b"".join(tail), "more_body": True})
+    tail.clear()
+    return await _relay(send, writer, winner.replies, delivery, tail)
+
+
+def _broken(error: str, upstream_done: bool) -> _Stop:
+    """An in-band error event. A [DONE] before any finish_reason is the same failure as a body
+    that ends early (the actor's tally counts it as such): one code for both."""
+    if error == INCOMPLETE_STREAM.message:
+        return _Stop(False, upstream_done, INCOMPLETE_STREAM.error_type, error, "cut")
+    return _Stop(False, upstream_done, "upstream_stream_error", error, "error_event")
+
+
+_STALLS = ("idle_timeout", "total_timeout")
 
 
 async def _relay(
@@ -201,13 +279,11 @@ async def _relay(
     replies: trio.MemoryReceiveChannel[Reply],
     delivery: Delivery,
     tail: list[bytes],
-) -> tuple[bytes, bool]:
-    """Forward events until the stream ends.
+) -> _Stop:
+    """Forward events until the stream ends, complete or broken.
 
-    Returns the closing frame (the dialect's end, or an in-band error) and whether the upstream
-    attempt has ended too (it has not when its end arrived before the end of its body). Events
-    already queued when one arrives go out in the same write (coalescing); the events that belong
-    with the ending are left in `tail`, to be written together with it.
+    Events already queued when one arrives go out in the same write (coalescing); the events
+    that belong with the ending are left in `tail`, to be written together with it.
     """
     while True:
         batch = [await replies.receive()]
@@ -216,36 +292,27 @@ async def _relay(
         out: list[bytes] = []
         for reply in batch:
             if isinstance(reply, StreamEvents):
-                if delivery.count is not None:
-                    delivery.content += delivery.count(reply.events)
-                data, error = writer.relay(reply.events)
+                data, error = _write(writer, reply.events, delivery)
                 out.append(data)
                 if error is not None:
                     tail.extend(out)
-                    # a [DONE] before any finish_reason is the same failure as a body that ends
-                    # early (the actor's tally counts it as such): one code for both
-                    code = (
-                        INCOMPLETE_STREAM.error_type
-                        if error == INCOMPLETE_STREAM.message
-                        else "upstream_stream_error"
-                    )
-                    return writer.fail(error, code), upstream_done
+                    return _broken(error, upstream_done)
                 if writer.done:
                     tail.extend(out)
-                    delivery.completed = True
                     if isinstance(end := batch[-1], StreamEnd):  # already here: its usage too
                         delivery.usage = end.usage
-                    return writer.finish(), upstream_done
+                    return _Stop(True, upstream_done)
             elif isinstance(reply, StreamEnd):
                 tail.extend(out)
-                delivery.usage, delivery.completed = reply.usage, True
-                return writer.finish(), True  # complete (the actor judged): [DONE] if missing
+                delivery.usage = reply.usage
+                return _Stop(True, True)  # complete (the actor judged): [DONE] if missing
             elif isinstance(reply, Failed):
                 tail.extend(out)
                 delivery.usage = reply.usage  # what the upstream reported before it failed
                 failure = reply.failure
                 message = f"the upstream stream failed after it began: {failure.message}"
-                return writer.fail(message, failure.error_type), True
+                kind = "stall" if failure.error_type in _STALLS else "cut"
+                return _Stop(False, True, failure.error_type, message, kind)
         await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
 
 

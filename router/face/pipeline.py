@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, AsyncExitStack
 
 import attrs
 import trio
 
 from actors.wire import Usage
-from router.cascade.dispatcher import CascadeError, ChatJob, Dispatch
+from router.cascade.dispatcher import AttemptRecord, CascadeError, ChatJob, Dispatch, Winner
 from router.config import Route, ServerConfig, Target
 from router.config.keys import KeyConfig
 from router.dialects.base import ClientRequest, Dialect
@@ -24,8 +24,9 @@ from router.dialects.bodies import UpstreamBodies
 from router.dialects.pairs import translator
 from router.errors import RequestError
 from router.face import conversations
-from router.face.answers import Delivery, TrackedSend, answer, cascade_error, stream
+from router.face.answers import Delivery, Resumes, TrackedSend, answer, cascade_error, stream
 from router.face.gateway import Gateway
+from router.face.resuming import Resumer
 from router.state.budgets import Hold
 from router.telemetry.feed import Feed
 from router.units import parse_duration
@@ -178,20 +179,44 @@ class Pipeline:
             async with dispatch as winner:
                 upstream = gateway.dialects[winner.target.provider]
                 if request.stream:
-                    if delivery.metered:
-                        delivery.count = upstream.content_chars
-                    writer = (
-                        face.stream_writer(request)
-                        if upstream is face
-                        else translator(face, upstream).stream(request)
-                    )
-                    await stream(tracked, winner, request_id, writer, self.streams, delivery)
+                    await self._stream(face, gateway, request, dispatch, winner, tracked,
+                                       delivery, request_id)  # fmt: skip
                 else:
                     await answer(tracked, winner, request_id, face, upstream, delivery, request)
         except CascadeError as exc:
             failed_on = exc.attempts[-1].provider if exc.attempts else None
             upstream = gateway.dialects[failed_on] if failed_on else face
             await cascade_error(tracked, exc, request_id, face, upstream)
+
+    async def _stream(
+        self,
+        face: Dialect,
+        gateway: Gateway,
+        request: ClientRequest,
+        dispatch: Dispatch,
+        winner: Winner,
+        tracked: TrackedSend,
+        delivery: Delivery,
+        request_id: str,
+    ) -> None:
+        """Relay the winner's stream in the client's dialect; on a route that resumes, a stream
+        that breaks may go on from another target (router/face/resuming.py)."""
+        upstream = gateway.dialects[winner.target.provider]
+        if delivery.metered:
+            delivery.count = upstream.content_chars
+        writer = (
+            face.stream_writer(request)
+            if upstream is face
+            else translator(face, upstream).stream(request)
+        )
+        job = dispatch.run.job
+        if job.route.resume is None:
+            await stream(tracked, winner, request_id, writer, self.streams, delivery)
+            return
+        async with AsyncExitStack() as continuations:  # their attempts end with the request
+            resumer = Resumer(gateway, face, request, job, dispatch, delivery, continuations)
+            writer = resumer.writer(upstream, writer)
+            await stream(tracked, winner, request_id, writer, self.streams, delivery, resumer)
 
     def record(
         self,
@@ -217,32 +242,46 @@ class Pipeline:
             overhead = before_cascade + delivery.first_byte - winner.replied_at
         gateway.metrics.observe_request(parsed.route_name, face.name, status, elapsed, overhead)
         served_by = str(delivery.target) if delivery.target is not None else None
+        resumes = delivery.resumes
+        tried = resumes.tried if resumes is not None else []
         if self.feed.watching():
-            self.feed.record(
-                {
-                    "request_id": request_id,
-                    "route": parsed.route_name,
-                    "dialect": face.name,
-                    "status": status,
-                    "served_by": served_by,
-                    "ms": round(elapsed * 1000, 1),
-                    "attempts": [a.to_json() for a in dispatch.attempts],
-                }
-            )
+            entry: dict[str, object] = {
+                "request_id": request_id,
+                "route": parsed.route_name,
+                "dialect": face.name,
+                "status": status,
+                "served_by": served_by,
+                "ms": round(elapsed * 1000, 1),
+                "attempts": [a.to_json() for a in dispatch.attempts],
+            }
+            if resumes is not None:
+                _with_resumes(entry, resumes)
+            self.feed.record(entry)
+        calls = dispatch.calls + (resumes.calls if resumes is not None else 0)
         if gateway.config.server.log_format == "json":
-            log_json(request_id, parsed.route_name, face, status, elapsed, dispatch, key)
+            log_json(request_id, parsed.route_name, face, status, elapsed, dispatch, key,
+                     resumes)  # fmt: skip
         else:
             log.info(
-                "request %s%s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f",
+                "request %s%s model=%s route=%s status=%s served_by=%s attempts=%d ms=%.1f%s",
                 request_id,
                 "" if key is None else f" key={key.name}",
                 parsed.request.model,
                 parsed.route_name,
                 status,
                 served_by or "-",
-                dispatch.calls,  # upstream calls made, whether answered, failed or left
+                calls,  # upstream calls made, whether answered, failed or left
                 elapsed * 1000,
+                "".join(f" resume={t['outcome']}" for t in tried),
             )
+
+
+def _with_resumes(entry: dict[str, object], resumes: Resumes) -> None:
+    """A feed entry with the continuations' attempts and the resumes tried."""
+    attempts = entry["attempts"]
+    assert isinstance(attempts, list)
+    attempts += [a.to_json() for d in resumes.cascades for a in d.attempts]
+    entry["resumes"] = resumes.tried
 
 
 def parse(face: Dialect, gateway: Gateway, scope: Scope, body: bytes, started: float) -> Parsed:
@@ -312,12 +351,15 @@ def settle(
     target = delivery.target if tracked.status else None
     if target is not None:
         usage, outcome = _used(gateway, parsed.request, target, delivery)
-    charged = _capped(usage, hold)
-    gateway.gate.settle(hold, key, parsed.route_name, target, charged, outcome)
+    last = usage  # the attempt that streamed last; a resumed stream's earlier ones too:
+    if delivery.resumes is not None and (earlier := delivery.resumes.earlier).total:
+        usage = Usage(usage.input + earlier.input, usage.output + earlier.output)
+    gateway.gate.settle(hold, key, parsed.route_name, target, _capped(usage, hold), outcome)
     if target is not None and outcome == "partial":  # the bill: what the actor could not see
         # (its actor billed what the upstream itself reported before the end: an input at start)
         known_input = gateway.dialects[target.provider].input_at_start
-        unseen = charged.output + (0 if known_input else charged.input)
+        billed = _capped(last, hold)
+        unseen = billed.output + (0 if known_input else billed.input)
         gateway.metrics.bill(target.provider, "failed" if tracked.finished else "cancelled", unseen)
 
 
@@ -381,19 +423,20 @@ def log_json(
     elapsed: float,
     dispatch: Dispatch,
     key: KeyConfig | None = None,
+    resumes: Resumes | None = None,
 ) -> None:
-    """The request's JSON log line: names, numbers and outcomes, never a key or content."""
-    attempts: list[dict[str, object]] = [
-        {"provider": a.provider, "model": a.model, "outcome": a.error_type,
-         "status": a.status, "ms": a.elapsed_ms, **({"reason": a.reason} if a.reason else {})}
-        for a in dispatch.attempts
-    ]  # fmt: skip
-    winner = dispatch.winner
-    if winner is not None:
-        ms = round((winner.replied_at - winner.started) * 1000, 1)
-        target = winner.target
-        attempts.append({"provider": target.provider, "model": target.model, "outcome": "ok",
-                         "status": getattr(winner.reply, "status", None), "ms": ms})  # fmt: skip
+    """The request's JSON log line: names, numbers and outcomes, never a key or content. A
+    resumed stream's attempts are every cascade's, its broken streams' outcome `resumed`."""
+    cascades = [dispatch, *(resumes.cascades if resumes is not None else ())]
+    attempts: list[dict[str, object]] = []
+    for i, cascade in enumerate(cascades):
+        attempts += [_attempt(a) for a in cascade.attempts]
+        if (winner := cascade.winner) is not None:
+            ms = round((winner.replied_at - winner.started) * 1000, 1)
+            attempts.append({"provider": winner.target.provider, "model": winner.target.model,
+                             "outcome": "ok" if i == len(cascades) - 1 else "resumed",
+                             "status": getattr(winner.reply, "status", None), "ms": ms})  # fmt: skip
+    winner = next((c.winner for c in reversed(cascades) if c.winner is not None), None)
     fields = {
         "request_id": request_id,
         "key": key.name if key is not None else None,
@@ -402,11 +445,18 @@ def log_json(
         "provider": winner.target.provider if winner else None,
         "model": winner.target.model if winner else None,
         "attempts": attempts,
-        "calls": dispatch.calls,
+        "calls": sum(c.calls for c in cascades),
         "status": status,
         "ms": round(elapsed * 1000, 1),
     }
+    if resumes is not None:
+        fields["resumes"] = resumes.tried
     log.info("request %s status=%s", request_id, status, extra={"fields": fields})
+
+
+def _attempt(a: AttemptRecord) -> dict[str, object]:
+    return {"provider": a.provider, "model": a.model, "outcome": a.error_type,
+            "status": a.status, "ms": a.elapsed_ms, **({"reason": a.reason} if a.reason else {})}  # fmt: skip
 
 
 def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -104,6 +104,14 @@ class Metrics:
             ["provider", "reason"],
             registry=r,
         )
+        self.resumes = Counter(
+            "cascade_stream_resumes_total",
+            "Streams whose provider failed after the first byte, on a route that resumes: resumed"
+            " (continued on another target), failed (no target could continue), not_resumable"
+            " (a tool call or thinking had begun, resume.max reached, the deadline passed)",
+            ["route", "outcome"],
+            registry=r,
+        )
         self.hedges = Counter(
             "cascade_hedges_total", "Hedged attempts by outcome", ["route", "outcome"], registry=r
         )

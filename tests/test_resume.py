@@ -1,0 +1,383 @@
+"""Streams that survive their provider (issue 23): a stream cut, stalled or ended by an error
+event after its first words is continued on the route's next target that can continue a prefix,
+of the same or the other dialect, and the client's official SDK (streaming helpers included)
+sees one answer: the first attempt's words then the continuation's, no repeat, one id, one end.
+Real sockets on 127.0.0.1; the upstreams are fakes that check the prefill they are sent."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.helpers import eventually, sse_data
+from tests.live import SDK_LEFTOVERS, Cut, Exchange, FakeUpstream, live_gateway, sse
+from tests.test_cancellation import client_leaves
+
+pytestmark = SDK_LEFTOVERS
+
+ANSWER = "The quick brown fox jumps over the lazy dog."
+FIRST = ["The ", "quick ", "brown "]  # what the first provider says before it breaks
+HOWS = ["cut", "stall", "error_event"]
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\n".encode() + sse(data)
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None, id_: str = "chatcmpl-first") -> bytes:
+    return sse({"id": id_, "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})  # fmt: skip
+
+
+async def _break(exchange: Exchange, how: str, dialect: str) -> None:
+    if how == "cut":
+        raise Cut
+    if how == "stall":
+        await trio.sleep_forever()
+    if dialect == "openai":
+        error = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
+        await exchange.body_part(sse(error), more=False)
+    else:
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        await exchange.body_part(_event("error", error), more=False)
+
+
+def breaking(how: str, words: list[str] = FIRST) -> Any:
+    """A provider of the dialect asked (by the path) that says `words` and then breaks. The
+    words go in one write: no gap between them for a loaded machine to stretch past the idle
+    timeout of the stall tests."""
+
+    async def handler(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        if exchange.path.endswith("/messages"):
+            start = {"id": "msg_first", "type": "message", "role": "assistant", "model": "m",
+                     "content": [], "stop_reason": None, "stop_sequence": None,
+                     "usage": {"input_tokens": 3, "output_tokens": 1}}  # fmt: skip
+            block = {"type": "content_block_start", "index": 0,
+                     "content_block": {"type": "text", "text": ""}}  # fmt: skip
+            said = _event("message_start", {"type": "message_start", "message": start})
+            said += _event("content_block_start", block)
+            for word in words:
+                delta = {"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "text_delta", "text": word}}  # fmt: skip
+                said += _event("content_block_delta", delta)
+            await exchange.body_part(said)
+            await _break(exchange, how, "anthropic")
+        else:
+            said = _chunk({"role": "assistant", "content": ""})
+            said += b"".join(_chunk({"content": word}) for word in words)
+            await exchange.body_part(said)
+            await _break(exchange, how, "openai")
+
+    return handler
+
+
+def prefill_of(exchange: Exchange) -> str:
+    """The assistant text a continuation request ends with (its prefill)."""
+    last = exchange.json["messages"][-1]
+    assert last["role"] == "assistant", last
+    content = last["content"]
+    return content if isinstance(content, str) else "".join(b["text"] for b in content)
+
+
+async def continues(exchange: Exchange) -> None:
+    """A provider that continues ANSWER from the prefill it is sent, in the dialect asked."""
+    prefill = prefill_of(exchange)
+    assert ANSWER.startswith(prefill) and not prefill.endswith(" "), prefill
+    rest = ANSWER[len(prefill) :]
+    words = [rest[:1] + w for w in rest[1:].split(" ")]  # " fox", " jumps"…
+    await exchange.start(200, "text/event-stream")
+    if exchange.path.endswith("/messages"):
+        start = {"id": "msg_second", "type": "message", "role": "assistant", "model": "m2",
+                 "content": [], "stop_reason": None, "stop_sequence": None,
+                 "usage": {"input_tokens": 20, "output_tokens": 1}}  # fmt: skip
+        await exchange.body_part(_event("message_start", {"type": "message_start",
+                                                          "message": start}))  # fmt: skip
+        block = {"type": "content_block_start", "index": 0,
+                 "content_block": {"type": "text", "text": ""}}  # fmt: skip
+        await exchange.body_part(_event("content_block_start", block))
+        for word in words:
+            delta = {"type": "content_block_delta", "index": 0,
+                     "delta": {"type": "text_delta", "text": word}}  # fmt: skip
+            await exchange.body_part(_event("content_block_delta", delta))
+        await exchange.body_part(_event("content_block_stop", {"type": "content_block_stop",
+                                                               "index": 0}))  # fmt: skip
+        end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+               "usage": {"output_tokens": 7}}  # fmt: skip
+        await exchange.body_part(_event("message_delta", end))
+        await exchange.body_part(_event("message_stop", {"type": "message_stop"}), more=False)
+    else:
+        await exchange.body_part(_chunk({"role": "assistant", "content": ""}, id_="chatcmpl-2"))
+        for word in words:
+            await exchange.body_part(_chunk({"content": word}, id_="chatcmpl-2"))
+        await exchange.body_part(_chunk({}, "stop", id_="chatcmpl-2"))
+        usage = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 2,
+                 "model": "m2", "choices": [],
+                 "usage": {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27}}  # fmt: skip
+        await exchange.body_part(sse(usage) + b"data: [DONE]\n\n", more=False)
+
+
+def route(**resume: Any) -> list[dict[str, Any]]:
+    return [{"match": "gpt", "targets": ["first/m"], "alternatives": ["second/m2"],
+             "resume": resume or True}]  # fmt: skip
+
+
+def providers(first: str, second: str, **second_settings: Any) -> dict[str, dict[str, Any]]:
+    return {
+        "first": {"dialect": first, "timeouts": {"idle": "300ms"}},
+        "second": {"dialect": second, **({"prefill": "trailing"} if second == "openai" else {}),
+                   **second_settings},
+    }  # fmt: skip
+
+
+PAIRS = [("openai", "openai"), ("openai", "anthropic"), ("anthropic", "anthropic"),
+         ("anthropic", "openai")]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize(("first", "second"), PAIRS, ids=["-".join(p) for p in PAIRS])
+async def test_an_openai_client_gets_one_answer_across_the_break(
+    first: str, second: str, how: str
+) -> None:
+    one, two = FakeUpstream(breaking(how)), FakeUpstream(continues)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers(first, second)) as gw:  # fmt: skip
+        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        with trio.fail_after(10):
+            chunks = [c async for c in await sdk.chat.completions.create(
+                model="gpt", messages=[{"role": "user", "content": "say it"}], stream=True,
+                stream_options={"include_usage": True})]  # fmt: skip
+            await sdk.close()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ANSWER
+    assert len({c.id for c in chunks}) == 1  # one stream, one id
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert [f for f in finishes if f] == ["stop"]
+    roles = [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role]
+    assert roles == ["assistant"]  # the continuation does not open the message again
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 7 + len("".join(FIRST)) // 4
+    assert prefill_of(two.exchanges[0]) == "The quick brown"
+    assert len(one.exchanges) == 1 and len(two.exchanges) == 1
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize(("first", "second"), PAIRS, ids=["-".join(p) for p in PAIRS])
+async def test_an_anthropic_client_gets_one_message_across_the_break(
+    first: str, second: str, how: str
+) -> None:
+    one, two = FakeUpstream(breaking(how)), FakeUpstream(continues)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers(first, second)) as gw:  # fmt: skip
+        sdk = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+        events: list[Any] = []
+        with trio.fail_after(10):
+            async with sdk.messages.stream(
+                model="gpt", max_tokens=100, messages=[{"role": "user", "content": "say it"}]
+            ) as stream:
+                async for event in stream:
+                    events.append(event)
+                final = await stream.get_final_message()
+            await sdk.close()
+    assert [b.type for b in final.content] == ["text"]
+    assert final.content[0].text == ANSWER
+    assert final.stop_reason == "end_turn"
+    kinds = [e.type for e in events]
+    assert kinds.count("message_start") == 1 and kinds.count("message_stop") == 1
+    assert kinds.count("content_block_start") == 1 and kinds.count("content_block_stop") == 1
+    assert {e.index for e in events if e.type == "content_block_delta"} == {0}
+    assert final.usage.output_tokens == 7 + len("".join(FIRST)) // 4
+
+
+async def test_a_responses_client_gets_one_response_across_the_break() -> None:
+    one, two = FakeUpstream(breaking("cut")), FakeUpstream(continues)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers("openai", "anthropic")) as gw:  # fmt: skip
+        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        with trio.fail_after(10):
+            async with sdk.responses.stream(model="gpt", input="say it") as stream:
+                deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+                final = await stream.get_final_response()
+            await sdk.close()
+    assert "".join(deltas) == ANSWER
+    assert final.output_text == ANSWER and final.status == "completed"
+
+
+async def test_a_target_that_rejects_the_prefill_is_skipped_to_the_next() -> None:
+    """S14: the first alternative answers 400 to the prefilled request; the next continues."""
+
+    async def rejects(exchange: Exchange) -> None:
+        error = {"type": "error", "error": {"type": "invalid_request_error",
+                                            "message": "assistant prefill is not supported"}}  # fmt: skip
+        await exchange.json_answer(400, error)
+
+    one, picky, good = FakeUpstream(breaking("cut")), FakeUpstream(rejects), FakeUpstream(continues)
+    routes = [{"match": "gpt", "targets": ["first/m"], "alternatives": ["picky/m", "good/m"],
+               "resume": True}]  # fmt: skip
+    settings = {"first": {"dialect": "anthropic"}, "picky": {"dialect": "anthropic"},
+                "good": {"dialect": "anthropic"}}  # fmt: skip
+    async with live_gateway({"first": one, "picky": picky, "good": good}, routes, settings) as gw:
+        sdk = anthropic.AsyncAnthropic(base_url=gw.url, api_key="x", max_retries=0)
+        with trio.fail_after(10):
+            async with sdk.messages.stream(
+                model="gpt", max_tokens=100, messages=[{"role": "user", "content": "say it"}]
+            ) as stream:
+                final = await stream.get_final_message()
+            await sdk.close()
+        metrics = await _metrics(gw)
+    assert final.content[0].text == ANSWER
+    assert len(picky.exchanges) == 1 and len(good.exchanges) == 1
+    assert 'cascade_stream_resumes_total{outcome="resumed",route="gpt"} 1.0' in metrics
+
+
+async def test_a_provider_that_cannot_continue_a_prefix_is_never_asked() -> None:
+    """An OpenAI-dialect provider without `prefill` is not a target to resume on."""
+    one, plain, good = (
+        FakeUpstream(breaking("cut")),
+        FakeUpstream(continues),
+        FakeUpstream(continues),
+    )
+    routes = [{"match": "gpt", "targets": ["first/m"], "alternatives": ["plain/m", "good/m"],
+               "resume": True}]  # fmt: skip
+    settings = {"first": {}, "plain": {}, "good": {"prefill": "prefix"}}
+    async with live_gateway({"first": one, "plain": plain, "good": good}, routes, settings) as gw:
+        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        with trio.fail_after(10):
+            stream = await sdk.chat.completions.create(
+                model="gpt", messages=[{"role": "user", "content": "say it"}], stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            await sdk.close()
+    assert text == ANSWER
+    assert plain.exchanges == []
+    assert good.exchanges[0].json["messages"][-1] == {
+        "role": "assistant",
+        "content": "The quick brown",
+        "prefix": True,
+    }
+
+
+async def _metrics(gw: Any) -> str:
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        return (await client.get("/metrics")).text
+
+
+async def _raw_stream(gw: Any, body: dict[str, Any]) -> tuple[httpx.Response, list[str]]:
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        r = await client.post("/v1/chat/completions", json=body)
+    return r, sse_data(r.text)
+
+
+@pytest.mark.parametrize("resume", [None, {"on": ["stall"]}], ids=["off", "not-for-cuts"])
+async def test_without_the_option_a_broken_stream_ends_as_before(
+    resume: dict[str, Any] | None,
+) -> None:
+    one, two = FakeUpstream(breaking("cut")), FakeUpstream(continues)
+    routes = [{"match": "gpt", "targets": ["first/m"], "alternatives": ["second/m2"],
+               **({"resume": resume} if resume else {})}]  # fmt: skip
+    async with live_gateway({"first": one, "second": two}, routes,
+                            providers("openai", "anthropic")) as gw:  # fmt: skip
+        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        r, data = await _raw_stream(gw, body)
+    assert r.status_code == 200
+    assert data[-1] != "[DONE]" and json.loads(data[-1])["error"]["code"] == "stream_cut"
+    assert "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:-1]) == (
+        "".join(FIRST)
+    )
+    assert two.exchanges == []
+
+
+async def test_a_tool_call_cut_midway_ends_the_stream_cleanly() -> None:
+    """A tool call's arguments cannot be prefilled: the stream ends with its error event."""
+
+    async def tool_then_cut(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        call = {"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "read", "arguments": '{"pa'}}  # fmt: skip
+        await exchange.body_part(_chunk({"role": "assistant", "tool_calls": [call]}))
+        raise Cut
+
+    one, two = FakeUpstream(tool_then_cut), FakeUpstream(continues)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers("openai", "anthropic")) as gw:  # fmt: skip
+        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        _, data = await _raw_stream(gw, body)
+        metrics = await _metrics(gw)
+    assert json.loads(data[-1])["error"]["code"] == "stream_cut"
+    assert two.exchanges == []
+    assert 'cascade_stream_resumes_total{outcome="not_resumable",route="gpt"} 1.0' in metrics
+
+
+async def test_when_no_target_can_continue_the_stream_ends_as_before() -> None:
+    async def fails(exchange: Exchange) -> None:
+        await exchange.json_answer(500, {"error": {"message": "down", "type": "server_error"}})
+
+    one, two = FakeUpstream(breaking("error_event")), FakeUpstream(fails)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers("anthropic", "anthropic", max_retries=0)) as gw:  # fmt: skip
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            body = {"model": "gpt", "max_tokens": 50, "stream": True,
+                    "messages": [{"role": "user", "content": "x"}]}  # fmt: skip
+            r = await client.post("/v1/messages", json=body)
+        metrics = await _metrics(gw)
+    last = json.loads(sse_data(r.text)[-1])
+    assert last["type"] == "error" and "overloaded" in last["error"]["message"].lower()
+    assert '"message_stop"' not in r.text
+    assert 'cascade_stream_resumes_total{outcome="failed",route="gpt"} 1.0' in metrics
+    assert len(two.exchanges) == 1
+
+
+async def test_a_resumed_keyed_stream_is_charged_for_both_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first attempt: its reported input (3) and the text it relayed / 4 (16 chars: 4); the
+    continuation: its usage (20 + 7). 34 in all, within the reservation."""
+    monkeypatch.setenv("RESUME_KEY", "sk-resume-0123456789abcdef0123456789")
+    one, two = FakeUpstream(breaking("cut")), FakeUpstream(continues)
+    auth = {"keys": [{"name": "team", "key_env": "RESUME_KEY",
+                      "budgets": [{"tokens": 100_000, "period": "day"}]}]}  # fmt: skip
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers("anthropic", "anthropic"), auth=auth) as gw:  # fmt: skip
+        headers = {"x-api-key": "sk-resume-0123456789abcdef0123456789"}
+        async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=10) as client:
+            body = {"model": "gpt", "max_tokens": 100, "stream": True,
+                    "messages": [{"role": "user", "content": "say it"}]}  # fmt: skip
+            r = await client.post("/v1/messages", json=body)
+            assert '"message_stop"' in r.text
+            await eventually(lambda: gw.app.gateway.ledger.in_flight == 0)  # settled
+            [key] = (await client.get("/admin/keys")).json()["keys"]
+    assert key["spent_today"]["tokens"] == 3 + 4 + 20 + 7
+    assert key["reserved"]["tokens"] == 0
+
+
+async def test_the_failed_attempt_and_an_abandoned_continuation_are_cancelled() -> None:
+    """The stalled first attempt's connection is closed when the stream resumes; a client that
+    leaves during the continuation takes the continuation's upstream call with it."""
+    release = trio.Event()
+
+    async def stalls(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        await exchange.body_part(_chunk({"role": "assistant", "content": "The "}))
+        await exchange.wait_disconnect()
+
+    async def continues_slowly(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        await exchange.body_part(_chunk({"content": "quick"}))
+        release.set()
+        await exchange.wait_disconnect()
+
+    one, two = FakeUpstream(stalls), FakeUpstream(continues_slowly)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers("openai", "openai")) as gw:  # fmt: skip
+        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        with trio.fail_after(10):
+            await client_leaves(gw, body, release.wait)  # once the continuation has begun
+            await one.exchanges[0].closed.wait()  # cancelled at the resume
+            await two.exchanges[0].closed.wait()  # cancelled when the client left
+    assert release.is_set()
