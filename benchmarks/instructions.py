@@ -19,6 +19,9 @@ and the answer translated).
 `--responses` adds Cascade serving the Responses face (`POST /v1/responses`, a string input)
 from the same chat completions provider: the request translated to chat, the answer back.
 
+`--stream` adds Cascade answering streamed requests (20 content events each), on a plain route
+and on a route with `resume: true` (each event's text kept, to continue from).
+
 `--clouds` adds Cascade with an Azure OpenAI target (its deployment path, `api-key` header) and
 with a Claude-on-Bedrock target (its body rewritten and SigV4-signed by botocore per request, from
 fixed credentials in the environment), both against the same canned upstream.
@@ -49,6 +52,7 @@ ROOT = HERE.parent
 PYTHON = sys.executable
 BODY = b'{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
 CHAT = ("/v1/chat/completions", BODY)
+STREAM = ("/v1/chat/completions", BODY[:-1] + b',"stream":true}')
 RESPONSES = ("/v1/responses", b'{"model":"bench","input":"hello","store":false}')
 sys.path.insert(0, str(HERE))
 
@@ -129,6 +133,7 @@ def main() -> int:
     p.add_argument("--cross", action="store_true", help="also: a cross-dialect route")
     p.add_argument("--responses", action="store_true", help="also: the Responses face")
     p.add_argument("--clouds", action="store_true", help="also: Azure and Bedrock targets")
+    p.add_argument("--stream", action="store_true", help="also: streamed, with and without resume")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -144,12 +149,13 @@ def main() -> int:
 
         def config(name: str, **extra: object) -> list[str]:
             path = tmp / f"{name}.json"
+            route = {"match": "bench", "targets": ["up/bench"]} | extra.pop("route", {})  # type: ignore[operator]
             path.write_text(
                 json.dumps(
                     {
                         "server": {"port": port, "log_level": "warning"},
                         "providers": {"up": up | extra.pop("provider", {})},  # type: ignore[operator]
-                        "routes": [{"match": "bench", "targets": ["up/bench"]}],
+                        "routes": [route],
                         **extra,
                     }
                 )
@@ -177,6 +183,11 @@ def main() -> int:
             servers["Cascade, an Azure OpenAI target"] = config("azure", provider=azure)
             servers["Cascade, OpenAI client to a Bedrock target"] = config(
                 "bedrock", provider=bedrock
+            )
+        if args.stream:  # the same, streamed (20 content events); and on a route that resumes
+            servers["Cascade, streamed"] = config("stream")
+            servers["Cascade, streamed, route with resume"] = config(
+                "resume", route={"resume": True}
             )
         if args.responses:  # same provider, same config: the face is the only difference
             servers["Cascade, /v1/responses"] = config("responses")
@@ -210,7 +221,13 @@ def main() -> int:
             if args.only and not any(part in name for part in args.only):
                 continue
             sent = key if name.startswith("Cascade, a key") else None
-            call = RESPONSES if name.endswith("/v1/responses") else CHAT
+            call = (
+                RESPONSES
+                if name.endswith("/v1/responses")
+                else STREAM
+                if "streamed" in name
+                else CHAT
+            )
             low = instructions(cmd, port, args.warmup, tmp, sent, call)
             high = instructions(cmd, port, args.warmup + args.requests, tmp, sent, call)
             results[name] = (high - low) / args.requests
@@ -220,6 +237,7 @@ def main() -> int:
         ("a key / none", "Cascade, a key with limits and a budget", "Cascade, 1 worker"),
         ("bare / Cascade", "bare hypercorn-trio", "Cascade, 1 worker"),
         ("responses / chat", "Cascade, /v1/responses", "Cascade, 1 worker"),
+        ("resume / streamed", "Cascade, streamed, route with resume", "Cascade, streamed"),
     )
     for label, a, b in pairs:
         if a in results and b in results:

@@ -314,6 +314,19 @@ async def test_a_tool_call_cut_midway_ends_the_stream_cleanly() -> None:
     assert 'cascade_stream_resumes_total{outcome="not_resumable",route="gpt"} 1.0' in metrics
 
 
+async def test_more_than_one_choice_is_not_resumed() -> None:
+    one, two = FakeUpstream(breaking("cut")), FakeUpstream(continues)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers("openai", "openai")) as gw:  # fmt: skip
+        body = {"model": "gpt", "stream": True, "n": 2,
+                "messages": [{"role": "user", "content": "x"}]}  # fmt: skip
+        _, data = await _raw_stream(gw, body)
+        metrics = await _metrics(gw)
+    assert json.loads(data[-1])["error"]["code"] == "stream_cut"
+    assert two.exchanges == []
+    assert 'cascade_stream_resumes_total{outcome="not_resumable",route="gpt"} 1.0' in metrics
+
+
 async def test_when_no_target_can_continue_the_stream_ends_as_before() -> None:
     async def fails(exchange: Exchange) -> None:
         await exchange.json_answer(500, {"error": {"message": "down", "type": "server_error"}})
@@ -381,3 +394,66 @@ async def test_the_failed_attempt_and_an_abandoned_continuation_are_cancelled() 
             await one.exchanges[0].closed.wait()  # cancelled at the resume
             await two.exchanges[0].closed.wait()  # cancelled when the client left
     assert release.is_set()
+
+
+@pytest.mark.parametrize("second", ["openai", "anthropic"])
+async def test_cascades_mock_continues_a_prefill_so_a_demo_can_resume(second: str) -> None:
+    """`cascade mock` (and `mock:` providers) continue a trailing assistant message from the
+    word after its last: a route of mocks whose first always cuts still answers whole."""
+    routes = [{"match": "gpt", "targets": ["cuts/m"], "alternatives": ["whole/m"],
+               "resume": True}]  # fmt: skip
+    extra = {
+        "cuts": {"mock": {"cut_rate": 1.0, "chunks": 6}},
+        "whole": {"dialect": second, "mock": {"chunks": 6},
+                  **({"prefill": "trailing"} if second == "openai" else {})},
+    }  # fmt: skip
+    async with live_gateway({}, routes, extra_providers=extra) as gw:
+        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+        with trio.fail_after(10):
+            stream = await sdk.chat.completions.create(
+                model="gpt", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            await sdk.close()
+    words = text.split(" ")
+    assert words[0] == "[cuts]" and len(words) > 3
+    assert words[1:] == [f"word{i}" for i in range(len(words) - 1)]  # none lost, none twice
+
+
+async def test_a_failed_resume_after_an_error_event_ends_the_stream_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first provider sends an error event once the client has its first words, and keeps
+    its connection open; nobody can continue: the stream ends with the error event, the
+    attempt is cancelled, nothing crashes."""
+    committed = trio.Event()
+
+    async def error_then_wait(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        await exchange.body_part(_chunk({"role": "assistant", "content": "The "}))
+        await committed.wait()
+        error = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
+        await exchange.body_part(sse(error))
+        await exchange.wait_disconnect()
+
+    async def fails(exchange: Exchange) -> None:
+        await exchange.json_answer(500, {"error": {"message": "down", "type": "server_error"}})
+
+    one, two = FakeUpstream(error_then_wait), FakeUpstream(fails)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers("openai", "openai", max_retries=0)) as gw:  # fmt: skip
+        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        lines = []
+        with trio.fail_after(5):
+            async with (
+                httpx.AsyncClient(base_url=gw.url) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as r,
+            ):
+                async for line in r.aiter_lines():  # read to the end: the stream ends
+                    lines.append(line)
+                    committed.set()
+            await one.exchanges[0].closed.wait()
+    data = [line[6:] for line in lines if line.startswith("data: ")]
+    assert r.status_code == 200 and json.loads(data[-1])["error"]["message"] == "overloaded"
+    assert len(two.exchanges) == 1
+    assert "failed inside Cascade" not in caplog.text

@@ -14,6 +14,7 @@ given to the same writer. The client sees one stream: one id, one block, one end
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -29,8 +30,11 @@ DONE = b"[DONE]"
 
 
 class Transcript(Protocol):
-    text: str  # the answer's text the client has received
     why_not: str | None  # why it cannot be continued (None: it can)
+
+    @property
+    def text(self) -> str:
+        """The answer's text the client has received."""
 
     def observe(self, events: Sequence[SSEEvent]) -> None: ...
 
@@ -57,40 +61,64 @@ def transcript(dialect: str) -> Transcript | None:
 
 @attrs.define
 class ChatTranscript:
-    text: str = ""
+    """What the client has been sent of a chat completions stream. Each event costs a pattern
+    match or two (no parse): the text is kept as its JSON string fragments, decoded once, when
+    a resume asks for it."""
+
     why_not: str | None = None
     head: dict[str, Any] = attrs.field(factory=dict)  # id, created, model… of the first chunk
+    _parts: list[bytes] = attrs.field(factory=list)
+
+    @property
+    def text(self) -> str:
+        return _decoded(self._parts)
 
     def observe(self, events: Sequence[SSEEvent]) -> None:
         for event in events:
-            chunk = event_object(event.data) if event.data != DONE else None
-            if chunk is None:
-                continue
-            if not self.head:
-                self.head = {k: chunk[k] for k in _CHUNK_HEAD if k in chunk}
-            for choice in chunk.get("choices") or ():
-                self._choice(choice)
+            data = event.data
+            if not self.head and data != DONE:
+                chunk = event_object(data)
+                if chunk is not None:
+                    self.head = {k: chunk[k] for k in _CHAT_HEAD if k in chunk}
+            at = data.find(b'"content"')
+            while at >= 0:  # (a find is far cheaper than a pattern's scan of the whole event)
+                if (found := _CHAT_TEXT.match(data, at)) is not None:
+                    self._parts.append(found.group(1))
+                at = data.find(b'"content"', at + 9)
+            if self.why_not is None:
+                self._why_not(data)
 
-    def _choice(self, choice: dict[str, Any]) -> None:
-        if choice.get("index", 0) != 0:
-            self.why_not = self.why_not or "more than one choice"
-            return
-        delta = choice.get("delta") or {}
-        content = delta.get("content")
-        if isinstance(content, str):
-            self.text += content
-        if delta.get("tool_calls") or delta.get("function_call"):
-            self.why_not = self.why_not or "a tool call had begun"
-        elif delta.get("reasoning_content") or delta.get("refusal"):
-            self.why_not = self.why_not or "the answer had reasoning or a refusal"
-        if choice.get("finish_reason"):
-            self.why_not = self.why_not or "the answer was complete"
+    def _why_not(self, data: bytes) -> None:
+        """Whether this event makes the answer one that cannot be continued."""
+        if (stop := _CHAT_STOPS.search(data)) is not None:
+            self.why_not = _CHAT_WHY[stop.lastgroup or ""]
 
     def splice(self, lead: str) -> ChatSplice:
         return ChatSplice(self.head, lead, len(self.text) // 4)
 
 
-_CHUNK_HEAD = ("id", "created", "model", "system_fingerprint")
+_CHAT_TEXT = re.compile(rb'"content"\s*:\s*"((?:[^"\\]|\\.)*)"')
+# What makes a chat completions answer one that cannot be continued, in one search (non-empty
+# values only: providers send `"refusal": null` and `"reasoning_content": ""`)
+_CHAT_STOPS = re.compile(
+    rb'"(?:(?:tool_calls"\s*:\s*\[\s*\{|function_call"\s*:\s*\{)(?P<tool>)'
+    rb'|(?:reasoning_content|refusal)"\s*:\s*"[^"](?P<reasoning>)'
+    rb'|finish_reason"\s*:\s*"(?P<finished>))'
+)
+_CHAT_WHY = {
+    "tool": "a tool call had begun",
+    "reasoning": "the answer had reasoning or a refusal",
+    "finished": "the answer was complete",
+}
+
+
+def _decoded(parts: list[bytes]) -> str:
+    """JSON string fragments (escapes included) as text."""
+    text: str = json.loads(b'"' + b"".join(parts) + b'"')
+    return text
+
+
+_CHAT_HEAD = ("id", "created", "model", "system_fingerprint")
 
 
 @attrs.define
@@ -146,41 +174,55 @@ class ChatSplice:
 
 @attrs.define
 class MessagesTranscript:
-    text: str = ""
+    """What the client has been sent of a Messages stream, by pattern matches (no parse)."""
+
     why_not: str | None = None
     blocks: int = 0  # content blocks started
     open: bool = False  # the last one is a text block not yet stopped
+    _parts: list[bytes] = attrs.field(factory=list)
+
+    @property
+    def text(self) -> str:
+        return _decoded(self._parts)
 
     def observe(self, events: Sequence[SSEEvent]) -> None:
         for event in events:
-            data = event_object(event.data)
-            if data is not None:
-                self._event(data)
-
-    def _event(self, data: dict[str, Any]) -> None:
-        kind = data.get("type")
-        if kind == "content_block_start":
-            self.blocks += 1
-            block = data.get("content_block") or {}
-            self.open = block.get("type") == "text"
-            if not self.open:
-                self.why_not = self.why_not or f"a {block.get('type')} block had begun"
-            self.text += str(block.get("text") or "")
-        elif kind == "content_block_delta":
-            delta = data.get("delta") or {}
-            if delta.get("type") == "text_delta":
-                self.text += str(delta.get("text", ""))
-            else:
-                self.why_not = self.why_not or f"a {delta.get('type')} had begun"
-        elif kind == "content_block_stop":
-            self.open = False
-        elif kind in ("message_delta", "message_stop"):
-            self.why_not = self.why_not or "the answer was complete"
+            data = event.data
+            kind = event.event or _kind(data)
+            if kind == b"content_block_delta":
+                self._parts += _MESSAGES_TEXT.findall(data)
+                if self.why_not is None and (other := _NOT_TEXT.search(data)) is not None:
+                    self.why_not = f"a {other.group(1).decode()} had begun"
+            elif kind == b"content_block_start":
+                self.blocks += 1
+                self.open = _TEXT_BLOCK.search(data) is not None
+                if self.open:
+                    self._parts += _MESSAGES_TEXT.findall(data)
+                else:
+                    self.why_not = self.why_not or "a tool use or thinking block had begun"
+            elif kind == b"content_block_stop":
+                self.open = False
+            elif kind in (b"message_delta", b"message_stop"):
+                self.why_not = self.why_not or "the answer was complete"
 
     def splice(self, lead: str) -> MessagesSplice:
         # The continuation's first text block continues the open one; its other blocks follow
         return MessagesSplice(self.blocks - 1 if self.open else self.blocks, self.open, lead,
                               len(self.text) // 4)  # fmt: skip
+
+
+def _kind(data: bytes) -> bytes:
+    """An event's type, when it came without its `event:` line (its first "type" is its own)."""
+    found = _TYPE.search(data)
+    return found.group(1) if found is not None else b""
+
+
+_TYPE = re.compile(rb'"type"\s*:\s*"([a-z_]+)"')
+_MESSAGES_TEXT = re.compile(rb'"text"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_NOT_TEXT = re.compile(
+    rb'"type"\s*:\s*"(input_json_delta|thinking_delta|signature_delta|citations_delta)"'
+)
+_TEXT_BLOCK = re.compile(rb'"content_block"\s*:\s*\{\s*"type"\s*:\s*"text"')
 
 
 @attrs.define

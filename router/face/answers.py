@@ -168,16 +168,20 @@ async def answer(
 Resume = Callable[[str], Awaitable[tuple[Winner, StreamWriter] | None]]
 
 
-@attrs.frozen
 class _Stop:
     """How a relayed stream stopped: complete, or broken (`code`, `message`, and `kind`: what a
     resume answers to). `upstream_done`: the attempt has ended too."""
 
-    complete: bool
-    upstream_done: bool
-    code: str = ""
-    message: str = ""
-    kind: str = ""
+    __slots__ = ("code", "complete", "kind", "message", "upstream_done")
+
+    def __init__(
+        self, complete: bool, upstream_done: bool, code: str = "", message: str = "", kind: str = ""
+    ) -> None:
+        self.complete = complete
+        self.upstream_done = upstream_done
+        self.code = code
+        self.message = message
+        self.kind = kind
 
 
 async def stream(
@@ -230,8 +234,11 @@ async def stream(
         # success it was (the actor learns its latency, closes a probing circuit) instead of as a
         # cancellation. Upstreams close right after their end; the bound covers those that do not.
         with trio.move_on_after(_UPSTREAM_END_GRACE):
-            while not isinstance(reply := await replies.receive(), StreamEnd | Failed):
-                pass
+            try:
+                while not isinstance(reply := await replies.receive(), StreamEnd | Failed):
+                    pass
+            except trio.ClosedResourceError:  # a resume tried has cancelled the attempt
+                return
             if isinstance(reply, StreamEnd):
                 delivery.usage = reply.usage
 
@@ -292,7 +299,9 @@ async def _relay(
         out: list[bytes] = []
         for reply in batch:
             if isinstance(reply, StreamEvents):
-                data, error = _write(writer, reply.events, delivery)
+                if delivery.count is not None:
+                    delivery.content += delivery.count(reply.events)
+                data, error = writer.relay(reply.events)
                 out.append(data)
                 if error is not None:
                     tail.extend(out)

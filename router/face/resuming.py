@@ -99,6 +99,8 @@ class Resumer:
             return f"a stream from a {dialect} provider is not resumed"
         if self.observed.transcript.why_not is not None:
             return self.observed.transcript.why_not
+        if (self.request.obj.get("n") or 1) > 1:
+            return "more than one choice"
         if self.done >= most:
             return f"resume.max ({most}) reached"
         if trio.current_time() >= self.job.deadline:

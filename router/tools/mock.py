@@ -233,6 +233,9 @@ class _Planned:
     results: str | None = None  # the tool results the conversation ends with, quoted back
     thinking: bool = False  # (Anthropic) thinking was asked for: a thinking block comes first
     bedrock: bool = False  # Claude on Bedrock: its error shapes, its binary event stream
+    # The assistant text the conversation ends with (a prefill): the answer continues it,
+    # from the word after its last (a stream Cascade resumes, docs/failure-semantics.md)
+    prefill: str | None = None
 
     @classmethod
     def from_request(
@@ -250,6 +253,7 @@ class _Planned:
         results, said = _openai_turn(request.get("messages"))
         choice = request.get("tool_choice")
         forced = choice == "required" or isinstance(choice, dict)
+        prefill = _prefill(request.get("messages"))
         return cls(
             model=str(request.get("model", "mock")),
             name=name,
@@ -259,10 +263,11 @@ class _Planned:
             choices=max(1, int(request.get("n") or 1)),
             max_tokens=request.get("max_completion_tokens") or request.get("max_tokens"),
             tool=_chosen_tool(request.get("tools"), choice, said)
-            if results is None or forced
+            if (results is None or forced) and prefill is None
             else None,
             json_schema=schema,
             results=results,
+            prefill=prefill,
         )
 
     @classmethod
@@ -272,6 +277,7 @@ class _Planned:
         choice = request.get("tool_choice")
         forced = isinstance(choice, dict) and choice.get("type") in ("any", "tool")
         thinking = request.get("thinking")
+        prefill = _prefill(request.get("messages"))
         return cls(
             model=str(request.get("model", "mock")),
             name=name,
@@ -281,12 +287,13 @@ class _Planned:
             choices=1,
             max_tokens=request.get("max_tokens"),
             tool=_chosen_anthropic_tool(request.get("tools"), choice, said)
-            if results is None or forced
+            if (results is None or forced) and prefill is None
             else None,
             json_schema=None,
             anthropic=True,
             results=results,
             thinking=isinstance(thinking, dict) and thinking.get("type") != "disabled",
+            prefill=prefill,
         )
 
     @property
@@ -299,8 +306,16 @@ class _Planned:
     def truncated(self) -> bool:
         return self.max_tokens is not None and self.max_tokens < self.words
 
+    @property
+    def _first_word(self) -> int:
+        """The first word to say: after the prefill's last `wordN`, when it has one."""
+        said = _WORDS.findall(self.prefill or "")
+        return int(said[-1]) + 1 if said else 0
+
     def text(self, index: int) -> str:
         count = self.words if self.max_tokens is None else min(self.words, self.max_tokens)
+        if self.prefill is not None:  # its continuation: the words after it, no name again
+            return "".join(f" word{i}" for i in range(self._first_word, count))
         words = " ".join(f"word{i}" for i in range(count))
         prefix = f"[{self.name}]" + (f"[{index}]" if self.choices > 1 else "")
         if self.results is not None:  # the tool answered: say what it said
@@ -314,7 +329,8 @@ class _Planned:
         return json.dumps(_example(self.tool.get("parameters") or {}, f"[{self.name}]"))
 
     def usage(self) -> dict[str, int]:
-        completion = self.choices * min(self.words, self.max_tokens or self.words)
+        said = self._first_word if self.prefill is not None else 0
+        completion = self.choices * max(0, min(self.words, self.max_tokens or self.words) - said)
         return {
             "prompt_tokens": 10,
             "completion_tokens": completion,
@@ -493,6 +509,18 @@ def _text(content: Any) -> str:
             if isinstance(part, dict)
         )
     return ""
+
+
+_WORDS = re.compile(r"\bword(\d+)\b")
+
+
+def _prefill(messages: Any) -> str | None:
+    """The assistant text the conversation ends with, if it does (a prefill)."""
+    spoken = _spoken(messages)
+    last = spoken[-1] if spoken else None
+    if not isinstance(last, dict) or last.get("role") != "assistant" or last.get("tool_calls"):
+        return None
+    return _text(last.get("content"))
 
 
 def _spoken(messages: Any) -> list[Any]:
