@@ -7,6 +7,7 @@ Real sockets on 127.0.0.1; the upstreams are fakes that check the prefill they a
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 import anthropic
@@ -15,6 +16,7 @@ import openai
 import pytest
 import trio
 
+from router.cli import main
 from tests.helpers import eventually, sse_data
 from tests.live import SDK_LEFTOVERS, Cut, Exchange, FakeUpstream, live_gateway, sse
 from tests.test_cancellation import client_leaves
@@ -195,10 +197,13 @@ async def test_an_anthropic_client_gets_one_message_across_the_break(
     assert final.usage.output_tokens == 7 + len("".join(FIRST)) // 4
 
 
-async def test_a_responses_client_gets_one_response_across_the_break() -> None:
+@pytest.mark.parametrize(("first", "second"), [("openai", "anthropic"), ("anthropic", "openai")])
+async def test_a_responses_client_gets_one_response_across_the_break(
+    first: str, second: str
+) -> None:
     one, two = FakeUpstream(breaking("cut")), FakeUpstream(continues)
     async with live_gateway({"first": one, "second": two}, route(),
-                            providers("openai", "anthropic")) as gw:  # fmt: skip
+                            providers(first, second)) as gw:  # fmt: skip
         sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
         with trio.fail_after(10):
             async with sdk.responses.stream(model="gpt", input="say it") as stream:
@@ -310,6 +315,29 @@ async def test_a_tool_call_cut_midway_ends_the_stream_cleanly() -> None:
         _, data = await _raw_stream(gw, body)
         metrics = await _metrics(gw)
     assert json.loads(data[-1])["error"]["code"] == "stream_cut"
+    assert two.exchanges == []
+    assert 'cascade_stream_resumes_total{outcome="not_resumable",route="gpt"} 1.0' in metrics
+
+
+async def test_a_stream_from_a_responses_provider_is_not_resumed() -> None:
+    """The Responses API has no assistant prefix: its streams end as they would."""
+
+    async def native_then_cut(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        created = {"type": "response.created", "sequence_number": 0,
+                   "response": {"id": "resp_1", "object": "response", "status": "in_progress",
+                                "output": [], "model": "m"}}  # fmt: skip
+        await exchange.body_part(_event("response.created", created))
+        raise Cut
+
+    one, two = FakeUpstream(native_then_cut), FakeUpstream(continues)
+    settings = {"first": {"dialect": "responses"}, "second": {"dialect": "anthropic"}}
+    async with live_gateway({"first": one, "second": two}, route(), settings) as gw:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+            body = {"model": "gpt", "input": "x", "stream": True}
+            r = await client.post("/v1/responses", json=body)
+        metrics = await _metrics(gw)
+    assert r.status_code == 200 and "response.completed" not in r.text
     assert two.exchanges == []
     assert 'cascade_stream_resumes_total{outcome="not_resumable",route="gpt"} 1.0' in metrics
 
@@ -457,3 +485,22 @@ async def test_a_failed_resume_after_an_error_event_ends_the_stream_at_once(
     assert r.status_code == 200 and json.loads(data[-1])["error"]["message"] == "overloaded"
     assert len(two.exchanges) == 1
     assert "failed inside Cascade" not in caplog.text
+
+
+async def test_cascade_status_shows_a_resumed_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    one, two = FakeUpstream(breaking("cut")), FakeUpstream(continues)
+    async with live_gateway({"first": one, "second": two}, route(),
+                            providers("openai", "anthropic")) as gw:  # fmt: skip
+        once = partial(main, ["status", "--url", gw.url, "--once"])
+        with trio.fail_after(20):
+            assert await trio.to_thread.run_sync(once) == 0  # starts the watch
+            body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+            await _raw_stream(gw, body)
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                [entry] = (await client.get("/admin/status", params={"after": 0})).json()["recent"]
+            assert await trio.to_thread.run_sync(once) == 0
+    assert entry["resumes"] == [{"from": "first/m", "to": "second/m2", "outcome": "resumed",
+                                 "detail": "after 15 chars"}]  # fmt: skip
+    assert entry["served_by"] == "second/m2"
+    out = capsys.readouterr().out
+    assert "served by second/m2  (stream resumed: first/m -> second/m2 resumed)" in out

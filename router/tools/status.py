@@ -42,9 +42,13 @@ def render(status: dict[str, Any], recent: list[dict[str, Any]]) -> str:
     for e in recent[-15:]:
         tried = ", ".join(f"{a['provider']}/{a['model']} {a['error_type']}" for a in e["attempts"])
         served = e["served_by"] or "nobody"
+        resumed = ", ".join(f"{r['from']} -> {r['to'] or 'nobody'} {r['outcome']}"
+                            for r in e.get("resumes", ()))  # fmt: skip
         lines.append(
             f"  {e['request_id'][:8]} {e['route']:<14} {e['status']} {e['ms']:>7.0f} ms"
-            f"  served by {served}" + (f"  (went around: {tried})" if tried else "")
+            f"  served by {served}"
+            + (f"  (went around: {tried})" if tried else "")
+            + (f"  (stream resumed: {resumed})" if resumed else "")
         )
     return "\n".join(lines)
 
