@@ -39,18 +39,22 @@ def render(status: dict[str, Any], recent: list[dict[str, Any]]) -> str:
             order += " | then " + " > ".join(r["alternatives"])
         lines.append(f"  {r['match']:<18} {order}   serving: {r['serving'] or '-'}")
     lines.append("recent cascades")
-    for e in recent[-15:]:
-        tried = ", ".join(f"{a['provider']}/{a['model']} {a['error_type']}" for a in e["attempts"])
-        served = e["served_by"] or "nobody"
-        resumed = ", ".join(f"{r['from']} -> {r['to'] or 'nobody'} {r['outcome']}"
-                            for r in e.get("resumes", ()))  # fmt: skip
-        lines.append(
-            f"  {e['request_id'][:8]} {e['route']:<14} {e['status']} {e['ms']:>7.0f} ms"
-            f"  served by {served}"
-            + (f"  (went around: {tried})" if tried else "")
-            + (f"  (stream resumed: {resumed})" if resumed else "")
-        )
+    lines += [_cascade_line(e) for e in recent[-15:]]
     return "\n".join(lines)
+
+
+def _cascade_line(e: dict[str, Any]) -> str:
+    """One recent cascade: who served it, what it went around, a stream resumed."""
+    tried = ", ".join(f"{a['provider']}/{a['model']} {a['error_type']}" for a in e["attempts"])
+    served = e["served_by"] or "nobody"
+    resumed = ", ".join(f"{r['from']} -> {r['to'] or 'nobody'} {r['outcome']}"
+                        for r in e.get("resumes", ()))  # fmt: skip
+    return (
+        f"  {e['request_id'][:8]} {e['route']:<14} {e['status']} {e['ms']:>7.0f} ms"
+        f"  served by {served}"
+        + (f"  (went around: {tried})" if tried else "")
+        + (f"  (stream resumed: {resumed})" if resumed else "")
+    )
 
 
 def admin_headers(command: str, token_env: str | None) -> dict[str, str] | None:
