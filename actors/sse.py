@@ -22,6 +22,9 @@ class EventDecoder(Protocol):
     def finish(self) -> list[SSEEvent]: ...
 
 
+_KEEP_WHOLE = 1 << 16  # an incomplete event kept whole for the next feed, up to this size
+
+
 class SSEDecoder:
     """Feed it bytes as they arrive; it returns the events completed so far.
 
@@ -46,6 +49,37 @@ class SSEDecoder:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             if keep_cr:
                 buffer += b"\r"
+        elif not self._data and self._event is None:
+            return self._blocks(buffer)
+        return self._lines(buffer)
+
+    def _blocks(self, buffer: bytes) -> list[SSEEvent]:
+        """The common case, between events and with LF line ends: each complete event is a
+        block before a blank line, and most are one `data: ` line (or an `event: ` line and
+        one `data: ` line), taken whole; any other block goes through the line parser."""
+        blocks = buffer.split(b"\n\n")
+        rest = blocks.pop()  # after the last blank line: an event not complete yet
+        events: list[SSEEvent] = []
+        for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                events.append(SSEEvent(block[6:]))
+                continue
+            if block.startswith(b"event: "):
+                nl = block.find(b"\n")
+                if nl > 0 and block.startswith(b"data: ", nl + 1) and block.find(b"\n", nl + 1) < 0:
+                    events.append(SSEEvent(block[nl + 7 :], block[7:nl]))
+                    continue
+            events += self._lines(block + b"\n\n")
+        self._buffer = b""
+        if len(rest) > _KEEP_WHOLE:  # a long event still coming: its complete lines are parsed
+            events += self._lines(rest)
+        else:
+            self._buffer = rest
+        return events
+
+    def _lines(self, buffer: bytes) -> list[SSEEvent]:
+        """The line parser (the WHATWG algorithm); what follows the last line end is kept for
+        the next feed."""
         events: list[SSEEvent] = []
         start = 0
         while True:

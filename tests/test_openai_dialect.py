@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors.sse import SSEDecoder, SSEEvent
 from router.dialects.openai import StreamFilter, frame, parse_chat_request
@@ -129,3 +131,58 @@ def test_stream_filter_drops_garbage_and_stops_at_done_or_error() -> None:
         (SSEEvent(b'{"e":5}'), SSEEvent(b"[DONE]"), SSEEvent(b'{"f":6}'))
     )
     assert [e.data for e in good] == [b'{"e":5}']
+
+
+def reference_events(body: bytes) -> list[SSEEvent]:
+    """The WHATWG event-stream algorithm, line by line, on the whole body at once."""
+    events, data, event = [], [], None
+    lines = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    for line in lines[:-1]:  # what follows the last line end is not a line
+        if not line:
+            if data:
+                events.append(SSEEvent(b"\n".join(data), event))
+            data, event = [], None
+            continue
+        name, colon, value = line.partition(b":")
+        value = value[1:] if value.startswith(b" ") else value
+        if name == b"data":
+            data.append(value)
+        elif name == b"event" and colon:
+            event = value
+    return events
+
+
+_LINES = st.sampled_from([
+    b'data: {"a":1}', b"data:x", b"data: ", b"data", b"event: ping", b"event:e", b": comment",
+    b"id: 7", b"retry: 10", b"", b"", b"", b"data: two words", b"data:  spaced",
+])  # fmt: skip
+_ENDS = st.sampled_from([b"\n", b"\n", b"\n", b"\r\n", b"\r"])
+
+
+@given(st.lists(st.tuples(_LINES, _ENDS), max_size=40), st.lists(st.integers(1, 30), max_size=40))
+@settings(max_examples=400, deadline=None)
+def test_sse_decoding_matches_the_line_algorithm_however_it_is_split(
+    lines: list[tuple[bytes, bytes]], cuts: list[int]
+) -> None:
+    """The decoder's fast path (whole `data:` blocks) and its line parser agree with the plain
+    algorithm on any stream, cut anywhere."""
+    body = b"".join(line + end for line, end in lines) + b"\n\n"
+    pieces, at = [], 0
+    for cut in cuts:
+        pieces.append(body[at : at + cut])
+        at += cut
+    pieces.append(body[at:])
+    assert feed_all(pieces) == reference_events(body)
+
+
+def test_a_long_event_arriving_in_pieces_is_parsed_as_it_comes() -> None:
+    """An incomplete event over 64 KiB is not kept whole to be split again at each read: its
+    complete lines are parsed, and what is kept stays small."""
+    big, tail = b"x" * 70_000, b"y" * 10_000
+    body = b"data: " + big + b"\ndata: " + tail + b"\n\ndata: next\n\n"
+    decoder, events = SSEDecoder(), []
+    for i in range(0, len(body), 4096):
+        events += decoder.feed(body[i : i + 4096])
+        assert len(decoder._buffer) <= (1 << 16) + 4096
+    assert events == [SSEEvent(big + b"\n" + tail), SSEEvent(b"next")]
+    assert not decoder._buffer
