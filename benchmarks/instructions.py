@@ -20,7 +20,8 @@ and the answer translated).
 from the same chat completions provider: the request translated to chat, the answer back.
 
 `--stream` adds Cascade answering streamed requests (20 content events each), on a plain route
-and on a route with `resume: true` (each event's text kept, to continue from).
+and on a route with `resume: true` (each event's text kept, to continue from); with `--cross`,
+also a streamed request translated from an Anthropic provider.
 
 `--clouds` adds Cascade with an Azure OpenAI target (its deployment path, `api-key` header) and
 with a Claude-on-Bedrock target (its body rewritten and SigV4-signed by botocore per request, from
@@ -189,6 +190,11 @@ def main() -> int:
             servers["Cascade, streamed, route with resume"] = config(
                 "resume", route={"resume": True}
             )
+            if args.cross:  # the stream translated, event by event
+                root = {"base_url": f"http://127.0.0.1:{upstream_port}", "dialect": "anthropic"}
+                servers["Cascade, streamed, OpenAI client to an Anthropic provider"] = config(
+                    "stream-cross", provider=root
+                )
         if args.responses:  # same provider, same config: the face is the only difference
             servers["Cascade, /v1/responses"] = config("responses")
         if args.state:

@@ -489,3 +489,29 @@ def test_a_thinking_only_assistant_turn_is_left_out_for_openai() -> None:
         ]
     )
     assert [m["role"] for m in sent["messages"]] == ["user", "user"]
+
+
+def test_translated_events_are_utf8_json_and_keep_what_orjson_cannot_write() -> None:
+    """Translated events are written with orjson (UTF-8, compact), and with `json` when orjson
+    cannot: an integer over 64 bits that an upstream's event held (read by `json`, with NaN)."""
+    from actors.sse import SSEEvent
+    from router.dialects.translate import AnthropicToOpenAIStream
+
+    stream = AnthropicToOpenAIStream(include_usage=True)
+    start = {"type": "message_start", "message": {"id": "msg_1", "model": "m",
+             "usage": {"input_tokens": 123456789012345678901234567890, "weird": float("nan")}}}  # fmt: skip
+    delta = {"type": "content_block_delta", "index": 0,
+             "delta": {"type": "text_delta", "text": "café ✓"}}  # fmt: skip
+    raw = json.dumps(start).encode()  # NaN and a huge integer: only `json` reads it
+    end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+           "usage": {"output_tokens": 2}}  # fmt: skip
+    out, error = stream.relay([SSEEvent(raw, b"message_start"),
+                               SSEEvent(json.dumps(delta).encode(), b"content_block_delta"),
+                               SSEEvent(json.dumps(end).encode(), b"message_delta"),
+                               SSEEvent(b'{"type": "message_stop"}', b"message_stop")])  # fmt: skip
+    assert error is None
+    lines = [line[6:] for line in out.split(b"\n") if line.startswith(b"data: ")]
+    chunks = [json.loads(line) for line in lines if line != b"[DONE]"]
+    assert chunks[1]["choices"][0]["delta"]["content"] == "café ✓"
+    assert "café ✓".encode() in out  # UTF-8, not \\u escapes
+    assert chunks[-1]["usage"]["prompt_tokens"] == 123456789012345678901234567890

@@ -40,6 +40,7 @@ from router.dialects.jsonbody import (
     bounded_int,
     content_counter,
     count_content,
+    dumps,
     event_object,
     finite_number,
     optional,
@@ -513,7 +514,7 @@ class ChatToResponsesStream:
     def _event(self, kind: str, data: dict[str, Any]) -> bytes:
         data = {"type": kind, "sequence_number": self._seq, **data}
         self._seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+        return b"event: " + kind.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
     def _response(self, status: str) -> dict[str, Any]:
         output = [*self._items] if status != "in_progress" else []
@@ -830,7 +831,7 @@ class NativeStream:
         response = {**self._response, "status": "failed",
                     "error": {"code": _error_code(code), "message": message}}  # fmt: skip
         event = {"type": "response.failed", "sequence_number": self._seq, "response": response}
-        return b"event: response.failed\ndata: " + json.dumps(event).encode() + b"\n\n"
+        return b"event: response.failed\ndata: " + dumps(event) + b"\n\n"
 
 
 _CONTENT = content_counter("delta")  # a stream's content, in its events

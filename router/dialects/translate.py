@@ -22,7 +22,7 @@ import attrs
 
 from actors.outcome import INCOMPLETE_STREAM
 from actors.sse import SSEEvent
-from router.dialects.jsonbody import event_object, want_list, want_object, want_string
+from router.dialects.jsonbody import dumps, event_object, want_list, want_object, want_string
 from router.errors import RequestError, Untranslatable
 
 DEFAULT_MAX_TOKENS = 4096  # Anthropic requires max_tokens; an OpenAI client may omit it
@@ -637,7 +637,7 @@ def _error_text(error: Any) -> str:
 
 def _sse(obj: dict[str, Any], event: str | None = None) -> bytes:
     head = f"event: {event}\n".encode() if event else b""
-    return head + b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return head + b"data: " + dumps(obj) + b"\n\n"
 
 
 class OpenAIToAnthropicStream:
