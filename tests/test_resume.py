@@ -298,20 +298,30 @@ async def test_without_the_option_a_broken_stream_ends_as_before(
     assert two.exchanges == []
 
 
-async def test_a_tool_call_cut_midway_ends_the_stream_cleanly() -> None:
-    """A tool call's arguments cannot be prefilled: the stream ends with its error event."""
+async def tool_then_cut(exchange: Exchange) -> None:
+    """A tool call's first arguments, then the connection drops."""
+    await exchange.start(200, "text/event-stream")
+    call = {"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "read", "arguments": '{"pa'}}  # fmt: skip
+    await exchange.body_part(_chunk({"role": "assistant", "tool_calls": [call]}))
+    raise Cut
 
-    async def tool_then_cut(exchange: Exchange) -> None:
-        await exchange.start(200, "text/event-stream")
-        call = {"index": 0, "id": "call_1", "type": "function",
-                "function": {"name": "read", "arguments": '{"pa'}}  # fmt: skip
-        await exchange.body_part(_chunk({"role": "assistant", "tool_calls": [call]}))
-        raise Cut
 
-    one, two = FakeUpstream(tool_then_cut), FakeUpstream(continues)
+@pytest.mark.parametrize(
+    ("first", "extra"),
+    [(tool_then_cut, {}), (breaking("cut"), {"n": 2})],
+    ids=["a-tool-call-cut-midway", "two-choices"],
+)
+async def test_an_answer_that_cannot_be_continued_ends_cleanly(
+    first: Any, extra: dict[str, Any]
+) -> None:
+    """A tool call's arguments cannot be prefilled, nor two choices continued as one: the
+    stream ends with its error event, and nothing is asked of the next target."""
+    one, two = FakeUpstream(first), FakeUpstream(continues)
     async with live_gateway({"first": one, "second": two}, route(),
-                            providers("openai", "anthropic")) as gw:  # fmt: skip
-        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+                            providers("openai", "openai")) as gw:  # fmt: skip
+        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "x"}],
+                **extra}  # fmt: skip
         _, data = await _raw_stream(gw, body)
         metrics = await _metrics(gw)
     assert json.loads(data[-1])["error"]["code"] == "stream_cut"
@@ -338,19 +348,6 @@ async def test_a_stream_from_a_responses_provider_is_not_resumed() -> None:
             r = await client.post("/v1/responses", json=body)
         metrics = await _metrics(gw)
     assert r.status_code == 200 and "response.completed" not in r.text
-    assert two.exchanges == []
-    assert 'cascade_stream_resumes_total{outcome="not_resumable",route="gpt"} 1.0' in metrics
-
-
-async def test_more_than_one_choice_is_not_resumed() -> None:
-    one, two = FakeUpstream(breaking("cut")), FakeUpstream(continues)
-    async with live_gateway({"first": one, "second": two}, route(),
-                            providers("openai", "openai")) as gw:  # fmt: skip
-        body = {"model": "gpt", "stream": True, "n": 2,
-                "messages": [{"role": "user", "content": "x"}]}  # fmt: skip
-        _, data = await _raw_stream(gw, body)
-        metrics = await _metrics(gw)
-    assert json.loads(data[-1])["error"]["code"] == "stream_cut"
     assert two.exchanges == []
     assert 'cascade_stream_resumes_total{outcome="not_resumable",route="gpt"} 1.0' in metrics
 

@@ -60,18 +60,26 @@ def transcript(dialect: str) -> Transcript | None:
 
 
 @attrs.define
-class ChatTranscript:
-    """What the client has been sent of a chat completions stream. Each event costs a pattern
-    match or two (no parse): the text is kept as its JSON string fragments, decoded once, when
-    a resume asks for it."""
+class _Kept:
+    """What both transcripts keep: why the answer cannot be continued (None: it can), and its
+    text as the JSON string fragments the events held (pattern matches, no parse), decoded once,
+    when a resume asks for it."""
 
     why_not: str | None = None
-    head: dict[str, Any] = attrs.field(factory=dict)  # id, created, model… of the first chunk
     _parts: list[bytes] = attrs.field(factory=list)
 
     @property
     def text(self) -> str:
-        return _decoded(self._parts)
+        text: str = json.loads(b'"' + b"".join(self._parts) + b'"')
+        return text
+
+
+@attrs.define
+class ChatTranscript(_Kept):
+    """What the client has been sent of a chat completions stream: a find and a match or two
+    per event."""
+
+    head: dict[str, Any] = attrs.field(factory=dict)  # id, created, model… of the first chunk
 
     def observe(self, events: Sequence[SSEEvent]) -> None:
         for event in events:
@@ -110,12 +118,6 @@ _CHAT_WHY = {
     "reasoning": "the answer had reasoning or a refusal",
     "finished": "the answer was complete",
 }
-
-
-def _decoded(parts: list[bytes]) -> str:
-    """JSON string fragments (escapes included) as text."""
-    text: str = json.loads(b'"' + b"".join(parts) + b'"')
-    return text
 
 
 _CHAT_HEAD = ("id", "created", "model", "system_fingerprint")
@@ -173,17 +175,11 @@ class ChatSplice:
 
 
 @attrs.define
-class MessagesTranscript:
+class MessagesTranscript(_Kept):
     """What the client has been sent of a Messages stream, by pattern matches (no parse)."""
 
-    why_not: str | None = None
     blocks: int = 0  # content blocks started
     open: bool = False  # the last one is a text block not yet stopped
-    _parts: list[bytes] = attrs.field(factory=list)
-
-    @property
-    def text(self) -> str:
-        return _decoded(self._parts)
 
     def observe(self, events: Sequence[SSEEvent]) -> None:
         for event in events:
