@@ -501,3 +501,63 @@ async def test_cascade_status_shows_a_resumed_stream(capsys: pytest.CaptureFixtu
     assert entry["served_by"] == "second/m2"
     out = capsys.readouterr().out
     assert "served by second/m2  (stream resumed: first/m -> second/m2 resumed)" in out
+
+
+async def test_two_breaks_two_resumes_one_message_and_the_clients_headers_go_along(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """resume.max 2: the first provider breaks, the second continues a word and breaks too, the
+    third finishes. One message, every word once; the client's anthropic-beta header reaches
+    each continuation; the key is charged each attempt's relayed text once."""
+    monkeypatch.setenv("RESUME2_KEY", "sk-resume2-0123456789abcdef0123456789")
+
+    async def one_word_then_cut(exchange: Exchange) -> None:
+        prefill = prefill_of(exchange)
+        word = ANSWER[len(prefill) :].split(" ")[1]  # the next word
+        await exchange.start(200, "text/event-stream")
+        start = {"id": "msg_mid", "type": "message", "role": "assistant", "model": "m",
+                 "content": [], "stop_reason": None, "stop_sequence": None,
+                 "usage": {"input_tokens": 5, "output_tokens": 1}}  # fmt: skip
+        block = {"type": "content_block_start", "index": 0,
+                 "content_block": {"type": "text", "text": ""}}  # fmt: skip
+        delta = {"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "text_delta", "text": " " + word}}  # fmt: skip
+        await exchange.body_part(_event("message_start", {"type": "message_start",
+                                                          "message": start})
+                                 + _event("content_block_start", block)
+                                 + _event("content_block_delta", delta))  # fmt: skip
+        raise Cut
+
+    one, two, three = (FakeUpstream(breaking("cut")), FakeUpstream(one_word_then_cut),
+                       FakeUpstream(continues))  # fmt: skip
+    routes = [{"match": "gpt", "targets": ["first/m"], "alternatives": ["second/m", "third/m"],
+               "resume": {"max": 2}}]  # fmt: skip
+    settings = {name: {"dialect": "anthropic"} for name in ("first", "second", "third")}
+    auth = {"keys": [{"name": "team", "key_env": "RESUME2_KEY",
+                      "budgets": [{"tokens": 100_000, "period": "day"}]}]}  # fmt: skip
+    async with live_gateway({"first": one, "second": two, "third": three}, routes, settings,
+                            auth=auth) as gw:  # fmt: skip
+        sdk = anthropic.AsyncAnthropic(base_url=gw.url, api_key="sk-resume2-0123456789abcdef0123456789",
+                                       max_retries=0,
+                                       default_headers={"anthropic-beta": "tools-2024-04-04"})  # fmt: skip
+        with trio.fail_after(10):
+            async with sdk.messages.stream(
+                model="gpt", max_tokens=100, messages=[{"role": "user", "content": "say it"}]
+            ) as stream:
+                kinds = [e.type async for e in stream]
+                final = await stream.get_final_message()
+            await sdk.close()
+            await eventually(lambda: gw.app.gateway.ledger.in_flight == 0)
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                [key] = (await client.get("/admin/keys")).json()["keys"]
+    assert final.content[0].text == ANSWER
+    assert kinds.count("message_start") == 1 and kinds.count("content_block_start") == 1
+    assert prefill_of(two.exchanges[0]) == "The quick brown"
+    assert prefill_of(three.exchanges[0]) == "The quick brown fox"
+    assert [x.headers.get("anthropic-beta") for x in (two.exchanges + three.exchanges)] == [
+        "tools-2024-04-04",
+        "tools-2024-04-04",
+    ]
+    # first: input 3 + "The quick brown " / 4; second: input 5 + "fox" / 4 (its lead space is
+    # the first's); third: its usage, 20 + 7
+    assert key["spent_today"]["tokens"] == (3 + 16 // 4) + (5 + 3 // 4) + (20 + 7)

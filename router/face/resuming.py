@@ -55,6 +55,7 @@ class Resumer:
         self.observed: resume.Observed | None = None
         self.failed: list[Target] = []  # targets whose stream broke: not tried again
         self.done = 0  # resumes made
+        self.counted = 0  # characters of the transcript's text already carried over
 
     def writer(self, upstream: Dialect, base: StreamWriter) -> StreamWriter:
         """The client's writer, read by a transcript (when the upstream's streams can be)."""
@@ -120,7 +121,10 @@ class Resumer:
                 raise Untranslatable(
                     f"{target.provider} cannot continue an answer (its prefill is 'none')"
                 )
-            call = bodies.call_for(target)
+            # the request's own call first: what the target could not take then, it cannot now,
+            # and the client headers it was sent (e.g. anthropic-beta) go with the continuation
+            headers = self.job.call_for(target).headers
+            call = attrs.evolve(bodies.call_for(target), headers=headers)
             if text and gateway.dialects[target.provider].name == "openai":
                 call = attrs.evolve(call, body=resume.prefill_for(mode, call.body))
             return call
@@ -146,7 +150,8 @@ class Resumer:
         reported input (else the estimate) and the content it relayed / 4."""
         delivery = self.delivery
         assert self.observed is not None
-        relayed = len(self.observed.transcript.text) // 4
+        text = len(self.observed.transcript.text)  # every attempt's so far: this one's is new
+        relayed, self.counted = (text - self.counted) // 4, text
         reported = delivery.usage.input if delivery.usage is not None else 0
         used = Usage(reported or self.request.estimated_input_tokens, relayed)
         earlier = self.record.earlier
