@@ -246,6 +246,7 @@ async def stream(
 def _write(
     writer: StreamWriter, events: Sequence[SSEEvent], delivery: Delivery
 ) -> tuple[bytes, str | None]:
+    """A stream's first events written (and their content counted, for a keyed request)."""
     if delivery.count is not None:
         delivery.content += delivery.count(events)
     return writer.relay(events)
