@@ -202,3 +202,30 @@ async def test_codex_is_rescued_when_its_primary_dies_mid_stream(tmp_path: Path)
     assert code == 0, err
     assert "[claude] the tool said:" in out, out + err
     assert calls >= 2
+
+
+@needs_claude
+async def test_claude_code_never_sees_a_stream_cut_on_a_route_that_resumes(
+    tmp_path: Path,
+) -> None:
+    """The primary starts the answer and dies mid-text; the route resumes: the OpenAI-dialect
+    mock continues it from the text Claude Code already has, and Claude Code prints the one
+    answer, never having seen an error (one call to the primary, no retry)."""
+
+    async def dies(exchange: Exchange) -> None:
+        await exchange.start(200, "text/event-stream")
+        events = anthropic_events(["the ", "answer ", "is "], "claude-x")
+        await exchange.body_part(b"".join(events[:5]))  # start, block, ping, two words
+        raise RuntimeError("the primary died")  # the server drops the connection mid-body
+
+    primary = FakeUpstream(dies)
+    async with live_gateway(
+        {"claude": primary},
+        providers={"claude": {"dialect": "anthropic"}},
+        extra_providers={"gpt": {"mock": {}, "prefill": "trailing"}},
+        routes=[{"match": "*", "targets": ["claude/claude-x", "gpt/gpt-x"], "resume": True}],
+    ) as gw:
+        code, out, err = await run_claude(gw.url, tmp_path)
+    assert code == 0, err
+    assert out.startswith("the answer word0 word1"), out  # its words, then the mock's
+    assert len(primary.exchanges) == 1

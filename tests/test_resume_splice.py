@@ -122,3 +122,20 @@ def test_the_openai_prefill_modes() -> None:
     assert json.loads(prefill_for("prefix", body))["messages"][-1]["prefix"] is True
     vllm = json.loads(prefill_for("continue_final_message", body))
     assert (vllm["continue_final_message"], vllm["add_generation_prompt"]) == (True, False)
+
+
+def test_a_prefilled_messages_request_goes_without_thinking() -> None:
+    """Anthropic refuses a prefilled assistant turn with thinking on: the continuation of an
+    answer that had no thinking is asked without it."""
+    from router.dialects.anthropic import DIALECT as MESSAGES
+    from router.dialects.resume import prefilled
+
+    body = {"model": "m", "max_tokens": 100, "stream": True,
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "messages": [{"role": "user", "content": "say it"}]}  # fmt: skip
+    again = prefilled(MESSAGES, MESSAGES.parse(json.dumps(body).encode()), "The quick")
+    assert "thinking" not in again.obj
+    assert again.obj["messages"][-1] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "The quick"}],
+    }

@@ -311,6 +311,9 @@ def prefilled(face: Dialect, request: ClientRequest, text: str) -> ClientRequest
     else:
         message = {"role": "assistant", "content": [{"type": "text", "text": text}]}
         obj["messages"] = [*obj["messages"], message]
+        # Anthropic refuses a prefilled turn with thinking on; the answer continued had none
+        # (a thinking block makes it one that is not resumed), so it goes without
+        obj.pop("thinking", None)
     again = face.parse(json.dumps(obj).encode())
     return again.asking_usage() if getattr(request, "want_usage", False) else again
 
