@@ -170,3 +170,37 @@ def test_the_page_is_in_the_package() -> None:
     from router.face.admin import STATUS_PAGE
 
     assert STATUS_PAGE == (Path(__file__).parent.parent / "router/face/status.html").read_bytes()
+
+
+def watch_a_resume(url: str, gateway: str) -> tuple[str, list[Any]]:
+    """The feed's entry for a streamed request whose stream was resumed (runs in a thread)."""
+    driver = chromium()
+    try:
+        wait = WebDriverWait(driver, 15, poll_frequency=0.05)
+        driver.get(url)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#providers tr[data-provider]"))
+        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(base_url=gateway) as client:
+            client.post("/v1/chat/completions", json=body)
+        wait.until(lambda d: "stream resumed" in text(d, "#feed li"))
+        console = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+        return text(driver, "#feed li"), console
+    finally:
+        driver.quit()
+
+
+async def test_the_status_page_shows_a_stream_resumed() -> None:
+    from tests.test_resume import breaking, continues
+
+    first, second = FakeUpstream(breaking("cut")), FakeUpstream(continues)
+    routes = [{"match": "gpt", "targets": ["first/m"], "alternatives": ["second/m2"],
+               "resume": True}]  # fmt: skip
+    async with live_gateway({"first": first, "second": second}, routes,
+                            {"second": {"dialect": "anthropic"}}) as gw:  # fmt: skip
+        with trio.fail_after(60):
+            entry, console = await trio.to_thread.run_sync(
+                watch_a_resume, gw.url + "/admin/ui", gw.url
+            )
+    assert "served by second/m2" in entry
+    assert "stream resumed: first/m → second/m2 (resumed)" in entry
+    assert console == []
