@@ -561,3 +561,20 @@ async def test_two_breaks_two_resumes_one_message_and_the_clients_headers_go_alo
     # first: input 3 + "The quick brown " / 4; second: input 5 + "fox" / 4 (its lead space is
     # the first's); third: its usage, 20 + 7
     assert key["spent_today"]["tokens"] == (3 + 16 // 4) + (5 + 3 // 4) + (20 + 7)
+
+
+async def test_a_hedged_route_resumes_too() -> None:
+    """The first cascade hedges (its attempts in a nursery of their own); the continuation
+    does not, and the stream still reads as one."""
+    one, two = FakeUpstream(breaking("cut")), FakeUpstream(continues)
+    routes = [{"match": "gpt", "targets": ["first/m"], "alternatives": ["second/m2"],
+               "hedge": {"after": "5s"}, "resume": True}]  # fmt: skip
+    async with live_gateway({"first": one, "second": two}, routes,
+                            providers("openai", "anthropic")) as gw:  # fmt: skip
+        body = {"model": "gpt", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        _, data = await _raw_stream(gw, body)
+    assert data[-1] == "[DONE]"
+    text = "".join(json.loads(d)["choices"][0]["delta"].get("content") or ""
+                   for d in data[:-1] if json.loads(d)["choices"])  # fmt: skip
+    assert text == ANSWER
+    assert len(one.exchanges) == 1 and len(two.exchanges) == 1
