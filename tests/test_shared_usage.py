@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import coredis
-import trio
 
 from router.keys.ledger import Charge, UsageStore
 from router.state.usage import HOUR, SharedUsage
@@ -16,10 +15,10 @@ from tests.redis_server import RedisServer
 
 
 async def session(usage: SharedUsage, client: coredis.Redis[bytes]) -> None:
-    """One backend session's first write (everything kept), made before its first sleep."""
+    """One backend session's first write: every hour kept (`write` does this, then sleeps)."""
     usage.client = client
-    with trio.move_on_after(0.2):
-        await usage.write(client)
+    usage.everything()
+    await usage.flush(client)
 
 
 def stored(path: Path, books: UsageStore | None = None) -> SharedUsage:

@@ -106,27 +106,35 @@ class SharedUsage:
         """The usage store has written charges of these hours."""
         self._dirty.update(hours)
 
-    def _script(self, client: coredis.Redis[bytes], which: int) -> Any:
-        if self._scripts is None or self._scripts[0] is not client:  # a new connection
-            write, read = client.register_script(_WRITE), client.register_script(_READ)
-            self._scripts = (client, write, read)
-        return self._scripts[which]
+    def _scripts_for(self, client: coredis.Redis[bytes]) -> tuple[Any, Any]:
+        """(write, read), registered on this connection (a new one after a reconnection)."""
+        if self._scripts is None or self._scripts[0] is not client:
+            self._scripts = (client, client.register_script(_WRITE), client.register_script(_READ))
+        return self._scripts[1], self._scripts[2]
 
     async def write(self, client: coredis.Redis[bytes]) -> None:
         """The backend's session runs this: every hour kept, once (Redis may have restarted
         empty, or missed writes while down), then the hours that changed, every `FLUSH` s."""
+        self.everything()
+        while True:
+            await self.flush(client)
+            await trio.sleep(FLUSH)
+
+    def everything(self) -> None:
+        """Mark every hour kept to be written again."""
         now = _now_hour()
         self._dirty.update(range(now - RETAIN // HOUR, now + 1))
-        while True:
-            self._forget_old()
-            changed, self._dirty = self._dirty, set()
-            try:
-                if changed:
-                    await self._write(client, changed)
-            except BaseException:
-                self._dirty |= changed  # written again by the next session
-                raise
-            await trio.sleep(FLUSH)
+
+    async def flush(self, client: coredis.Redis[bytes]) -> None:
+        """Write the hours that changed (kept to be written again if it fails)."""
+        self._forget_old()
+        changed, self._dirty = self._dirty, set()
+        try:
+            if changed:
+                await self._write(client, changed)
+        except BaseException:
+            self._dirty |= changed  # written again by the next session
+            raise
 
     async def _write(self, client: coredis.Redis[bytes], hours: set[int]) -> None:
         totals = await self._totals(min(hours), max(hours) + 1)
@@ -137,7 +145,7 @@ class SharedUsage:
                 args += [str(hour), _SEP.join(row), _SEP.join(_number(v) for v in t), until]
         for start in range(0, len(args), 4 * CHUNK):
             chunk = [self.books_id, *args[start : start + 4 * CHUNK]]
-            await self._script(client, 1)(keys=[self.prefix], args=chunk)
+            await self._scripts_for(client)[0](keys=[self.prefix], args=chunk)
 
     async def _totals(self, first: int, end: int) -> dict[int, dict[Row, Totals]]:
         """This replica's books for the hours [first, end)."""
@@ -171,7 +179,7 @@ class SharedUsage:
         first, end = self.window(since, until)
         hours = [str(h) for h in range(first, end)]
         with trio.fail_after(self.timeout * 5):
-            flat: Any = await self._script(client, 2)(keys=[self.prefix], args=hours)
+            flat: Any = await self._scripts_for(client)[1](keys=[self.prefix], args=hours)
         summed: dict[Row, Totals] = {}
         for i in range(0, len(flat), 2):
             row = tuple(_text(flat[i]).split(_SEP))
