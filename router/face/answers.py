@@ -202,21 +202,19 @@ async def stream(
     headers += [(b"cache-control", b"no-cache"), *served_headers(winner)]
     await send({"type": "http.response.start", "status": start.status, "headers": headers})
     delivery.first_byte = trio.current_time()
-    replies = winner.replies
-    tail = [_write(writer, start.events, delivery)[0]]  # check_start refused an in-band error
-    if writer.done:
-        stop = _Stop(True, False)
-    else:
-        await send({"type": "http.response.body", "body": tail.pop(), "more_body": True})
+    tail: list[bytes] = []  # written, not yet sent: it goes out with the ending
+    stop = _first(writer, winner, delivery, tail)  # check_start refused an in-band error
+    if stop is None:  # (a whole answer in its first events needs no cutoff scope)
         with tracked() as cutoff:
-            stop = await _relay(send, writer, replies, delivery, tail)
+            stop = await _rest(send, writer, winner, delivery, tail)
             while not stop.complete and resume is not None:
                 resumed = await resume(stop.kind)
                 if resumed is None:
                     break
                 winner, writer = resumed
-                replies = winner.replies
-                stop = await _continue(send, writer, winner, delivery, tail)
+                stop = _first(writer, winner, delivery, tail) or await _rest(
+                    send, writer, winner, delivery, tail
+                )
         if cutoff.cancelled_caught:  # nothing more to wait for: the attempt is cancelled
             stop = _Stop(False, True, "shutting_down", "the gateway is shutting down")
     if stop.complete:
@@ -235,7 +233,7 @@ async def stream(
         # cancellation. Upstreams close right after their end; the bound covers those that do not.
         with trio.move_on_after(_UPSTREAM_END_GRACE):
             try:
-                while not isinstance(reply := await replies.receive(), StreamEnd | Failed):
+                while not isinstance(reply := await winner.replies.receive(), StreamEnd | Failed):
                     pass
             except trio.ClosedResourceError:  # a resume tried has cancelled the attempt
                 return
@@ -243,28 +241,27 @@ async def stream(
                 delivery.usage = reply.usage
 
 
-def _write(
-    writer: StreamWriter, events: Sequence[SSEEvent], delivery: Delivery
-) -> tuple[bytes, str | None]:
-    """A stream's first events written (and their content counted, for a keyed request)."""
-    if delivery.count is not None:
-        delivery.content += delivery.count(events)
-    return writer.relay(events)
-
-
-async def _continue(
-    send: Send, writer: StreamWriter, winner: Winner, delivery: Delivery, tail: list[bytes]
-) -> _Stop:
-    """Go on with a resumed stream: the continuation's first events, then the rest."""
+def _first(
+    writer: StreamWriter, winner: Winner, delivery: Delivery, tail: list[bytes]
+) -> _Stop | None:
+    """A winner's first events written to `tail` (the first stream's, or a resumed stream's
+    continuation's); how the stream stopped, if they end it."""
     start = winner.reply
     assert isinstance(start, StreamStart)
     delivery.target = winner.target
-    data, error = _write(writer, start.events, delivery)
+    if delivery.count is not None:
+        delivery.content += delivery.count(start.events)
+    data, error = writer.relay(start.events)
     tail.append(data)
     if error is not None:
         return _broken(error, False)
-    if writer.done:
-        return _Stop(True, False)
+    return _Stop(True, False) if writer.done else None
+
+
+async def _rest(
+    send: Send, writer: StreamWriter, winner: Winner, delivery: Delivery, tail: list[bytes]
+) -> _Stop:
+    """Send what is written, then relay the rest of the winner's stream."""
     await send({"type": "http.response.body", "body": b"".join(tail), "more_body": True})
     tail.clear()
     return await _relay(send, writer, winner.replies, delivery, tail)
