@@ -21,7 +21,12 @@ from the same chat completions provider: the request translated to chat, the ans
 
 `--stream` adds Cascade answering streamed requests (20 content events each), on a plain route
 and on a route with `resume: true` (each event's text kept, to continue from); with `--cross`,
-also a streamed request translated from an Anthropic provider.
+also a streamed request translated from an Anthropic provider; and the streaming ceiling
+(benchmarks/bare_relay.py: hypercorn-trio relaying the upstream's bytes through the same pool).
+By default the upstream writes a stream's events at once, so they arrive in one read; with
+`--interval 20ms` each arrives alone (valgrind slows the server about fiftyfold, so the gap must
+be wide), which is what a real model's stream does and what benchmarks/streams.py measures:
+there, the per-read work (the actor's hop to the relay, a write per event) counts 20 times.
 
 `--clouds` adds Cascade with an Azure OpenAI target (its deployment path, `api-key` header) and
 with a Claude-on-Bedrock target (its body rewritten and SigV4-signed by botocore per request, from
@@ -135,6 +140,7 @@ def main() -> int:
     p.add_argument("--responses", action="store_true", help="also: the Responses face")
     p.add_argument("--clouds", action="store_true", help="also: Azure and Bedrock targets")
     p.add_argument("--stream", action="store_true", help="also: streamed, with and without resume")
+    p.add_argument("--interval", default="0", help="between a stream's events (e.g. 20ms)")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -142,6 +148,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cascade-instr-"))
     upstream_port = free_port()
     upstream = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(upstream_port)]
+    upstream += ["--interval", args.interval]
     results: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(process(upstream, upstream_port, None))
@@ -186,6 +193,8 @@ def main() -> int:
                 "bedrock", provider=bedrock
             )
         if args.stream:  # the same, streamed (20 content events); and on a route that resumes
+            servers["bare relay, streamed"] = [PYTHON, str(HERE / "bare_relay.py"), "--port",
+                                               str(port), "--upstream", up["base_url"][:-3]]  # fmt: skip
             servers["Cascade, streamed"] = config("stream")
             servers["Cascade, streamed, route with resume"] = config(
                 "resume", route={"resume": True}
@@ -244,6 +253,7 @@ def main() -> int:
         ("bare / Cascade", "bare hypercorn-trio", "Cascade, 1 worker"),
         ("responses / chat", "Cascade, /v1/responses", "Cascade, 1 worker"),
         ("resume / streamed", "Cascade, streamed, route with resume", "Cascade, streamed"),
+        ("streamed / bare relay", "Cascade, streamed", "bare relay, streamed"),
     )
     for label, a, b in pairs:
         if a in results and b in results:
