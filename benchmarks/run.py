@@ -439,6 +439,10 @@ class Bench:
 
             print("streaming against its ceiling")
             self.results["stream_ceiling"] = compare(duration=max(2.0, self.args.duration))
+            from streams import by_length
+
+            print("streaming against its ceiling, by answer length")
+            self.results["stream_lengths"] = by_length(duration=max(2.0, self.args.duration - 2))
         print("failover mix: 30% of primary answers are 429 (Retry-After: 0)")
         with self.upstream("--rate-429", "0.3") as primary, self.upstream() as backup:
             with self.cascade(
@@ -559,6 +563,20 @@ def report(results: dict[str, Any]) -> str:
             *table_lines(r["stream_ceiling"]),
             "",
         ]
+    if "stream_lengths" in r:
+        from streams import length_lines
+
+        lines += [
+            "### By answer length",
+            "",
+            "The bare relay and Cascade same-dialect, 64 streams of 20, 100 and 400 events 1 ms"
+            " apart, medians of 2 rounds: CPU per stream (the ceiling's over Cascade's), and each"
+            " one's cost split by a least-squares line into a part per request and a part per"
+            " event. A model's answer is often hundreds of events long.",
+            "",
+            *length_lines(r["stream_lengths"]),
+            "",
+        ]
 
     def get(key: str, c: int, field: str) -> float:
         return float(r.get(key, {}).get(c, {}).get(field, 0.0))
@@ -662,6 +680,11 @@ def report(results: dict[str, Any]) -> str:
         same = share["Cascade, OpenAI"]
         cross = min(share["Cascade, OpenAI to Anthropic"], share["Cascade, Anthropic to OpenAI"])
         target("streaming, same dialect >= 0.7 x the ceiling", f"{same:.2f}x", same >= 0.7)
+        if "stream_lengths" in r:
+            for n, cost in sorted(r["stream_lengths"].items(), key=lambda item: int(item[0])):
+                if n != "20":
+                    share = cost["bare relay"] / cost["Cascade, OpenAI"]
+                    target(f"(the same, {n}-event answers)", f"{share:.2f}x", share >= 0.7)
         target("streaming, cross dialect >= 0.5 x the ceiling", f"{cross:.2f}x", cross >= 0.5)
     w2 = get("fast/cascade-2w", 16, "rps")
     target(

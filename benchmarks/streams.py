@@ -3,7 +3,7 @@ bare hypercorn-trio relaying the upstream's stream through Cascade's own upstrea
 ceiling, benchmarks/bare_relay.py) and for Cascade same-dialect and cross-dialect, both ways.
 
     python benchmarks/streams.py [--duration 8] [--rounds 3] [--concurrency 64] [--chunks 20]
-        [--interval 1ms]
+        [--interval 1ms] [--lengths 20,100,400]
 
 Each server is pinned to core 0, the canned upstream (benchmarks/fast_upstream.py) and the load
 generator (benchmarks/stream_load.py) to core 1; the rounds run the servers in turn, so drift in
@@ -12,6 +12,11 @@ used; answers carry `--chunks` content events (what the upstream sent: a client 
 dialect gets a few more framing events, which are not counted), paced one every `--interval` so
 the gap between the events a client receives shows what the relay adds. Loopback only; every
 run is bounded by --duration.
+
+`--lengths` measures instead the bare relay and Cascade same-dialect at several answer lengths
+and splits each one's CPU per stream into a part per request and a part per event (a least-
+squares line through the lengths): what a stream costs Cascade above the ceiling once, and
+what it costs for every event after that.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ def compare(
     concurrency: int = 64,
     chunks: int = 20,
     interval: str = "1ms",
+    servers: tuple[str, ...] = SERVERS,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every server's measurements, round by round (servers in turn within a round)."""
     args = argparse.Namespace(
@@ -106,12 +112,12 @@ def compare(
     args.server_cpus, args.client_cpus = ("0", "1") if two else (None, None)
     tmp = Path(tempfile.mkdtemp(prefix="cascade-streams-"))
     upstream = free_port()
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in SERVERS}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     fast = [PYTHON, str(HERE / "fast_upstream.py"), "--port", str(upstream)]
     fast += ["--chunks", str(chunks), "--interval", interval]
     with process(fast, upstream, args.client_cpus):
         for _ in range(rounds):
-            for name in SERVERS:
+            for name in servers:
                 args.port = free_port()
                 cmd, path = server(name, tmp, args.port, upstream)
                 if "--config" in cmd:  # Cascade's port is in its config
@@ -152,6 +158,58 @@ def table_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+LENGTH_SERVERS = ("bare relay", "Cascade, OpenAI")
+
+
+def by_length(
+    lengths: tuple[int, ...] = (20, 100, 400),
+    rounds: int = 2,
+    duration: float = 6.0,
+    concurrency: int = 64,
+    interval: str = "1ms",
+) -> dict[str, dict[str, float]]:
+    """For each answer length, each of LENGTH_SERVERS' CPU microseconds per stream (median of
+    the rounds), keyed by the length as a string (the results go to JSON)."""
+    per_stream: dict[str, dict[str, float]] = {}
+    for n in lengths:
+        results = compare(rounds, duration, concurrency, n, interval, LENGTH_SERVERS)
+        per_stream[str(n)] = {
+            name: 1e6 * n / statistics.median(r["events_per_core_s"] for r in results[name])
+            for name in LENGTH_SERVERS
+        }
+    return per_stream
+
+
+def split_cost(points: dict[int, float]) -> tuple[float, float]:
+    """(per request, per event) microseconds: the least-squares line through (length, cost)."""
+    xs, ys = list(points), list(points.values())
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    return my - slope * mx, slope
+
+
+def length_lines(per_stream: dict[str, dict[str, float]]) -> list[str]:
+    """The sweep as a Markdown table: CPU per stream by length, the ratio to the ceiling, and
+    each server's cost split into per request and per event."""
+    lengths = sorted(per_stream, key=int)
+    lines = [
+        "| server | " + " | ".join(f"{n} events: µs per stream" for n in lengths)
+        + " | per request | per event |",
+        "|---|" + "---|" * (len(lengths) + 2),
+    ]  # fmt: skip
+    for name in LENGTH_SERVERS:
+        cells = []
+        for n in lengths:
+            cost = per_stream[n][name]
+            ratio = per_stream[n][LENGTH_SERVERS[0]] / cost
+            cells.append(f"{cost:,.0f} ({ratio:.2f}x)")
+        fixed, each = split_cost({int(n): per_stream[n][name] for n in lengths})
+        lines.append(f"| {name} | {' | '.join(cells)} | {fixed:,.0f} µs | {each:.1f} µs |")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,7 +219,15 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--chunks", type=int, default=20, help="content events per answer")
     p.add_argument("--interval", default="1ms", help="between an answer's events")
+    p.add_argument("--lengths", help="instead: answer lengths to sweep, e.g. 20,100,400")
     args = p.parse_args()
+    if args.lengths:
+        lengths = tuple(int(n) for n in args.lengths.split(","))
+        sweep = by_length(lengths, args.rounds, args.duration, args.concurrency, args.interval)
+        print(f"{args.concurrency} concurrent streams, events {args.interval} apart; CPU per"
+              f" stream (the ceiling's over Cascade's), medians of {args.rounds} rounds:")  # fmt: skip
+        print("\n".join(length_lines(sweep)))
+        return 0
     results = compare(args.rounds, args.duration, args.concurrency, args.chunks, args.interval)
     print(f"{args.concurrency} concurrent streams of {args.chunks} events {args.interval} apart,"
           f" {args.rounds} rounds of {args.duration:g} s; medians:")  # fmt: skip
