@@ -569,10 +569,12 @@ def report(results: dict[str, Any]) -> str:
         lines += [
             "### By answer length",
             "",
-            "The bare relay and Cascade same-dialect, 64 streams of 20, 100 and 400 events 1 ms"
-            " apart, medians of 2 rounds: CPU per stream (the ceiling's over Cascade's), and each"
-            " one's cost split by a least-squares line into a part per request and a part per"
-            " event. A model's answer is often hundreds of events long.",
+            "`benchmarks/streams.py --lengths 20,100,400`: the bare relay and Cascade"
+            " same-dialect, 64 streams of 20, 100 and 400 events 1 ms apart, medians of 2 rounds:"
+            " CPU per stream (in brackets, the ceiling's over Cascade's), and a least-squares line"
+            " through each server's costs (what a stream costs once, and each event after that:"
+            " a saturated server reads several events at once from a long stream, so the per-read"
+            " cost shows mostly in the first part). A model's answer is often hundreds of events.",
             "",
             *length_lines(r["stream_lengths"]),
             "",

@@ -196,7 +196,7 @@ def length_lines(per_stream: dict[str, dict[str, float]]) -> list[str]:
     lengths = sorted(per_stream, key=int)
     lines = [
         "| server | " + " | ".join(f"{n} events: µs per stream" for n in lengths)
-        + " | per request | per event |",
+        + " | fitted: once per stream | fitted: per event |",
         "|---|" + "---|" * (len(lengths) + 2),
     ]  # fmt: skip
     for name in LENGTH_SERVERS:

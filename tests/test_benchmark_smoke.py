@@ -57,3 +57,4 @@ def test_stream_cost_split_by_length() -> None:
     lines = streams.length_lines(sweep)
     assert lines[0].startswith("| server | 20 events")  # lengths in order, as numbers
     assert "1,600 (0.50x) | 2,500 (0.80x) | 1,375 µs | 11.2 µs" in lines[3]
+    assert "fitted: once per stream" in lines[0]
