@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
 
 from router.cli import main
 from tests.helpers import eventually, sse_data
@@ -38,6 +39,10 @@ def _chunk(delta: dict[str, Any], finish: str | None = None, id_: str = "chatcmp
 
 
 async def _break(exchange: Exchange, how: str, dialect: str) -> None:
+    # The break comes after the gateway has relayed the words (its stream is committed): once
+    # every task waits. Written at once, words and error would arrive in one read, an error
+    # before the first byte, which fails over instead (test_cascade covers that).
+    await trio.testing.wait_all_tasks_blocked()
     if how == "cut":
         raise Cut
     if how == "stall":

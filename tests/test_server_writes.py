@@ -1,0 +1,102 @@
+"""router/web/server.py `write`: how every response byte leaves the gateway.
+
+A write the socket takes at once costs no scheduling round; one it cannot take at once is
+finished by a shielded `send_all`, even if the writer is cancelled meanwhile (a response is never
+left half-written on a connection that may be reused). Real TCP sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from router.web.server import write
+
+BIG = 32 * 1024 * 1024  # more than loopback's socket buffers hold: the write has to wait for room
+
+
+@asynccontextmanager
+async def connected() -> AsyncIterator[tuple[trio.SocketStream, trio.SocketStream]]:
+    """(the server's side, the client's side) of one TCP connection."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    server = await listeners[0].accept()
+    try:
+        yield server, client
+    finally:
+        await server.aclose()
+        await client.aclose()
+        await listeners[0].aclose()
+
+
+async def read_to_end(stream: trio.SocketStream) -> bytes:
+    parts = []
+    while chunk := await stream.receive_some(1 << 20):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def test_a_write_the_socket_takes_at_once_costs_no_scheduling_round() -> None:
+    async with connected() as (server, client):
+        with trio.testing.assert_no_checkpoints():
+            await write(server, b"data: {}\n\n")
+        assert await client.receive_some(100) == b"data: {}\n\n"
+
+
+async def test_a_write_larger_than_the_socket_holds_arrives_whole_and_in_order() -> None:
+    payload = bytes(range(256)) * (BIG // 256)
+    async with connected() as (server, client):
+        async with trio.open_nursery() as nursery:
+            received: list[bytes] = []
+
+            async def reader() -> None:
+                received.append(await read_to_end(client))
+
+            nursery.start_soon(reader)
+            await write(server, payload)
+            await write(server, b"after")
+            await server.send_eof()
+    assert received == [payload + b"after"]
+
+
+async def test_a_cancelled_writer_still_finishes_what_it_began() -> None:
+    payload = b"x" * BIG
+    async with connected() as (server, client):
+        scope = trio.CancelScope()
+        received: list[bytes] = []
+
+        async def writer() -> None:
+            with scope:
+                await write(server, payload)
+            await server.send_eof()  # the client reads to here: all of it, or what was cut
+
+        async def reader() -> None:
+            received.append(await read_to_end(client))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            await trio.testing.wait_all_tasks_blocked()  # the socket is full: the writer waits
+            scope.cancel()
+            nursery.start_soon(reader)
+    assert len(received[0]) == BIG
+
+
+async def test_writing_to_a_client_that_is_gone_is_a_broken_stream() -> None:
+    async with connected() as (server, client):
+        await client.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(100):  # the first write may still be taken; the reset follows
+                await write(server, b"data: {}\n\n")
+
+
+async def test_other_streams_write_through_send_all() -> None:
+    """TLS streams (any stream but plain TCP) take the shielded send_all: it checkpoints."""
+    left, right = trio.testing.memory_stream_pair()
+    with trio.testing.assert_checkpoints():
+        await write(left, b"hello")
+    assert await right.receive_some(100) == b"hello"
