@@ -1,8 +1,8 @@
 """router/web/server.py `write`: how every response byte leaves the gateway.
 
-A write the socket takes at once costs no scheduling round; one it cannot take at once is
-finished by a shielded `send_all`, even if the writer is cancelled meanwhile (a response is never
-left half-written on a connection that may be reused). Real TCP sockets on 127.0.0.1.
+A write the socket takes at once is made at once, then yields once; one it cannot take at once
+is finished by a shielded `send_all`, even if the writer is cancelled meanwhile (a response is
+never left half-written on a connection that may be reused). Real TCP sockets on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -41,11 +41,55 @@ async def read_to_end(stream: trio.SocketStream) -> bytes:
     return b"".join(parts)
 
 
-async def test_a_write_the_socket_takes_at_once_costs_no_scheduling_round() -> None:
+class _Steps(trio.abc.Instrument):
+    """Counts the scheduling rounds one task goes through."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_a_write_the_socket_takes_at_once_arrives_and_yields_once() -> None:
+    """Once: other connections' I/O is not held up between a response's writes, and no more
+    than send_all's own round is paid (hypercorn's lock added a second)."""
     async with connected() as (server, client):
-        with trio.testing.assert_no_checkpoints():
+        counter = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(counter)
+        try:
             await write(server, b"data: {}\n\n")
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.steps == 1
         assert await client.receive_some(100) == b"data: {}\n\n"
+
+
+async def test_a_cancelled_request_still_writes_what_it_was_given() -> None:
+    """As hypercorn's shielded send: no write is refused, or cut, by the writer's cancellation."""
+    received: list[bytes] = []
+    async with connected() as (server, client), trio.open_nursery() as nursery:
+
+        async def reader() -> None:
+            received.append(await read_to_end(client))
+
+        nursery.start_soon(reader)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await write(server, b"data: {}\n\n")
+            await write(server, b"x" * BIG)
+        assert not scope.cancelled_caught
+        await server.send_eof()
+    assert len(received[0]) == len(b"data: {}\n\n") + BIG
+
+
+async def test_nothing_to_write_is_no_write() -> None:
+    """h11 ends a body with a content-length with b"": it costs nothing, on any stream."""
+    left, _right = trio.testing.memory_stream_pair()
+    with trio.testing.assert_no_checkpoints():
+        await write(left, b"")
 
 
 async def test_a_write_larger_than_the_socket_holds_arrives_whole_and_in_order() -> None:
