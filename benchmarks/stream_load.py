@@ -18,6 +18,7 @@ import json
 import time
 
 OPENAI = b'{"model":"bench","stream":true,"messages":[{"role":"user","content":"hello"}]}'
+RESPONSES = b'{"model":"bench","stream":true,"input":"hello","store":false}'
 ANTHROPIC = (
     b'{"model":"bench","max_tokens":100,"stream":true,'
     b'"messages":[{"role":"user","content":"hello"}]}'
@@ -75,7 +76,13 @@ async def _client(port: int, request: bytes, until: float, stats: Stats) -> None
 
 
 async def run(port: int, path: str, concurrency: int, duration: float) -> dict[str, float]:
-    body = ANTHROPIC if path.endswith("/messages") else OPENAI
+    body = (
+        ANTHROPIC
+        if path.endswith("/messages")
+        else RESPONSES
+        if path.endswith("/responses")
+        else OPENAI
+    )
     request = (
         f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\n\r\n"

@@ -1,6 +1,7 @@
 """Streaming against its ceiling: events per second per core and the p99 gap between events, for
 bare hypercorn-trio relaying the upstream's stream through Cascade's own upstream pool (the
-ceiling, benchmarks/bare_relay.py) and for Cascade same-dialect and cross-dialect, both ways.
+ceiling, benchmarks/bare_relay.py) and for Cascade same-dialect, cross-dialect both ways, and
+the Responses face (`/v1/responses`, streamed from a chat completions provider).
 
     python benchmarks/streams.py [--duration 8] [--rounds 3] [--concurrency 64] [--chunks 20]
         [--interval 1ms] [--lengths 20,100,400]
@@ -37,6 +38,7 @@ SERVERS = (
     "Cascade, OpenAI",
     "Cascade, OpenAI to Anthropic",
     "Cascade, Anthropic to OpenAI",
+    "Cascade, Responses to OpenAI",
 )
 
 
@@ -68,6 +70,8 @@ def server(name: str, tmp: Path, port: int, upstream: int) -> tuple[list[str], s
         return cascade_config(tmp, "same", port, upstream, "openai"), "/v1/chat/completions"
     if name == "Cascade, OpenAI to Anthropic":
         return cascade_config(tmp, "oa", port, upstream, "anthropic"), "/v1/chat/completions"
+    if name == "Cascade, Responses to OpenAI":
+        return cascade_config(tmp, "ro", port, upstream, "openai"), "/v1/responses"
     return cascade_config(tmp, "ao", port, upstream, "openai"), "/v1/messages"
 
 
@@ -135,7 +139,7 @@ def ratios(results: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
         return statistics.median(r["events_per_core_s"] for r in results[name])
 
     ceiling = per_core("bare relay")
-    return {name: per_core(name) / ceiling for name in SERVERS}
+    return {name: per_core(name) / ceiling for name in SERVERS if name in results}
 
 
 def table_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -145,7 +149,7 @@ def table_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         "| server | content events/s | per core | vs the ceiling | p50 gap | p99 gap | errors |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in SERVERS:
+    for name in (n for n in SERVERS if n in results):  # (a stored run may have fewer)
         rows = results[name]
         per_core = statistics.median(r["events_per_core_s"] for r in rows)
         lines.append(
