@@ -47,8 +47,12 @@ async def client_leaves(
     ready: Callable[[], Awaitable[None]],
     endpoint: str = "/v1/chat/completions",
 ) -> None:
-    """Send `body`, wait until `ready()` returns, then drop the client connection."""
-    async with trio.open_nursery() as nursery, httpx.AsyncClient(base_url=gw.url) as client:
+    """Send `body`, wait until `ready()` returns, then drop the client connection.
+
+    The request task ends (cancelled, closing its response) before the client closes its pool:
+    in the other order the pool could close the socket under the task's pending read, which then
+    failed with ReadError instead of being cancelled (seen once in CI)."""
+    async with httpx.AsyncClient(base_url=gw.url) as client, trio.open_nursery() as nursery:
 
         async def request() -> None:
             async with client.stream("POST", endpoint, json=body) as response:
