@@ -130,6 +130,18 @@ async def continues(exchange: Exchange) -> None:
         await exchange.body_part(sse(usage) + b"data: [DONE]\n\n", more=False)
 
 
+async def streamed_text(gw: Any, content: str) -> str:
+    """The text the official SDK streams back for one user message to model `gpt`."""
+    sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    with trio.fail_after(10):
+        stream = await sdk.chat.completions.create(
+            model="gpt", messages=[{"role": "user", "content": content}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await sdk.close()
+    return text
+
+
 def route(**resume: Any) -> list[dict[str, Any]]:
     return [{"match": "gpt", "targets": ["first/m"], "alternatives": ["second/m2"],
              "resume": resume or True}]  # fmt: skip
@@ -257,13 +269,7 @@ async def test_a_provider_that_cannot_continue_a_prefix_is_never_asked() -> None
                "resume": True}]  # fmt: skip
     settings = {"first": {}, "plain": {}, "good": {"prefill": "prefix"}}
     async with live_gateway({"first": one, "plain": plain, "good": good}, routes, settings) as gw:
-        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
-        with trio.fail_after(10):
-            stream = await sdk.chat.completions.create(
-                model="gpt", messages=[{"role": "user", "content": "say it"}], stream=True
-            )
-            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-            await sdk.close()
+        text = await streamed_text(gw, "say it")
     assert text == ANSWER
     assert plain.exchanges == []
     assert good.exchanges[0].json["messages"][-1] == {
@@ -438,13 +444,7 @@ async def test_cascades_mock_continues_a_prefill_so_a_demo_can_resume(second: st
                   **({"prefill": "trailing"} if second == "openai" else {})},
     }  # fmt: skip
     async with live_gateway({}, routes, extra_providers=extra) as gw:
-        sdk = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
-        with trio.fail_after(10):
-            stream = await sdk.chat.completions.create(
-                model="gpt", messages=[{"role": "user", "content": "hi"}], stream=True
-            )
-            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
-            await sdk.close()
+        text = await streamed_text(gw, "hi")
     words = text.split(" ")
     assert words[0] == "[cuts]" and len(words) > 3
     assert words[1:] == [f"word{i}" for i in range(len(words) - 1)]  # none lost, none twice
