@@ -62,6 +62,9 @@ class Exchange:
         pairs = [(b"content-type", content_type.encode())]
         pairs += [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
         await self.send({"type": "http.response.start", "status": status, "headers": pairs})
+        # The head leaves now, as a real upstream's would (Cascade's server, as ASGI allows,
+        # holds it until a body part: this empty one).
+        await self.body_part(b"")
 
     async def body_part(self, data: bytes, more: bool = True) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": more})

@@ -1,20 +1,25 @@
-"""router/web/server.py `write`: how every response byte leaves the gateway.
+"""router/web/server.py: how every response byte leaves the gateway.
 
 A write the socket takes at once is made at once, then yields once; one it cannot take at once
 is finished by a shielded `send_all`, even if the writer is cancelled meanwhile (a response is
-never left half-written on a connection that may be reused). Real TCP sockets on 127.0.0.1.
+never left half-written on a connection that may be reused). A response's head waits for its
+first body part and leaves in the same write. Real TCP sockets on 127.0.0.1.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from router.web.server import write
+from router.web.asgi import lifespan
+from router.web.server import serve_asgi, write
 
 BIG = 32 * 1024 * 1024  # more than loopback's socket buffers hold: the write has to wait for room
 
@@ -144,3 +149,133 @@ async def test_other_streams_write_through_send_all() -> None:
     with trio.testing.assert_checkpoints():
         await write(left, b"hello")
     assert await right.receive_some(100) == b"hello"
+
+
+REQUEST = b"GET / HTTP/1.1\r\nhost: t\r\n\r\n"
+START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/plain")],
+}
+App = Callable[[Any, Any], Awaitable[None]]
+
+
+@asynccontextmanager
+async def served(respond: App) -> AsyncIterator[trio.SocketStream]:
+    """A client connection to Cascade's server running `respond(receive, send)` per request."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+        else:
+            await respond(receive, send)
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0))
+        client = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        try:
+            await client.send_all(REQUEST)
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def nothing_to_read(stream: trio.SocketStream) -> bool:
+    try:
+        os.read(stream.socket.fileno(), 1)  # (trio's sockets do not block)
+    except BlockingIOError:
+        return True
+    return False
+
+
+async def read_until(stream: trio.SocketStream, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = await stream.receive_some(1 << 16)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data
+
+
+async def test_a_response_head_leaves_with_its_first_body_part_in_one_write() -> None:
+    """The head is held (ASGI: not sent before a body part) and the two cost one scheduling
+    round: hypercorn alone writes them apart, a write and a round each."""
+    go, sent = trio.Event(), trio.Event()
+    steps: list[int] = []
+
+    async def respond(receive: Any, send: Any) -> None:
+        await go.wait()
+        counter = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(counter)
+        try:
+            await send(START)
+            steps.append(counter.steps)
+            await send({"type": "http.response.body", "body": b"hi", "more_body": True})
+            steps.append(counter.steps)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        sent.set()
+        await send({"type": "http.response.body", "body": b""})
+
+    with trio.fail_after(10):
+        async with served(respond) as client:
+            await trio.testing.wait_all_tasks_blocked()
+            go.set()
+            await sent.wait()
+            assert steps == [0, 1]
+            head = await read_until(client, b"\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_no_head_is_sent_before_a_body_part() -> None:
+    started, release = trio.Event(), trio.Event()
+
+    async def respond(receive: Any, send: Any) -> None:
+        await send(START)
+        started.set()
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"late"})
+
+    with trio.fail_after(10):
+        async with served(respond) as client:
+            await started.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert nothing_to_read(client)
+            release.set()
+            whole = await read_until(client, b"late\r\n0\r\n\r\n")
+    assert whole.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_an_empty_body_part_sends_the_head_alone() -> None:
+    """How an app gets its head out before it has a body (an upstream's "headers, then
+    silence"): hypercorn would drop the empty part."""
+    release = trio.Event()
+
+    async def respond(receive: Any, send: Any) -> None:
+        await send(START)
+        await send({"type": "http.response.body", "body": b"", "more_body": True})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"then"})
+
+    with trio.fail_after(10):
+        async with served(respond) as client:
+            head = await read_until(client, b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            release.set()
+            assert (await read_until(client, b"\r\n\r\n")).endswith(b"then\r\n0\r\n\r\n")
+
+
+async def test_an_app_that_fails_after_its_head_sends_the_head_then_closes() -> None:
+    """As before the head was held: the client sees the head, then the connection ends (a
+    truncated answer, never a silently empty one)."""
+
+    async def respond(receive: Any, send: Any) -> None:
+        await send(START)
+        raise RuntimeError("the app broke")
+
+    with trio.fail_after(10):
+        async with served(respond) as client:
+            whole = await read_to_end(client)
+    assert whole.startswith(b"HTTP/1.1 200 ")
+    assert whole.endswith(b"\r\n\r\n")

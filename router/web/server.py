@@ -13,12 +13,18 @@ from functools import partial
 from typing import Any
 
 import hypercorn.config
+import hypercorn.protocol
+import hypercorn.protocol.h11
 import hypercorn.trio
 import hypercorn.trio.run
 import hypercorn.trio.task_group
 import hypercorn.trio.tcp_server
 import trio
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Body, Response
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 
 _WRITE_MARGIN = 1.0  # seconds after the grace period to write streams' closing errors
 
@@ -184,8 +190,73 @@ class _TCPServer(hypercorn.trio.tcp_server.TCPServer):
             await self._initiate_server_close()
 
 
-# hypercorn's trio worker builds one TCPServer per connection from this module-level name.
+class _H11Protocol(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, holding a response's head until its first body event so
+    that both leave in one write.
+
+    hypercorn writes the head as soon as the app sends `http.response.start`, and the body with
+    the next message: two writes (and two scheduling rounds) for every answer, though an app
+    almost always sends its first body at once. ASGI lets a server wait: it "must not start
+    sending the response to the client until it has received at least one response body
+    event". An app that wants its head out before it has a body sends an empty body part
+    (`more_body: True`), which `_HTTPStream` turns into a body event that writes nothing but
+    the held head. Anything else the protocol sends (an error response, the close) sends the
+    held head first, so no byte is lost or reordered.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._write = self.send
+        self.send = self._send
+        self._holding = False
+        self._head: bytes | None = None
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if type(event) is Response and event.status_code >= 200:
+            self._holding = True
+            try:
+                await super().stream_send(event)
+            finally:
+                self._holding = False
+        else:
+            await super().stream_send(event)
+
+    async def _send(self, event: Event) -> None:
+        if self._holding and type(event) is RawData:
+            self._head = event.data
+            return
+        head = self._head
+        if head is not None:
+            self._head = None
+            if type(event) is RawData:
+                event = RawData(data=head + event.data)
+            else:
+                await self._write(RawData(data=head))
+        await self._write(event)
+
+
+class _HTTPStream(HTTPStream):
+    """hypercorn's ASGI HTTP stream, where an empty body part sends the response's held head
+    (hypercorn drops it: it writes nothing else)."""
+
+    async def app_send(self, message: Any) -> None:
+        if (
+            message is not None
+            and message["type"] == "http.response.body"
+            and not message.get("body")
+            and message.get("more_body", False)
+            and self.state == ASGIHTTPState.RESPONSE
+        ):
+            await self.send(Body(stream_id=self.stream_id, data=b""))
+            return
+        await super().app_send(message)
+
+
+# hypercorn's trio worker builds one TCPServer per connection, each connection its HTTP/1.1
+# protocol and each request its stream, from these module-level names.
 hypercorn.trio.run.TCPServer = _TCPServer  # type: ignore[misc]
+hypercorn.protocol.H11Protocol = _H11Protocol  # type: ignore[misc]
+hypercorn.protocol.h11.HTTPStream = _HTTPStream  # type: ignore[misc]
 
 
 async def serve_asgi(
