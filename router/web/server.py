@@ -1,5 +1,6 @@
 """The HTTP server under every ASGI app Cascade runs (the gateway, the mock upstreams): hypercorn's
-trio worker, through its public `hypercorn.trio.serve`, with one fix to its connection handling.
+trio worker, through its public `hypercorn.trio.serve`, with its connection handling and its
+HTTP/1.1 writes changed where they cost Cascade time or file descriptors (the classes below).
 """
 
 from __future__ import annotations
@@ -236,8 +237,8 @@ class _H11Protocol(H11Protocol):
 
 
 class _HTTPStream(HTTPStream):
-    """hypercorn's ASGI HTTP stream, where an empty body part sends the response's held head
-    (hypercorn drops it: it writes nothing else)."""
+    """hypercorn's ASGI HTTP stream, where an empty body part becomes a body event that
+    writes nothing but the held head (hypercorn drops an empty part)."""
 
     async def app_send(self, message: Any) -> None:
         if (
