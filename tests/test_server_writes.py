@@ -228,6 +228,31 @@ async def test_a_response_head_leaves_with_its_first_body_part_in_one_write() ->
     assert head.startswith(b"HTTP/1.1 200 ")
 
 
+async def test_an_answers_last_part_leaves_with_the_end_of_its_body() -> None:
+    """A chunked body's end (0 CRLF CRLF) goes in the same write as the last part. That send
+    takes two scheduling rounds: the write's, and hypercorn's notice to the app that the
+    response is done (`http.disconnect`); hypercorn alone writes the two apart, a third."""
+    steps: list[int] = []
+
+    async def respond(receive: Any, send: Any) -> None:
+        await send(START)
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        counter = _Steps(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(counter)
+        try:
+            await send({"type": "http.response.body", "body": b"bc"})
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        steps.append(counter.steps)
+
+    with trio.fail_after(10):
+        async with served(respond) as client:
+            whole = await read_until(client, b"\r\n0\r\n\r\n")
+            await trio.testing.wait_all_tasks_blocked()
+    assert steps == [2]
+    assert whole.endswith(b"1\r\na\r\n2\r\nbc\r\n0\r\n\r\n")
+
+
 async def test_no_head_is_sent_before_a_body_part() -> None:
     started, release = trio.Event(), trio.Event()
 

@@ -192,17 +192,18 @@ class _TCPServer(hypercorn.trio.tcp_server.TCPServer):
 
 
 class _H11Protocol(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol, holding a response's head until its first body event so
-    that both leave in one write.
+    """hypercorn's HTTP/1.1 protocol, holding a response's head until its first body event and
+    an answer's last body part until its end, so that each pair leaves in one write.
 
-    hypercorn writes the head as soon as the app sends `http.response.start`, and the body with
-    the next message: two writes (and two scheduling rounds) for every answer, though an app
-    almost always sends its first body at once. ASGI lets a server wait: it "must not start
-    sending the response to the client until it has received at least one response body
-    event". An app that wants its head out before it has a body sends an empty body part
-    (`more_body: True`), which `_HTTPStream` turns into a body event that writes nothing but
-    the held head. Anything else the protocol sends (an error response, the close) sends the
-    held head first, so no byte is lost or reordered.
+    hypercorn writes the head as soon as the app sends `http.response.start`, the body with the
+    next message, and a chunked body's end (`0\\r\\n\\r\\n`) apart from the last part: for a
+    streamed answer that is two writes (and two scheduling rounds) more than it needs, and one
+    more for every answer, though an app almost always sends its first body at once. ASGI lets
+    a server wait: it "must not start sending the response to the client until it has received
+    at least one response body event". An app that wants its head out before it has a body
+    sends an empty body part (`more_body: True`), which `_HTTPStream` turns into a body event
+    that writes nothing but the held head. Anything else the protocol sends (an error response,
+    the close) sends what is held first, so no byte is lost or reordered.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -210,10 +211,13 @@ class _H11Protocol(H11Protocol):
         self._write = self.send
         self.send = self._send
         self._holding = False
-        self._head: bytes | None = None
+        self._held: bytes | None = None
 
     async def stream_send(self, event: StreamEvent) -> None:
-        if type(event) is Response and event.status_code >= 200:
+        kind = type(event)
+        if (kind is Response and event.status_code >= 200) or (  # type: ignore[attr-defined]
+            kind is Body and getattr(self.stream, "ending", False)
+        ):
             self._holding = True
             try:
                 await super().stream_send(event)
@@ -223,33 +227,33 @@ class _H11Protocol(H11Protocol):
             await super().stream_send(event)
 
     async def _send(self, event: Event) -> None:
+        held = self._held
         if self._holding and type(event) is RawData:
-            self._head = event.data
+            self._held = event.data if held is None else held + event.data
             return
-        head = self._head
-        if head is not None:
-            self._head = None
+        if held is not None:
+            self._held = None
             if type(event) is RawData:
-                event = RawData(data=head + event.data)
+                event = RawData(data=held + event.data)
             else:
-                await self._write(RawData(data=head))
+                await self._write(RawData(data=held))
         await self._write(event)
 
 
 class _HTTPStream(HTTPStream):
     """hypercorn's ASGI HTTP stream, where an empty body part becomes a body event that
-    writes nothing but the held head (hypercorn drops an empty part)."""
+    writes nothing but the held head (hypercorn drops an empty part), and the last body part
+    is marked `ending`: its end follows at once (no trailers), to leave in the same write."""
+
+    ending = False
 
     async def app_send(self, message: Any) -> None:
-        if (
-            message is not None
-            and message["type"] == "http.response.body"
-            and not message.get("body")
-            and message.get("more_body", False)
-            and self.state == ASGIHTTPState.RESPONSE
-        ):
-            await self.send(Body(stream_id=self.stream_id, data=b""))
-            return
+        if message is not None and message["type"] == "http.response.body":
+            if self.state == ASGIHTTPState.RESPONSE and not message.get("more_body", False):
+                self.ending = not self.response.get("trailers", False)
+            elif not message.get("body") and self.state == ASGIHTTPState.RESPONSE:
+                await self.send(Body(stream_id=self.stream_id, data=b""))
+                return
         await super().app_send(message)
 
 
