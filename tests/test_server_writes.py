@@ -3,7 +3,8 @@
 A write the socket takes at once is made at once, then yields once; one it cannot take at once
 is finished by a shielded `send_all`, even if the writer is cancelled meanwhile (a response is
 never left half-written on a connection that may be reused). A response's head waits for its
-first body part and leaves in the same write. Real TCP sockets on 127.0.0.1.
+first body part and leaves in the same write. Requests reach the app without a scheduling
+round when its queue has room. Real TCP sockets on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import trio
 import trio.testing
 
 from router.web.asgi import lifespan
-from router.web.server import serve_asgi, write
+from router.web.server import _put, serve_asgi, write
 
 BIG = 32 * 1024 * 1024  # more than loopback's socket buffers hold: the write has to wait for room
 
@@ -229,9 +230,9 @@ async def test_a_response_head_leaves_with_its_first_body_part_in_one_write() ->
 
 
 async def test_an_answers_last_part_leaves_with_the_end_of_its_body() -> None:
-    """A chunked body's end (0 CRLF CRLF) goes in the same write as the last part. That send
-    takes two scheduling rounds: the write's, and hypercorn's notice to the app that the
-    response is done (`http.disconnect`); hypercorn alone writes the two apart, a third."""
+    """A chunked body's end (0 CRLF CRLF) goes in the same write as the last part: that send
+    takes one scheduling round, the write's (hypercorn alone writes the two apart, and took
+    one more round to tell the app the response is done)."""
     steps: list[int] = []
 
     async def respond(receive: Any, send: Any) -> None:
@@ -249,7 +250,7 @@ async def test_an_answers_last_part_leaves_with_the_end_of_its_body() -> None:
         async with served(respond) as client:
             whole = await read_until(client, b"\r\n0\r\n\r\n")
             await trio.testing.wait_all_tasks_blocked()
-    assert steps == [2]
+    assert steps == [1]
     assert whole.endswith(b"1\r\na\r\n2\r\nbc\r\n0\r\n\r\n")
 
 
@@ -304,3 +305,22 @@ async def test_an_app_that_fails_after_its_head_sends_the_head_then_closes() -> 
             whole = await read_to_end(client)
     assert whole.startswith(b"HTTP/1.1 200 ")
     assert whole.endswith(b"\r\n\r\n")
+
+
+async def test_a_message_for_the_app_is_queued_without_a_round_when_there_is_room() -> None:
+    put, get = trio.open_memory_channel[str](1)
+    with trio.testing.assert_no_checkpoints():
+        await _put(put, "http.request")
+    assert get.receive_nowait() == "http.request"
+
+
+async def test_a_message_for_a_full_queue_waits_for_room() -> None:
+    """As hypercorn's own put: the connection stops reading until the app has taken one."""
+    put, get = trio.open_memory_channel[str](1)
+    await _put(put, "first")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_put, put, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert get.statistics().current_buffer_used == 1
+        assert get.receive_nowait() == "first"
+    assert get.receive_nowait() == "second"

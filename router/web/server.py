@@ -257,11 +257,30 @@ class _HTTPStream(HTTPStream):
         await super().app_send(message)
 
 
-# hypercorn's trio worker builds one TCPServer per connection, each connection its HTTP/1.1
-# protocol and each request its stream, from these module-level names.
+class _TaskGroup(hypercorn.trio.task_group.TaskGroup):
+    """hypercorn's per-connection task group, whose channel to the app passes a message
+    without a scheduling round when it has room: hypercorn's `send` takes one for every
+    request body and every `http.disconnect`, though the task that puts reaches its own next
+    wait at once (the connection's next read, or the end of the response)."""
+
+    async def spawn_app(self, *args: Any) -> Callable[[Any], Awaitable[None]]:
+        put = await super().spawn_app(*args)
+        return partial(_put, put.__self__)  # type: ignore[attr-defined]
+
+
+async def _put(channel: trio.MemorySendChannel[Any], message: Any) -> None:
+    try:
+        channel.send_nowait(message)
+    except trio.WouldBlock:
+        await channel.send(message)
+
+
+# hypercorn's trio worker builds one TCPServer per connection, each connection its task group
+# and its HTTP/1.1 protocol, and each request its stream, from these module-level names.
 hypercorn.trio.run.TCPServer = _TCPServer  # type: ignore[misc]
 hypercorn.protocol.H11Protocol = _H11Protocol  # type: ignore[misc]
 hypercorn.protocol.h11.HTTPStream = _HTTPStream  # type: ignore[misc]
+hypercorn.trio.tcp_server.TaskGroup = _TaskGroup  # type: ignore[misc]
 
 
 async def serve_asgi(
