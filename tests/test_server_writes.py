@@ -3,8 +3,8 @@
 A write the socket takes at once is made at once, then yields once; one it cannot take at once
 is finished by a shielded `send_all`, even if the writer is cancelled meanwhile (a response is
 never left half-written on a connection that may be reused). A response's head waits for its
-first body part and leaves in the same write. Requests reach the app without a scheduling
-round when its queue has room. Real TCP sockets on 127.0.0.1.
+first body part and leaves in the same write. Messages reach the app without a scheduling
+round when they can (a queue with room, a message waiting). Real TCP sockets on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from router.web.asgi import lifespan
-from router.web.server import _put, serve_asgi, write
+from router.web.server import _get, _put, serve_asgi, write
 
 BIG = 32 * 1024 * 1024  # more than loopback's socket buffers hold: the write has to wait for room
 
@@ -324,3 +324,25 @@ async def test_a_message_for_a_full_queue_waits_for_room() -> None:
         assert get.statistics().current_buffer_used == 1
         assert get.receive_nowait() == "first"
     assert get.receive_nowait() == "second"
+
+
+async def test_the_app_takes_a_waiting_message_without_a_round() -> None:
+    put, get = trio.open_memory_channel[str](1)
+    put.send_nowait("http.request")
+    with trio.testing.assert_no_checkpoints():
+        assert await _get(get) == "http.request"
+
+
+async def test_the_app_waits_when_no_message_is_there() -> None:
+    put, get = trio.open_memory_channel[str](1)
+    got: list[str] = []
+
+    async def app() -> None:
+        got.append(await _get(get))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(app)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        put.send_nowait("http.disconnect")
+    assert got == ["http.disconnect"]

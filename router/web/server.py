@@ -259,13 +259,33 @@ class _HTTPStream(HTTPStream):
 
 class _TaskGroup(hypercorn.trio.task_group.TaskGroup):
     """hypercorn's per-connection task group, whose channel to the app passes a message
-    without a scheduling round when it has room: hypercorn's `send` takes one for every
-    request body and every `http.disconnect`, though the task that puts reaches its own next
-    wait at once (the connection's next read, or the end of the response)."""
+    without a scheduling round when it can: hypercorn's channel takes one on each side for
+    every request body and every `http.disconnect` (`send` when the queue has room, `receive`
+    when a message is waiting), though each task reaches a real wait soon after (the
+    connection's next read; the app's call upstream, or the end of its response)."""
 
-    async def spawn_app(self, *args: Any) -> Callable[[Any], Awaitable[None]]:
-        put = await super().spawn_app(*args)
+    async def spawn_app(self, app: Any, *args: Any) -> Callable[[Any], Awaitable[None]]:
+        put = await super().spawn_app(_AppReceive(app), *args)
         return partial(_put, put.__self__)  # type: ignore[attr-defined]
+
+
+class _AppReceive:
+    """The app, given a `receive` that takes a queued message without a scheduling round."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(
+        self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any
+    ) -> None:
+        await self.app(scope, partial(_get, receive.__self__), send, sync_spawn, call_soon)
+
+
+async def _get(channel: trio.MemoryReceiveChannel[Any]) -> Any:
+    try:
+        return channel.receive_nowait()
+    except trio.WouldBlock:
+        return await channel.receive()
 
 
 async def _put(channel: trio.MemorySendChannel[Any], message: Any) -> None:
