@@ -196,9 +196,9 @@ class _H11Protocol(H11Protocol):
     an answer's last body part until its end, so that each pair leaves in one write.
 
     hypercorn writes the head as soon as the app sends `http.response.start`, the body with the
-    next message, and a chunked body's end (`0\\r\\n\\r\\n`) apart from the last part: for a
-    streamed answer that is two writes (and two scheduling rounds) more than it needs, and one
-    more for every answer, though an app almost always sends its first body at once. ASGI lets
+    next message, and a chunked body's end (`0\\r\\n\\r\\n`) apart from the last part: a write
+    and a scheduling round more than needed for every answer, and one more again for a
+    streamed one, though an app almost always sends its first body at once. ASGI lets
     a server wait: it "must not start sending the response to the client until it has received
     at least one response body event". An app that wants its head out before it has a body
     sends an empty body part (`more_body: True`), which `_HTTPStream` turns into a body event
