@@ -7,6 +7,7 @@ the actor's in-flight count is back to zero, and which phase the metric recorded
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,8 +18,18 @@ import trio
 import trio.testing
 
 from actors.provider import ProviderActor
+from router.face.app import App
 from router.serving.server import Running
-from tests.helpers import Upstream, asgi_client, chat, config, eventually, gateway, status
+from tests.helpers import (
+    Upstream,
+    asgi_client,
+    chat,
+    config,
+    eventually,
+    gateway,
+    stall,
+    status,
+)
 from tests.live import Exchange, Face, FakeUpstream, chunk_event, faces, live_gateway
 
 
@@ -170,6 +181,39 @@ async def test_disconnect_during_backoff_starts_no_further_attempt(
         )
     assert up.times == [0.0]
     assert backoff == 1
+
+
+async def test_under_another_asgi_server_a_watcher_cancels_the_request() -> None:
+    """Cascade's server tells the app when the client's stream closes (the `cascade.disconnect`
+    scope extension, which every live test above goes through). Under a server without it,
+    the app's disconnect watcher reads `http.disconnect` from receive() and cancels the request,
+    its upstream call with it. Driven here as such a server would: an ASGI call, no extension."""
+    up = Upstream(stall())
+    async with gateway(config(["a"], [{"match": "gpt", "targets": ["a/m"]}]), {"a": up}) as gw:
+        messages = [{"type": "http.request", "body": json.dumps(chat()).encode()}]
+        gone = trio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+                 "headers": [(b"content-type", b"application/json")], "extensions": {}}  # fmt: skip
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(App(gw), scope, receive, send)
+                await trio.testing.wait_all_tasks_blocked()
+                assert up.active == 1  # the upstream call waits for its answer
+                gone.set()
+            # The app returned by itself: the request was cancelled, nothing was written.
+        assert (up.cancelled, gw.actors["a"].in_flight, sent) == (1, 0, [])
 
 
 def task_count() -> int:

@@ -86,9 +86,14 @@ class TrackedSend:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                if not self.finished:
-                    scope.cancel()
+                self.disconnected(scope)
                 return
+
+    def disconnected(self, scope: trio.CancelScope) -> None:
+        """The client's stream closed: the request is cancelled unless its answer was complete
+        (then the close is the server's end of the exchange)."""
+        if not self.finished:
+            scope.cancel()
 
 
 def base_headers(request_id: str, content_type: bytes = JSON) -> list[tuple[bytes, bytes]]:

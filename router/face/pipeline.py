@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, AsyncExitStack
+from functools import partial
 
 import attrs
 import trio
@@ -31,6 +32,7 @@ from router.state.budgets import Hold
 from router.telemetry.feed import Feed
 from router.units import parse_duration
 from router.web.asgi import Message, Receive, Scope, Send, header, read_body
+from router.web.server import DISCONNECT
 
 log = logging.getLogger("cascade.request")
 
@@ -129,8 +131,8 @@ class Pipeline:
             )
         before_cascade = trio.current_time() - started
         try:
-            await self.deliver(face, gateway, request, dispatch, tracked, receive, delivery,
-                               request_id, cancel)  # fmt: skip
+            await self.deliver(face, gateway, request, dispatch, tracked, (scope, receive),
+                               delivery, request_id, cancel)  # fmt: skip
         finally:
             if hold is not None and key is not None:
                 settle(gateway, hold, key, parsed, tracked, delivery)
@@ -144,7 +146,7 @@ class Pipeline:
         request: ClientRequest,
         dispatch: Dispatch,
         tracked: TrackedSend,
-        receive: Receive,
+        client: tuple[Scope, Receive],
         delivery: Delivery,
         request_id: str,
         cancel: trio.CancelScope,
@@ -152,11 +154,19 @@ class Pipeline:
         """Run the cascade and write what it gives, in the client's dialect; a client that goes
         away cancels it all (`cancel`, the request's scope), wherever it is.
 
-        The disconnect watcher runs in the server's long-lived `watchers` nursery when there is
-        one (a per-request nursery costs its opening and a wait for the watcher at its close);
-        once the answer is complete the server reports http.disconnect (the ASGI spec's answer
-        to any receive() after a response) and the watcher returns by itself."""
+        Cascade's own server says when the client's stream closes (the `cascade.disconnect`
+        scope extension): no task watches. Under another server a disconnect watcher does, in
+        the server's long-lived `watchers` nursery when there is one (a per-request nursery
+        costs its opening and a wait for the watcher at its close); once the answer is complete
+        the server reports http.disconnect (the ASGI spec's answer to any receive() after a
+        response) and the watcher returns by itself."""
         args = (face, gateway, request, dispatch, tracked, delivery, request_id)
+        scope, receive = client
+        notice = scope.get("extensions", {}).get(DISCONNECT)
+        if notice is not None:
+            notice["notify"](partial(tracked.disconnected, cancel))
+            await self._cascade(*args)
+            return
         if self.watchers is None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tracked.watch_disconnect, receive, nursery.cancel_scope)

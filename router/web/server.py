@@ -22,7 +22,7 @@ import hypercorn.trio.task_group
 import hypercorn.trio.tcp_server
 import trio
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Body, Response
+from hypercorn.protocol.events import Body, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
@@ -240,12 +240,34 @@ class _H11Protocol(H11Protocol):
         await self._write(event)
 
 
+DISCONNECT = "cascade.disconnect"  # the ASGI scope extension of `_HTTPStream.on_close`
+
+
 class _HTTPStream(HTTPStream):
     """hypercorn's ASGI HTTP stream, where an empty body part becomes a body event that
     writes nothing but the held head (hypercorn drops an empty part), and the last body part
-    is marked `ending`: its end follows at once (no trailers), to leave in the same write."""
+    is marked `ending`: its end follows at once (no trailers), to leave in the same write.
+
+    It also offers the app, as the scope extension `cascade.disconnect` ({"notify": f}), a
+    call when the stream closes: `f(callback)` has `callback()` called at once when the
+    client has gone or the response is done (or now, if that has already happened). The ASGI
+    way is a task per request that waits on `receive()` for `http.disconnect` (still sent):
+    a spawn and two scheduling rounds for every request."""
 
     ending = False
+    _on_close: Callable[[], None] | None = None
+
+    def notify_close(self, callback: Callable[[], None]) -> None:
+        if self.closed:
+            callback()
+        else:
+            self._on_close = callback
+
+    async def handle(self, event: StreamEvent) -> None:
+        if type(event) is StreamClosed and not self.closed and self._on_close is not None:
+            callback, self._on_close = self._on_close, None
+            callback()
+        await super().handle(event)
 
     async def app_send(self, message: Any) -> None:
         if message is not None and message["type"] == "http.response.body":
@@ -264,8 +286,13 @@ class _TaskGroup(hypercorn.trio.task_group.TaskGroup):
     when a message is waiting), though each task reaches a real wait soon after (the
     connection's next read; the app's call upstream, or the end of its response)."""
 
-    async def spawn_app(self, app: Any, *args: Any) -> Callable[[Any], Awaitable[None]]:
-        put = await super().spawn_app(_AppReceive(app), *args)
+    async def spawn_app(
+        self, app: Any, config: Any, scope: Any, send: Any
+    ) -> Callable[[Any], Awaitable[None]]:
+        stream = getattr(send, "__self__", None)  # the stream's app_send
+        if isinstance(stream, _HTTPStream):
+            scope["extensions"][DISCONNECT] = {"notify": stream.notify_close}
+        put = await super().spawn_app(_AppReceive(app), config, scope, send)
         return partial(_put, put.__self__)  # type: ignore[attr-defined]
 
 
