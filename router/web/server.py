@@ -240,7 +240,7 @@ class _H11Protocol(H11Protocol):
         await self._write(event)
 
 
-DISCONNECT = "cascade.disconnect"  # the ASGI scope extension of `_HTTPStream.on_close`
+DISCONNECT = "cascade.disconnect"  # the ASGI scope extension of `_HTTPStream.notify_close`
 
 
 class _HTTPStream(HTTPStream):
