@@ -216,13 +216,24 @@ class _Call:
     async def pump(
         self, response: UpstreamResponse, decoder: EventDecoder, tally: StreamTally
     ) -> tuple[Outcome, Reply]:
-        """Relay the stream's events until its end: a success if the answer was complete."""
+        """Relay the stream's events until its end: a success if the answer was complete.
+
+        When a read finds several events waiting, the upstream is ahead of the gateway: before
+        it reads again, the actor lets the relaying task write what it was handed (`_relayed`),
+        as a relay with one task reads only after its write. A busy gateway then takes what has
+        piled up meanwhile in one read, one hop and one write, not an event or two at a time. A
+        read that finds one event (a paced stream on a gateway that keeps up) reads again at
+        once: waiting would cost scheduling rounds and gain nothing."""
         reply = self.attempt.reply
         timer = self.timer
+        piled = False
         while True:
             timer.deadline = self.idle_deadline()
+            if piled:
+                await _relayed(reply)
             chunk = await response.read_chunk()
             events = decoder.feed(chunk) if chunk else decoder.finish()
+            piled = len(events) > 1
             if events:
                 tally.feed(events)
                 message = StreamEvents(tuple(events))
@@ -261,6 +272,20 @@ class _Call:
             )
         elapsed = self.elapsed()
         return Outcome(failure, min(self.ttfb, elapsed), elapsed), Failed(failure)
+
+
+_RELAY_ROUNDS = 4  # most a read waits for the relaying task, in scheduling rounds
+
+
+async def _relayed(reply: trio.MemorySendChannel[Reply]) -> None:
+    """Return once the reply channel's reader has taken everything and waits for more (it has
+    written what it took), or after `_RELAY_ROUNDS` scheduling rounds (a slow client, a reader
+    busy elsewhere). The rounds do not look for cancellation: the read right after them does."""
+    for _ in range(_RELAY_ROUNDS):
+        seen = reply.statistics()
+        if seen.tasks_waiting_receive and not seen.current_buffer_used:
+            return
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 class ProviderActor:

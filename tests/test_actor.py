@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from functools import partial
+
 import httpx
 import pytest
 import trio
@@ -352,3 +355,74 @@ async def test_rpm_and_tpm_windows_are_bounded_without_limits(
         await attempt(actor, request())
         await trio.sleep(1)
     assert len(actor.admission.rpm) <= 61 and len(actor.admission.tpm) <= 61
+
+
+async def _request_read(stream: trio.SocketStream) -> None:
+    """Take one request off an upstream connection: its head, then its content-length body."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        buffer += await stream.receive_some(65536)
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    length = next(
+        int(value)
+        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        if name.strip().lower() == b"content-length"
+    )
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+
+
+def _framed(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _texts(reply: Reply) -> list[str]:
+    assert isinstance(reply, StreamEvents)
+    return [json.loads(e.data)["choices"][0]["delta"]["content"] for e in reply.events]
+
+
+async def test_events_that_pile_up_are_read_together_once_the_relay_has_written(
+    nursery: trio.Nursery,
+) -> None:
+    """A read that finds several events means the upstream is ahead of the gateway. The actor
+    then reads again only when the relaying side has taken what it was sent and waits for more,
+    as a relay with one task reads after its write: what arrived meanwhile comes in one read and
+    one message, not an event at a time. Real sockets on 127.0.0.1; the test is the relaying
+    side and writes the upstream's answer itself."""
+    connections_in, connections = trio.open_memory_channel[trio.SocketStream](1)
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        await connections_in.send(stream)
+        await trio.sleep_forever()  # the test writes the answer
+
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    config = Config.from_mapping(
+        {
+            "providers": {"p": {"base_url": f"http://127.0.0.1:{port}/v1"}},
+            "routes": [{"match": "m", "targets": ["p/m"]}],
+        }
+    )
+    actor = ProviderActor(config.providers["p"], Metrics().provider("p"), wire=WIRE)
+    await nursery.start(actor.run)
+    reply, replies = trio.open_memory_channel[Reply](16)
+    with trio.fail_after(10):
+        await actor.inbox.send(Attempt(request(stream=True), reply, trio.CancelScope()))
+        up = await connections.receive()
+        await _request_read(up)
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        await up.send_all(head + b"transfer-encoding: chunked\r\n\r\n" + _framed(chunk("w0")))
+        assert isinstance(await replies.receive(), StreamStart)
+        await up.send_all(_framed(chunk("w1") + chunk("w2")))  # one write: found in one read
+        assert _texts(await replies.receive()) == ["w1", "w2"]
+        for i in range(3, 19, 2):
+            # Two writes a scheduling round apart, while the relaying side has not yet come
+            # back for more. Read as they arrive, the two would land in separate messages in
+            # about half of the rounds (trio orders each batch of tasks at random).
+            await up.send_all(_framed(chunk(f"w{i}")))
+            await up.send_all(_framed(chunk(f"w{i + 1}")))
+            assert _texts(await replies.receive()) == [f"w{i}", f"w{i + 1}"]
+        await up.send_all(_framed(chunk("", finish="stop") + b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        last = await replies.receive()
+        assert isinstance(last, StreamEvents) and last.events[-1].data == b"[DONE]"
+        assert isinstance(await replies.receive(), StreamEnd)
