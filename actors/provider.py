@@ -222,8 +222,8 @@ class _Call:
         it reads again, the actor lets the relaying task write what it was handed (`_relayed`),
         as a relay with one task reads only after its write. A busy gateway then takes what has
         piled up meanwhile in one read, one hop and one write, not an event or two at a time. A
-        read that finds one event (a paced stream on a gateway that keeps up) reads again at
-        once: waiting would cost scheduling rounds and gain nothing."""
+        read that finds one event (a paced stream on a gateway that keeps up), or the body's
+        end, reads again at once: waiting would cost scheduling rounds and gain nothing."""
         reply = self.attempt.reply
         timer = self.timer
         piled = False
@@ -233,7 +233,7 @@ class _Call:
                 await _relayed(reply)
             chunk = await response.read_chunk()
             events = decoder.feed(chunk) if chunk else decoder.finish()
-            piled = len(events) > 1
+            piled = len(events) > 1 and not response.at_end()  # (the end needs no company)
             if events:
                 tally.feed(events)
                 message = StreamEvents(tuple(events))
