@@ -418,7 +418,8 @@ async def test_events_that_pile_up_are_read_together_once_the_relay_has_written(
         for i in range(3, 19, 2):
             # Two writes a scheduling round apart, while the relaying side has not yet come
             # back for more. Read as they arrive, the two would land in separate messages in
-            # about half of the rounds (trio orders each batch of tasks at random).
+            # about half of the rounds (trio orders each batch of tasks at random). The actor
+            # waits at most 4 scheduling rounds; the two writes and this receive take 3.
             await up.send_all(_framed(chunk(f"w{i}")))
             await up.send_all(_framed(chunk(f"w{i + 1}")))
             assert _texts(await replies.receive()) == [f"w{i}", f"w{i + 1}"]
