@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anthropic
+import httpx
 import openai
 import pytest
 import trio
@@ -199,3 +200,24 @@ async def test_the_mock_plays_azure_and_bedrock(monkeypatch: pytest.MonkeyPatch)
     )
     assert translated.choices[0].message.content.startswith("[br] word0")
     assert streamed.content[0].text.startswith("[br] word0")  # type: ignore[union-attr]
+
+
+async def test_a_cut_drops_the_connection_and_logs_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`cut_rate` cuts an answer mid-body, streamed or not: the gateway sees the connection drop.
+    The mock leaves its response unfinished rather than raising through the server, so the
+    demo's log has no traceback for a fault it plays on purpose."""
+    extra = {"cuts": {"mock": {"cut_rate": 1.0, "chunks": 6}}}
+    routes = [{"match": "*", "targets": ["cuts/m"]}]
+    with trio.fail_after(20):
+        async with live_gateway({}, routes, extra_providers=extra) as gw:
+            async with httpx.AsyncClient(base_url=gw.url) as http:
+                body = {"model": "gpt", "messages": HELLO}
+                whole = await http.post("/v1/chat/completions", json=body)
+                streamed = await http.post("/v1/chat/completions", json={**body, "stream": True})
+    assert whole.status_code == 502
+    assert {a["error_type"] for a in whole.json()["error"]["attempts"]} == {"stream_cut"}
+    assert streamed.status_code == 200 and '"code": "stream_cut"' in streamed.text
+    assert "[DONE]" not in streamed.text
+    assert "Error in ASGI Framework" not in caplog.text
