@@ -234,6 +234,31 @@ def sse_data(text: str) -> list[str]:
     return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
 
 
+async def read_request(
+    stream: trio.abc.ReceiveStream, buffer: bytes = b""
+) -> tuple[bytes, bytes] | None:
+    """One HTTP/1.1 request off the server side of a connection (its head and its
+    content-length body) and the bytes after it; None when the peer closes before a whole one.
+    `buffer`: what an earlier read left over."""
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        rest += data
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
 async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
     """Wait (bounded) until `predicate()` holds.
 

@@ -25,7 +25,7 @@ from actors.provider import ProviderActor
 from router.config import Config
 from router.dialects.openai import WIRE
 from router.telemetry.metrics import Metrics
-from tests.helpers import Upstream, chunk, ok, stall, status, stream
+from tests.helpers import Upstream, chunk, ok, read_request, stall, status, stream
 
 TERMINAL = (Refused, Response, Failed, StreamEnd)
 
@@ -357,21 +357,6 @@ async def test_rpm_and_tpm_windows_are_bounded_without_limits(
     assert len(actor.admission.rpm) <= 61 and len(actor.admission.tpm) <= 61
 
 
-async def _request_read(stream: trio.SocketStream) -> None:
-    """Take one request off an upstream connection: its head, then its content-length body."""
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        buffer += await stream.receive_some(65536)
-    head, _, body = buffer.partition(b"\r\n\r\n")
-    length = next(
-        int(value)
-        for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
-        if name.strip().lower() == b"content-length"
-    )
-    while len(body) < length:
-        body += await stream.receive_some(65536)
-
-
 def _framed(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
@@ -409,7 +394,7 @@ async def test_events_that_pile_up_are_read_together_once_the_relay_has_written(
     with trio.fail_after(10):
         await actor.inbox.send(Attempt(request(stream=True), reply, trio.CancelScope()))
         up = await connections.receive()
-        await _request_read(up)
+        assert await read_request(up) is not None
         head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
         await up.send_all(head + b"transfer-encoding: chunked\r\n\r\n" + _framed(chunk("w0")))
         assert isinstance(await replies.receive(), StreamStart)

@@ -16,7 +16,7 @@ import trio
 import trio.lowlevel
 
 from actors.http1 import HTTP1Transport, _readable
-from tests.helpers import eventually
+from tests.helpers import eventually, read_request
 
 # An answer: the bytes to send, then whether to close the connection afterwards.
 Script = Callable[[int], tuple[bytes, bool]]
@@ -35,21 +35,11 @@ class RawServer:
         buffer = b""
         async with stream:
             while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, rest = buffer.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(rest) < length:
-                    rest += await stream.receive_some(65536)
-                self.requests.append(head + b"\r\n\r\n" + rest[:length])
-                buffer = rest[length:]
+                read = await read_request(stream, buffer)
+                if read is None:
+                    return
+                request, buffer = read
+                self.requests.append(request)
                 answer, close = self.script(len(self.requests))
                 if answer:
                     await stream.send_all(answer)
