@@ -28,6 +28,15 @@ By default the upstream writes a stream's events at once, so they arrive in one 
 be wide), which is what a real model's stream does and what benchmarks/streams.py measures:
 there, the per-read work (the actor's hop to the relay, a write per event) counts 20 times.
 
+`--saturate N` counts streams the way a saturated server serves them: `N` streams at once
+(benchmarks/stream_load.py) for `--seconds`, after a warm-up as long, the count zeroed and dumped
+around the window (`callgrind_control`), divided by the streams completed in it. One stream at a
+time, each read finds what the upstream has sent since the last; with many at once, a server
+reads and writes less often per stream, and how much less is what this counts. Use it with
+`--stream --interval 50ms` (1 ms apart at the server's native speed, as benchmarks/streams.py);
+the window's streams start and end inside it, but how a run batches moves the result a few
+percent, so compare a few runs.
+
 `--clouds` adds Cascade with an Azure OpenAI target (its deployment path, `api-key` header) and
 with a Claude-on-Bedrock target (its body rewritten and SigV4-signed by botocore per request, from
 fixed credentials in the environment), both against the same canned upstream.
@@ -127,6 +136,44 @@ def instructions(
     return int(m.group(1).replace(",", ""))
 
 
+def saturated(
+    cmd: list[str], port: int, path: str, tmp: Path, streams: int, seconds: float
+) -> float:
+    """Instructions per stream with `streams` at once, over a window of `seconds` (`--saturate`)."""
+    out = tmp / "callgrind-saturated.out"
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    load = [PYTHON, str(HERE / "stream_load.py"), "--port", str(port), "--path", path]
+    load += ["-c", str(streams), "-d", str(seconds)]
+    try:
+        send(port, 1, call=STREAM)  # (waits until the server listens)
+        subprocess.run(load, check=True, capture_output=True, timeout=seconds * 4 + 120)
+        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        done = subprocess.run(load, check=True, capture_output=True, timeout=seconds * 4 + 120)
+        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    result = json.loads(done.stdout)
+    if result["errors"]:
+        raise RuntimeError(f"stream errors under load: {result}")
+    dumps = sorted(tmp.glob("callgrind-saturated.out.*"))  # .1: the dump of the window
+    m = re.search(r"^(?:summary|totals): (\d+)", dumps[0].read_text(errors="replace"), re.M)
+    if not m:
+        raise RuntimeError(f"no instruction count in {dumps[0]}")
+    for dump in [out, *dumps]:
+        dump.unlink(missing_ok=True)
+    return int(m.group(1)) / (result["streams_per_s"] * result["seconds"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,6 +188,8 @@ def main() -> int:
     p.add_argument("--clouds", action="store_true", help="also: Azure and Bedrock targets")
     p.add_argument("--stream", action="store_true", help="also: streamed, with and without resume")
     p.add_argument("--interval", default="0", help="between a stream's events (e.g. 20ms)")
+    p.add_argument("--saturate", type=int, help="streams only: this many at once (see above)")
+    p.add_argument("--seconds", type=float, default=30.0, help="--saturate's window")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -243,6 +292,13 @@ def main() -> int:
                 if "streamed" in name
                 else CHAT
             )
+            if args.saturate:
+                if call is not STREAM:
+                    continue
+                results[name] = saturated(cmd, port, call[0], tmp, args.saturate, args.seconds)
+                print(f"{name}, {args.saturate} at once: {results[name] / 1e6:.3f} M "
+                      "instructions per stream", flush=True)  # fmt: skip
+                continue
             low = instructions(cmd, port, args.warmup, tmp, sent, call)
             high = instructions(cmd, port, args.warmup + args.requests, tmp, sent, call)
             results[name] = (high - low) / args.requests
