@@ -41,7 +41,9 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buffer = self._buffer + chunk
-        if b"\r" in buffer:
+        # (`find`, not `in`, on every read and event: CPython 3.11's `bytes.__contains__` first
+        # tries its argument as an integer and builds and drops a TypeError before it searches.)
+        if buffer.find(b"\r") >= 0:
             # A trailing CR may be half of a CRLF split across chunks: keep it for the next feed.
             keep_cr = buffer.endswith(b"\r")
             if keep_cr:
@@ -61,7 +63,7 @@ class SSEDecoder:
         rest = blocks.pop()  # after the last blank line: an event not complete yet
         events: list[SSEEvent] = []
         for block in blocks:
-            if block.startswith(b"data: ") and b"\n" not in block:
+            if block.startswith(b"data: ") and block.find(b"\n") < 0:
                 events.append(SSEEvent(block[6:]))
                 continue
             if block.startswith(b"event: "):

@@ -220,7 +220,7 @@ def frame(events: tuple[SSEEvent, ...] | list[SSEEvent]) -> bytes:
     """SSE bytes for the client: one `data:` line per data line, a blank line after each event."""
     out = []
     for event in events:
-        if b"\n" in event.data:
+        if event.data.find(b"\n") >= 0:  # (not `in`: see actors/sse.py, SSEDecoder.feed)
             out.append(
                 b"".join(b"data: " + line + b"\n" for line in event.data.split(b"\n")) + b"\n"
             )
