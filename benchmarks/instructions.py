@@ -60,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -104,6 +105,29 @@ def send(
     conn.close()
 
 
+@contextlib.contextmanager
+def callgrind(cmd: list[str], out: Path) -> Iterator[tuple[int, list[str]]]:
+    """Run the server `cmd` under callgrind (its counts to `out`) for the block, then stop it
+    (SIGTERM). Yields its pid and a list that holds valgrind's stderr once it has exited."""
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    err: list[str] = []
+    try:
+        yield proc.pid, err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            err.append(proc.communicate(timeout=120)[1])
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+
+
 def instructions(
     cmd: list[str],
     port: int,
@@ -113,26 +137,11 @@ def instructions(
     call: tuple[str, bytes] = CHAT,
 ) -> int:
     """Total instructions the server executes from start to exit, having served `count`."""
-    out = tmp / "callgrind.out"
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
+    with callgrind(cmd, tmp / "callgrind.out") as (_, err):
         send(port, count, key=key, call=call)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    m = re.search(r"Collected : ([\d,]+)", err)
+    m = re.search(r"Collected : ([\d,]+)", err[0])
     if not m:
-        raise RuntimeError(f"no instruction count from valgrind:\n{err[-2000:]}")
+        raise RuntimeError(f"no instruction count from valgrind:\n{err[0][-2000:]}")
     return int(m.group(1).replace(",", ""))
 
 
@@ -141,27 +150,14 @@ def saturated(
 ) -> float:
     """Instructions per stream with `streams` at once, over a window of `seconds` (`--saturate`)."""
     out = tmp / "callgrind-saturated.out"
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
     load = [PYTHON, str(HERE / "stream_load.py"), "--port", str(port), "--path", path]
     load += ["-c", str(streams), "-d", str(seconds)]
-    try:
+    with callgrind(cmd, out) as (pid, _):
         send(port, 1, call=STREAM)  # (waits until the server listens)
         subprocess.run(load, check=True, capture_output=True, timeout=seconds * 4 + 120)
-        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
         done = subprocess.run(load, check=True, capture_output=True, timeout=seconds * 4 + 120)
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     result = json.loads(done.stdout)
     if result["errors"]:
         raise RuntimeError(f"stream errors under load: {result}")
