@@ -108,24 +108,27 @@ def send(
 @contextlib.contextmanager
 def callgrind(cmd: list[str], out: Path) -> Iterator[tuple[int, list[str]]]:
     """Run the server `cmd` under callgrind (its counts to `out`) for the block, then stop it
-    (SIGTERM). Yields its pid and a list that holds valgrind's stderr once it has exited."""
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    (SIGTERM). Yields its pid and a list that holds valgrind's stderr once it has exited (kept
+    in a file meanwhile: a pipe nobody reads could fill with the server's log and stall it)."""
+    log = out.with_name(out.name + ".stderr")
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            cwd=ROOT,
+        )
     err: list[str] = []
     try:
         yield proc.pid, err
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            err.append(proc.communicate(timeout=120)[1])
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+        err.append(log.read_text(errors="replace"))
 
 
 def instructions(
