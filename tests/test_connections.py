@@ -8,11 +8,15 @@ import os
 import resource
 import socket
 import struct
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from router.serving.server import raise_fd_limit
+from router.web.server import _IdleTimer
 from tests.helpers import chat, eventually
 from tests.live import Exchange, FakeUpstream, answers, live_gateway
 
@@ -106,6 +110,41 @@ async def test_keep_alive_counts_from_the_last_answer_and_never_cuts_a_request()
                 answered = trio.current_time()
                 assert await stream.receive_some(1) == b""
                 assert trio.current_time() - answered >= 0.3
+
+
+class _Connection:
+    """What `_IdleTimer` uses of hypercorn's TCPServer and its task group, and when it closed."""
+
+    def __init__(self, keep_alive: float, nursery: trio.Nursery) -> None:
+        self.config = SimpleNamespace(keep_alive_timeout=keep_alive)
+        self.context = SimpleNamespace(terminated=trio.Event())
+        self.client_closed = False
+        self._nursery = nursery  # (as the task group)
+        self.closed_at: float | None = None
+
+    async def close_now(self) -> None:
+        self.closed_at = trio.current_time()
+
+
+async def test_the_keep_alive_timer_closes_exactly_a_keep_alive_after_the_last_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request's start and end only note the time; each time the timer's deadline passes, it
+    looks again at when the connection turned idle. Keep-alive 10 s: idle at 0, requests from 4
+    to 16 and from 19 to 21. Its deadline passes at 10 and 20 mid-request, and at 30 idle for
+    9 s only: the connection closes at 31, exactly 10 s after the last answer."""
+    async with trio.open_nursery() as nursery:
+        connection = _Connection(10.0, nursery)
+        timer = _IdleTimer(connection)  # type: ignore[arg-type]
+        group: Any = connection
+        await timer.restart(group, None)
+        for busy, idle in ((4, 16), (19, 21)):
+            await trio.sleep_until(busy)
+            await timer.stop()
+            await trio.sleep_until(idle)
+            await timer.restart(group, None)
+        await trio.sleep(60)
+    assert connection.closed_at == 31.0
 
 
 async def test_a_body_that_never_arrives_is_a_408() -> None:
