@@ -164,11 +164,11 @@ def saturated(
     result = json.loads(done.stdout)
     if result["errors"]:
         raise RuntimeError(f"stream errors under load: {result}")
-    dumps = sorted(tmp.glob("callgrind-saturated.out.*"))  # .1: the dump of the window
+    dumps = sorted(tmp.glob("callgrind-saturated.out.[0-9]*"))  # .1: the dump of the window
     m = re.search(r"^(?:summary|totals): (\d+)", dumps[0].read_text(errors="replace"), re.M)
     if not m:
         raise RuntimeError(f"no instruction count in {dumps[0]}")
-    for dump in [out, *dumps]:
+    for dump in [out, out.with_name(out.name + ".stderr"), *dumps]:
         dump.unlink(missing_ok=True)
     return int(m.group(1)) / (result["streams_per_s"] * result["seconds"])
 
