@@ -5,6 +5,7 @@ official openai SDK through the gateway, as an application trying the demo would
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,11 @@ import httpx
 import openai
 import pytest
 import trio
+import trio.testing
 
+from router.config import MockSettings
+from router.tools.mock import MockUpstream
+from router.web.server import serve_asgi
 from tests.live import SDK_LEFTOVERS, live_gateway
 
 pytestmark = SDK_LEFTOVERS
@@ -221,3 +226,41 @@ async def test_a_cut_drops_the_connection_and_logs_no_error(
     assert streamed.status_code == 200 and '"code": "stream_cut"' in streamed.text
     assert "[DONE]" not in streamed.text
     assert "Error in ASGI Framework" not in caplog.text
+
+
+async def test_a_stall_never_answers_and_ends_when_its_client_leaves() -> None:
+    """`stall_rate` takes the request and never answers; once the client (the gateway, which
+    gave up on it) has gone, the mock's request ends and its socket closes. It used to sleep
+    forever: every stall left a socket in CLOSE_WAIT, and a long fault mix ran the process
+    that hosts the demo's mocks out of file descriptors."""
+    mock = MockUpstream(MockSettings(stall_rate=1.0))
+    ended = trio.Event()
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        try:
+            await mock(scope, receive, send)
+        finally:
+            if scope["type"] == "http":
+                ended.set()
+
+    body = json.dumps({"model": "m", "messages": HELLO}).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-type: application/json"
+        b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve_asgi, app, "127.0.0.1", 0)
+            # A plain socket: on loopback, connecting and sending a small request do not block.
+            client = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+            try:
+                client.sendall(request)
+                await trio.testing.wait_all_tasks_blocked()
+                assert mock.requests == 1  # taken, and stalled:
+                with pytest.raises(BlockingIOError):  # nothing was answered
+                    client.recv(1, socket.MSG_DONTWAIT)
+                assert not ended.is_set()
+            finally:
+                client.close()
+            await ended.wait()
+            nursery.cancel_scope.cancel()

@@ -1,8 +1,8 @@
 """A mock OpenAI-compatible upstream with fault injection: `cascade mock`, demo and test providers.
 
 Faults are drawn per request from one seeded rng, in this order: 429 (with or without
-Retry-After), 500, stall (accepts the request, never answers) and cut (the body stops mid-way
-and the connection drops). Everything else is a normal answer after `latency`.
+Retry-After), 500, stall (accepts the request, never answers, and lets go once its client has
+gone) and cut (the body stops mid-way and the connection drops). Everything else is a normal answer after `latency`.
 
 It answers like a model in an agent loop: when tools are offered and the conversation ends with
 the user's own words, it calls a tool (the one tool_choice names, else the one the user's last
@@ -36,9 +36,10 @@ _MAX_BODY = 64 * 1024 * 1024
 
 
 class _Cut(Exception):
-    """Raised mid-response to end the app there. `MockUpstream` returns with the response
-    unfinished, and the server drops the connection: a cut on the wire, and no traceback in the
-    log for a fault played on purpose."""
+    """Raised to end the app where it is: mid-response (a cut), or unanswered (a stall whose
+    client has gone). `MockUpstream` returns with the response unfinished, and the server drops
+    the connection: a cut on the wire, and no traceback in the log for a fault played on
+    purpose."""
 
 
 class MockUpstream:
@@ -67,7 +68,7 @@ class MockUpstream:
         path = scope["path"]
         bedrock = _BEDROCK.match(path)
         if bedrock is not None:
-            await self._bedrock(scope, send, body, unquote(bedrock[1]), bedrock[2])
+            await self._bedrock(scope, receive, send, body, unquote(bedrock[1]), bedrock[2])
             return
         anthropic = path.endswith("/v1/messages")
         if not anthropic and not path.endswith("/chat/completions"):
@@ -84,9 +85,11 @@ class MockUpstream:
             await _error(send, 400, "bad request", "invalid_request_error", anthropic)
             return
         self.requests += 1
-        await self._answer(send, plan)
+        await self._answer(receive, send, plan)
 
-    async def _bedrock(self, scope: Scope, send: Any, body: bytes, model: str, action: str) -> None:
+    async def _bedrock(
+        self, scope: Scope, receive: Any, send: Any, body: bytes, model: str, action: str
+    ) -> None:
         """Claude on Bedrock: a signed call (SigV4's Authorization header; the signature is
         not checked), the model in the path, the answer or its binary event stream."""
         authorization = _header(scope, b"authorization")
@@ -105,12 +108,12 @@ class MockUpstream:
                         {"x-amzn-errortype": "ValidationException"})  # fmt: skip
             return
         self.requests += 1
-        await self._answer(send, attrs.evolve(plan, bedrock=True))
+        await self._answer(receive, send, attrs.evolve(plan, bedrock=True))
 
-    async def _answer(self, send: Any, plan: _Planned) -> None:
+    async def _answer(self, receive: Any, send: Any, plan: _Planned) -> None:
         if self.settings.latency:
             await trio.sleep(self.settings.latency)
-        cut = await self._fault(send, plan, self.rng.random())
+        cut = await self._fault(receive, send, plan, self.rng.random())
         if cut is None:
             return  # answered with an error
         ident = f"msg_mock{self.requests}" if plan.anthropic else f"chatcmpl-mock{self.requests}"
@@ -133,9 +136,10 @@ class MockUpstream:
             return
         await self._stream(send, frames, cut)
 
-    async def _fault(self, send: Any, plan: _Planned, roll: float) -> bool | None:
-        """The fault `roll` falls on: a 429 or a 500 (answered here: None), a stall (never
-        returns), or whether the answer is to be cut half-way."""
+    async def _fault(self, receive: Any, send: Any, plan: _Planned, roll: float) -> bool | None:
+        """The fault `roll` falls on: a 429 or a 500 (answered here: None), a stall (no answer
+        ever: ends the request once the client has gone), or whether the answer is to be cut
+        half-way."""
         s = self.settings
         if roll < s.rate_429:
             headers = {} if s.retry_after is None else {"retry-after": f"{s.retry_after:g}"}
@@ -156,7 +160,11 @@ class MockUpstream:
             return None
         roll -= s.error_rate
         if roll < s.stall_rate:
-            await trio.sleep_forever()
+            # The body has been read, so the next message is the client's disconnect. Waiting
+            # for it, not forever, closes the connection the client left (else CLOSE_WAIT).
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            raise _Cut()
         return roll - s.stall_rate < s.cut_rate
 
     async def _stream(
