@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -504,6 +504,13 @@ def report(results: dict[str, Any]) -> str:
         f"- whole run: {info['elapsed']:.0f} s",
         "",
     ]
+    rounds = r.get("interleaved", [])
+
+    def median_ratio(a: str, b: str, c: int) -> float | None:
+        ratios = sorted(x[a][c] / x[b][c] for x in rounds if a in x and b in x and x[b][c])
+        return ratios[len(ratios) // 2] if ratios else None
+
+    lines += headline(r, median_ratio)
 
     def table(title: str, keys: list[tuple[str, str]], extra: str = "") -> None:
         levels = sorted({c for k, _ in keys for c in r.get(k, {})})
@@ -582,12 +589,6 @@ def report(results: dict[str, Any]) -> str:
 
     def get(key: str, c: int, field: str) -> float:
         return float(r.get(key, {}).get(c, {}).get(field, 0.0))
-
-    rounds = r.get("interleaved", [])
-
-    def median_ratio(a: str, b: str, c: int) -> float | None:
-        ratios = sorted(x[a][c] / x[b][c] for x in rounds if a in x and b in x and x[b][c])
-        return ratios[len(ratios) // 2] if ratios else None
 
     if rounds:
         lines += [
@@ -687,7 +688,7 @@ def report(results: dict[str, Any]) -> str:
         target("streaming, same dialect >= 0.7 x the ceiling", f"{same:.2f}x", same >= 0.7)
         if "stream_lengths" in r:
             for n, cost in sorted(r["stream_lengths"].items(), key=lambda item: int(item[0])):
-                if n != "20":
+                if int(n) != 20:
                     share = cost["bare relay"] / cost["Cascade, OpenAI"]
                     target(f"(the same, {n}-event answers)", f"{share:.2f}x", share >= 0.7)
         target("streaming, cross dialect >= 0.5 x the ceiling", f"{cross:.2f}x", cross >= 0.5)
@@ -699,6 +700,59 @@ def report(results: dict[str, Any]) -> str:
     )
     lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def headline(r: dict[str, Any], median_ratio: Callable[[str, str, int], float | None]) -> list[str]:
+    """The ratios first: the interleaved ones (servers in turn, the median of the rounds),
+    streams against their ceiling, and the latency Cascade adds."""
+    rows: list[tuple[str, str]] = []
+    if r.get("interleaved"):
+        for other, name, form in (
+            ("bare", "bare hypercorn-trio", ".2f"),
+            ("litellm", "LiteLLM proxy", ".1f"),
+        ):
+            medians = (median_ratio("cascade", other, c) for c in (16, 64))
+            shown = " / ".join(format(m, form) + "x" if m else "-" for m in medians)
+            rows.append(
+                (f"Cascade / {name}, non-streamed, c=16 / c=64 (interleaved medians)", shown)
+            )
+    if "stream_ceiling" in r:
+        from streams import ratios
+
+        share = ratios(r["stream_ceiling"])
+        for server, who in (
+            ("Cascade, OpenAI", "same dialect"),
+            ("Cascade, OpenAI to Anthropic", "OpenAI clients, Anthropic provider"),
+            ("Cascade, Anthropic to OpenAI", "Anthropic clients, OpenAI provider"),
+            ("Cascade, Responses to OpenAI", "Responses clients, OpenAI provider"),
+        ):
+            if server in share:
+                label = f"Cascade / the streaming ceiling, 20-event streams, {who}"
+                rows.append((label, f"{share[server]:.2f}x"))
+    longer = sorted((int(n), c) for n, c in r.get("stream_lengths", {}).items() if int(n) != 20)
+    if longer:
+        lengths = " / ".join(str(n) for n, _ in longer)
+        shares = " / ".join(f"{c['bare relay'] / c['Cascade, OpenAI']:.2f}x" for _, c in longer)
+        rows.append((f"the same, same dialect, {lengths}-event streams", shares))
+    slow, direct = (r.get(k, {}).get(1) for k in ("slow/cascade-1w", "slow/direct"))
+    if slow and direct:
+        added = f"+{slow['p50_ms'] - direct['p50_ms']:.2f} ms"
+        if floor := r.get("slow/bare-hypercorn", {}).get(1):
+            added += f" (the stack alone: +{floor['p50_ms'] - direct['p50_ms']:.2f} ms)"
+        rows.append(("latency Cascade adds at c=1 over a 50 ms upstream, p50", added))
+    if not rows:
+        return []
+    return [
+        "## Headline",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in rows),
+        "",
+        "Every target, met or not, is in [Targets](#targets); why those not met are not, in"
+        " [Targets not met, and why](#targets-not-met-and-why).",
+        "",
+    ]
 
 
 def raw_results(results: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,3 +60,70 @@ def test_stream_cost_split_by_length() -> None:
     assert lines[0].startswith("| server | 20 events")  # lengths in order, as numbers
     assert "1,600 (0.50x) | 2,500 (0.80x) | 1,375 µs | 11.2 µs" in lines[3]
     assert "fitted: once per stream" in lines[0]
+
+
+def _stream_row(per_core: float) -> dict[str, float]:
+    return {"events_per_core_s": per_core, "content_events_per_s": per_core, "gap_p50_ms": 0.0,
+            "gap_p99_ms": 8.0, "errors": 0}  # fmt: skip
+
+
+def test_the_page_leads_with_the_ratios_and_rerenders_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The headline gives the interleaved medians, the streams against their ceiling and the
+    added latency; a page re-rendered from its stored results (whose numeric keys come back as
+    integers) lists the same targets as the page first written."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # run.py imports streams.py
+    import run
+
+    point = {"rps": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0}
+    results = {
+        "meta": {
+            "cpu": "cpu",
+            "os": "os",
+            "python": "3.11",
+            "versions": "v",
+            "commit": "abc",
+            "tool": "wrk",
+            "duration": 8,
+            "proxy_cpus": "0",
+            "client_cpus": "1",
+            "elapsed": 1,
+        },
+        "slow/direct": {1: {**point, "p50_ms": 50.5}},  # (levels are numbers, as in a run)
+        "slow/bare-hypercorn": {1: {**point, "p50_ms": 51.5}},
+        "slow/cascade-1w": {1: {**point, "p50_ms": 52.0}},
+        "interleaved": [
+            {
+                "bare": {16: 2000.0, 64: 1800.0},
+                "cascade": {16: 1200.0, 64: 1350.0},
+                "litellm": {16: 60.0, 64: 90.0},
+            }
+            for _ in range(3)
+        ],
+        "stream_ceiling": {
+            "bare relay": [_stream_row(20000.0)],
+            "Cascade, OpenAI": [_stream_row(12000.0)],
+            "Cascade, OpenAI to Anthropic": [_stream_row(11000.0)],
+            "Cascade, Anthropic to OpenAI": [_stream_row(10000.0)],
+        },
+        "stream_lengths": {
+            "20": {"bare relay": 900.0, "Cascade, OpenAI": 1500.0},
+            "100": {"bare relay": 2000.0, "Cascade, OpenAI": 2500.0},
+        },
+    }
+    page = tmp_path / "bench.md"
+    page.write_text(run.report(results) + run.raw_results(results))
+    first = page.read_text()
+    headline = first[first.index("## Headline") : first.index("## Streaming against")]
+    assert "| Cascade / bare hypercorn-trio, non-streamed, c=16 / c=64" in headline
+    assert "| 0.60x / 0.75x |" in headline and "| 20.0x / 15.0x |" in headline
+    assert "20-event streams, same dialect | 0.60x |" in headline
+    assert "Anthropic clients, OpenAI provider | 0.50x |" in headline
+    assert "same dialect, 100-event streams | 0.80x |" in headline
+    assert "+1.50 ms (the stack alone: +1.00 ms)" in headline
+    assert "Responses" not in headline  # not measured in this run: not shown
+    again = run.report(run.load_results(page))
+    assert again == first[: len(again)]
+    assert "(the same, 20-event answers)" not in again  # 20 events is the row above it
+    assert "(the same, 100-event answers) | 0.80x | yes |" in again
