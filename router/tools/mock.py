@@ -2,7 +2,8 @@
 
 Faults are drawn per request from one seeded rng, in this order: 429 (with or without
 Retry-After), 500, stall (accepts the request, never answers, and lets go once its client has
-gone) and cut (the body stops mid-way and the connection drops). Everything else is a normal answer after `latency`.
+gone) and cut (the body stops mid-way and the connection drops). Everything else is a normal
+answer after `latency`.
 
 It answers like a model in an agent loop: when tools are offered and the conversation ends with
 the user's own words, it calls a tool (the one tool_choice names, else the one the user's last
