@@ -15,12 +15,13 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
 
 from router.web.asgi import lifespan
-from router.web.server import _get, _put, serve_asgi, write
+from router.web.server import _get, _H11Connection, _put, serve_asgi, write
 
 BIG = 32 * 1024 * 1024  # more than loopback's socket buffers hold: the write has to wait for room
 
@@ -346,3 +347,72 @@ async def test_the_app_waits_when_no_message_is_there() -> None:
         assert got == []
         put.send_nowait("http.disconnect")
     assert got == ["http.disconnect"]
+
+
+REQUESTS = {
+    "GET, HTTP/1.1": b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+    "POST with a body": b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi",
+    "HEAD": b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n",
+    "HTTP/1.0": b"GET / HTTP/1.0\r\n\r\n",
+    "connection: close": b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+}
+RESPONSES = {
+    "a stream's head": (200, [("content-type", "text/event-stream"), ("X-Request-Id", "r1")]),
+    "no headers": (200, []),
+    "content-length": (200, [("content-type", "application/json"), ("content-length", "2")]),
+    "chunked, said": (200, [("transfer-encoding", "chunked")]),
+    "connection: keep-alive": (200, [("connection", "keep-alive")]),
+    "204": (204, [("x-a", "1")]),
+    "304": (304, []),
+    "502": (502, [("content-type", "application/json")]),
+}
+
+
+def _exchange(conn: h11.Connection, request: bytes, status: int, headers: list[Any]) -> list[Any]:
+    """What `conn` writes for the response (and a body part, and its end), or what it raised."""
+    conn.receive_data(request)
+    while conn.next_event() is not h11.NEED_DATA and conn.their_state is not h11.DONE:
+        pass
+    written: list[Any] = []
+    for event in (
+        h11.Response(status_code=status, headers=headers),
+        h11.Data(data=b"ok"),
+        h11.EndOfMessage(),
+    ):
+        try:
+            written.append(conn.send(event))
+        except h11.LocalProtocolError as exc:
+            written.append(type(exc))
+            break
+    return [*written, conn.our_state, conn.their_state]
+
+
+@pytest.mark.parametrize("request_name", list(REQUESTS))
+@pytest.mark.parametrize("response_name", list(RESPONSES))
+def test_responses_are_framed_as_h11_frames_them(
+    request_name: str, response_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's h11 connection writes every response byte for byte as h11's own does:
+    heads, chunked or content-length or close-delimited bodies, their ends, the states after.
+    A stream's head to an HTTP/1.1 client is framed without h11 validating its headers twice
+    more (`set_comma_header` rebuilds and validates the whole list)."""
+    import h11._connection
+
+    rebuilt: list[bytes] = []
+    original = h11._connection.set_comma_header
+    monkeypatch.setattr(
+        h11._connection,
+        "set_comma_header",
+        lambda headers, name, values: rebuilt.append(name) or original(headers, name, values),
+    )
+    status, headers = RESPONSES[response_name]
+    ours = _exchange(_H11Connection(h11.SERVER), REQUESTS[request_name], status, headers)
+    ours_rebuilt, rebuilt[:] = list(rebuilt), []
+    theirs = _exchange(h11.Connection(h11.SERVER), REQUESTS[request_name], status, headers)
+    assert ours == theirs
+    if response_name in ("a stream's head", "no headers") and request_name in (
+        "GET, HTTP/1.1",
+        "POST with a body",
+    ):
+        assert b"transfer-encoding: chunked" in ours[0].lower()
+        assert (ours_rebuilt, rebuilt) == ([], [b"content-length", b"transfer-encoding"])

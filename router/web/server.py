@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import h11
 import hypercorn.config
 import hypercorn.protocol
 import hypercorn.protocol.h11
@@ -21,6 +22,7 @@ import hypercorn.trio.run
 import hypercorn.trio.task_group
 import hypercorn.trio.tcp_server
 import trio
+from h11._headers import Headers as _H11Headers
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Body, Response, StreamClosed
 from hypercorn.protocol.events import Event as StreamEvent
@@ -202,6 +204,45 @@ class _TCPServer(hypercorn.trio.tcp_server.TCPServer):
             await self._initiate_server_close()
 
 
+class _H11Connection(h11.Connection):
+    """h11's server side, which frames a response of unknown length (a stream) without
+    validating its headers twice more.
+
+    h11 validates every header of a response when the event is made (hypercorn makes it). To
+    send one with neither Content-Length nor Transfer-Encoding to an HTTP/1.1 client, it then
+    sets its framing header with `set_comma_header` twice (Content-Length removed, chunked
+    added), and each call validates the whole list again: with a stream's eight headers, 5% of
+    a 20-event stream's instructions. That case is done here by adding the one header h11 adds,
+    to the list it has validated; every other case is h11's own. The method and the attributes
+    it reads are h11's private ones (h11 is pinned to 0.16 for them), and the result is checked
+    against h11's own in tests/test_server_writes.py.
+    """
+
+    def _clean_up_response_headers_for_sending(self, response: h11.Response) -> h11.Response:
+        version = self.their_http_version
+        if (
+            type(response) is h11.Response
+            and self._cstate.keep_alive
+            and version is not None
+            and version >= b"1.1"
+            and self._request_method not in (b"HEAD", b"CONNECT")
+            and response.status_code not in (204, 304)
+        ):
+            items = response.headers._full_items
+            if all(name not in _FRAMING for _, name, _ in items):
+                return h11.Response(
+                    headers=_H11Headers([*items, _CHUNKED]),
+                    status_code=response.status_code,
+                    http_version=response.http_version,
+                    reason=response.reason,
+                )
+        return super()._clean_up_response_headers_for_sending(response)
+
+
+_FRAMING = (b"content-length", b"transfer-encoding")
+_CHUNKED = (b"Transfer-Encoding", b"transfer-encoding", b"chunked")  # as h11 adds it
+
+
 class _H11Protocol(H11Protocol):
     """hypercorn's HTTP/1.1 protocol, holding a response's head until its first body event and
     an answer's last body part until its end, so that each pair leaves in one write.
@@ -219,6 +260,9 @@ class _H11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.connection = _H11Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+        )
         self._write = self.send
         self.send = self._send
         self._holding = False
