@@ -355,6 +355,7 @@ REQUESTS = {
     "HEAD": b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n",
     "HTTP/1.0": b"GET / HTTP/1.0\r\n\r\n",
     "connection: close": b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    "unparsable (answered with an error)": b"GARBAGE\r\n\r\n",  # no HTTP version known
 }
 RESPONSES = {
     "a stream's head": (200, [("content-type", "text/event-stream"), ("X-Request-Id", "r1")]),
@@ -371,8 +372,11 @@ RESPONSES = {
 def _exchange(conn: h11.Connection, request: bytes, status: int, headers: list[Any]) -> list[Any]:
     """What `conn` writes for the response (and a body part, and its end), or what it raised."""
     conn.receive_data(request)
-    while conn.next_event() is not h11.NEED_DATA and conn.their_state is not h11.DONE:
-        pass
+    try:
+        while conn.next_event() is not h11.NEED_DATA and conn.their_state is not h11.DONE:
+            pass
+    except h11.RemoteProtocolError:
+        pass  # a server answers it with an error response, still on this connection
     written: list[Any] = []
     for event in (
         h11.Response(status_code=status, headers=headers),
