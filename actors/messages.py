@@ -102,6 +102,48 @@ Reply = Refused | Response | StreamStart | StreamEvents | StreamEnd | Failed
 # --- requests ------------------------------------------------------------------------------
 
 
+class Demand:
+    """When the task that relays a stream wants more of it (DESIGN §2: the actor reads the
+    upstream, the request's task relays what it hands on).
+
+    The relaying task calls `want()` each time it has written what it took and is about to wait
+    for more. The actor marks each message it hands on (`sent()`), and before it reads the
+    upstream again it may wait until the relaying task has asked since (`wait()`), as a relay
+    with one task reads only after its write: what the upstream sends meanwhile is then taken
+    in one read, one hop and one write. Waiting is the actor's choice (actors/provider.py,
+    `_Call.pump`); an attempt without a Demand is read as fast as its events come.
+    """
+
+    __slots__ = ("_parked", "asked")
+
+    def __init__(self) -> None:
+        self.asked = False  # the relaying task has asked for more since the last message
+        self._parked: trio.lowlevel.Task | None = None
+
+    def want(self) -> None:
+        self.asked = True
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
+
+    def sent(self) -> None:
+        self.asked = False
+
+    async def wait(self) -> None:
+        """Until the relaying task asks for more (at once if it has); a cancellation point."""
+        if self.asked:
+            await trio.lowlevel.checkpoint()
+            return
+        self._parked = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
 @attrs.frozen(eq=False)
 class Attempt:
     """Run one upstream call inside `cancel_scope` (made and owned by the dispatcher).
@@ -114,6 +156,7 @@ class Attempt:
     reply: trio.MemorySendChannel[Reply]
     cancel_scope: trio.CancelScope
     is_retry: bool = False
+    demand: Demand | None = None  # a stream's relaying task says when it wants more
 
 
 @attrs.frozen

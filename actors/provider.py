@@ -210,6 +210,8 @@ class _Call:
         if not tally.complete and (not chunk or response.at_end()):
             return Outcome(INCOMPLETE_STREAM, ttfb, ttfb), Failed(INCOMPLETE_STREAM)
         self.timer.deadline = math.inf  # waiting on the client is not upstream idleness
+        if self.attempt.demand is not None:
+            self.attempt.demand.sent()
         await self.send(StreamStart(response.status, dict(response.headers), tuple(events), ttfb))
         return None
 
@@ -218,25 +220,33 @@ class _Call:
     ) -> tuple[Outcome, Reply]:
         """Relay the stream's events until its end: a success if the answer was complete.
 
-        When a read finds several events waiting, the upstream is ahead of the gateway: before
-        it reads again, the actor lets the relaying task write what it was handed (`_relayed`),
-        as a relay with one task reads only after its write. A busy gateway then takes what has
-        piled up meanwhile in one read, one hop and one write, not an event or two at a time. A
-        read that finds one event (a paced stream on a gateway that keeps up), or the body's
-        end, reads again at once: waiting would cost scheduling rounds and gain nothing."""
+        With a `Demand` (the dispatcher's attempts), the actor reads the upstream again only
+        once the relaying task has written what it was handed and asked for more, when that
+        can gain something: after the stream's start (the head and first events are being
+        written, and the cascade's winner is being chosen), and after a read that found several
+        events (the upstream is ahead of the gateway). A relay with one task reads only after
+        its write; a busy gateway then takes what has piled up meanwhile in one read, one hop
+        and one write, not an event or two at a time. A read that finds one event (a paced
+        stream on a gateway that keeps up), or the body's end, reads again at once: waiting
+        would cost a scheduling round and gain nothing."""
         reply = self.attempt.reply
+        demand = self.attempt.demand
         timer = self.timer
-        piled = False
+        wait = not response.at_end()  # the start is being written
         while True:
+            if wait and demand is not None and not demand.asked:
+                if timer.deadline != math.inf:  # (as the start left it)
+                    timer.deadline = math.inf  # waiting on the client is not upstream idleness
+                await demand.wait()
             timer.deadline = self.idle_deadline()
-            if piled:
-                await _relayed(reply)
             chunk = await response.read_chunk()
             events = decoder.feed(chunk) if chunk else decoder.finish()
-            piled = len(events) > 1 and not response.at_end()  # (the end needs no company)
+            wait = len(events) > 1 and not response.at_end()  # (the end needs no company)
             if events:
                 tally.feed(events)
                 message = StreamEvents(tuple(events))
+                if demand is not None:
+                    demand.sent()
                 try:
                     reply.send_nowait(message)
                 except trio.WouldBlock:
@@ -272,20 +282,6 @@ class _Call:
             )
         elapsed = self.elapsed()
         return Outcome(failure, min(self.ttfb, elapsed), elapsed), Failed(failure)
-
-
-_RELAY_ROUNDS = 4  # most a read waits for the relaying task, in scheduling rounds
-
-
-async def _relayed(reply: trio.MemorySendChannel[Reply]) -> None:
-    """Return once the reply channel's reader has taken everything and waits for more (it has
-    written what it took), or after `_RELAY_ROUNDS` scheduling rounds (a slow client, a reader
-    busy elsewhere). The rounds do not look for cancellation: the read right after them does."""
-    for _ in range(_RELAY_ROUNDS):
-        seen = reply.statistics()
-        if seen.tasks_waiting_receive and not seen.current_buffer_used:
-            return
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 class ProviderActor:

@@ -12,6 +12,7 @@ import trio.testing
 
 from actors.messages import (
     Attempt,
+    Demand,
     Failed,
     Refused,
     Reply,
@@ -366,19 +367,83 @@ def _texts(reply: Reply) -> list[str]:
     return [json.loads(e.data)["choices"][0]["delta"]["content"] for e in reply.events]
 
 
-async def test_events_that_pile_up_are_read_together_once_the_relay_has_written(
+async def test_the_actor_reads_again_when_the_relay_asks_after_a_start_or_a_pile(
     nursery: trio.Nursery,
 ) -> None:
-    """A read that finds several events means the upstream is ahead of the gateway. The actor
-    then reads again only when the relaying side has taken what it was sent and waits for more,
-    as a relay with one task reads after its write: what arrived meanwhile comes in one read and
-    one message, not an event at a time. Real sockets on 127.0.0.1; the test is the relaying
-    side and writes the upstream's answer itself."""
+    """After a stream's start, and after a read that found several events (the upstream is
+    ahead of the gateway), the actor reads the upstream again only when the relaying side has
+    asked for more (`Demand.want`), as a relay with one task reads after its write: what arrived
+    meanwhile comes in one read and one message, not an event at a time. After a read that found
+    one event it reads again at once. Real sockets on 127.0.0.1; the test is the relaying side
+    and writes the upstream's answer itself, each event in a write of its own."""
     connections_in, connections = trio.open_memory_channel[trio.SocketStream](1)
 
     async def upstream(stream: trio.SocketStream) -> None:
         await connections_in.send(stream)
         await trio.sleep_forever()  # the test writes the answer
+
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    config = Config.from_mapping(
+        {
+            "providers": {"p": {"base_url": f"http://127.0.0.1:{port}/v1"}},
+            "routes": [{"match": "m", "targets": ["p/m"]}],
+        }
+    )
+    metrics = Metrics()
+    actor = ProviderActor(config.providers["p"], metrics.provider("p"), wire=WIRE)
+    await nursery.start(actor.run)
+    reply, replies = trio.open_memory_channel[Reply](16)
+    demand = Demand()
+    scope = trio.CancelScope()
+
+    async def events(*texts: str) -> None:
+        for text in texts:
+            await up.send_all(_framed(chunk(text)))  # on loopback: in the actor's socket now
+        await trio.testing.wait_all_tasks_blocked()
+
+    with trio.fail_after(10):
+        await actor.inbox.send(Attempt(request(stream=True), reply, scope, demand=demand))
+        up = await connections.receive()
+        assert await read_request(up) is not None
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        await up.send_all(head + b"transfer-encoding: chunked\r\n\r\n" + _framed(chunk("w0")))
+        assert isinstance(await replies.receive(), StreamStart)
+        await events("w1", "w2", "w3")  # the start is being written: the actor waits
+        assert replies.statistics().current_buffer_used == 0
+        demand.want()
+        assert _texts(await replies.receive()) == ["w1", "w2", "w3"]
+        await events("w4", "w5")  # a pile: it waits again
+        assert replies.statistics().current_buffer_used == 0
+        demand.want()
+        assert _texts(await replies.receive()) == ["w4", "w5"]
+        demand.want()
+        await events("w6")  # asked before it came: read at once, and alone
+        assert _texts(await replies.receive()) == ["w6"]
+        await events("w7")  # one event found: the actor reads again without being asked
+        assert _texts(await replies.receive()) == ["w7"]
+        await up.send_all(_framed(chunk("w8") + chunk("w9")))  # a pile in one read
+        assert _texts(await replies.receive()) == ["w8", "w9"]
+        await events("w10")
+        assert replies.statistics().current_buffer_used == 0  # it waits: cancellable there
+        assert actor.in_flight == 1
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert actor.in_flight == 0
+        cancelled = metrics.registry.get_sample_value(
+            "cascade_upstream_cancelled_total", {"provider": "p", "phase": "streaming"}
+        )
+        assert cancelled == 1
+
+
+async def test_without_a_demand_events_are_read_as_they_come(nursery: trio.Nursery) -> None:
+    """An attempt whose relaying side does not say when it wants more (no `Demand`) is read as
+    fast as its events come."""
+    connections_in, connections = trio.open_memory_channel[trio.SocketStream](1)
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        await connections_in.send(stream)
+        await trio.sleep_forever()
 
     listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
@@ -398,16 +463,10 @@ async def test_events_that_pile_up_are_read_together_once_the_relay_has_written(
         head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
         await up.send_all(head + b"transfer-encoding: chunked\r\n\r\n" + _framed(chunk("w0")))
         assert isinstance(await replies.receive(), StreamStart)
-        await up.send_all(_framed(chunk("w1") + chunk("w2")))  # one write: found in one read
+        await up.send_all(_framed(chunk("w1") + chunk("w2")))
         assert _texts(await replies.receive()) == ["w1", "w2"]
-        for i in range(3, 19, 2):
-            # Two writes a scheduling round apart, while the relaying side has not yet come
-            # back for more. Read as they arrive, the two would land in separate messages in
-            # about half of the rounds (trio orders each batch of tasks at random). The actor
-            # waits at most 4 scheduling rounds; the two writes and this receive take 3.
-            await up.send_all(_framed(chunk(f"w{i}")))
-            await up.send_all(_framed(chunk(f"w{i + 1}")))
-            assert _texts(await replies.receive()) == [f"w{i}", f"w{i + 1}"]
+        await up.send_all(_framed(chunk("w3") + chunk("w4")))
+        assert _texts(await replies.receive()) == ["w3", "w4"]
         await up.send_all(_framed(chunk("", finish="stop") + b"data: [DONE]\n\n") + b"0\r\n\r\n")
         last = await replies.receive()
         assert isinstance(last, StreamEvents) and last.events[-1].data == b"[DONE]"

@@ -442,18 +442,20 @@ async def test_an_upstream_that_compresses_anyway_is_relayed_with_its_encoding(
     assert r.json() == {"choices": [], "model": "m"}  # the client decodes it
 
 
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [chunk("a", finish="stop"), b"data: [DONE]\n\n", b": closing\n\n"],
+        # the end in a read of several events: the actor waits to be asked for more
+        [chunk("a"), chunk("", finish="stop") + b"data: [DONE]\n\n", b": closing\n\n"],
+    ],
+)
 async def test_a_stream_that_sent_done_is_settled_as_a_success(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, pieces: list[bytes]
 ) -> None:
     # [DONE] arrives before the upstream closes the body: the client is answered at once, and the
     # attempt still ends as a success (not a cancellation), so the actor learns from it.
-    a = Upstream(
-        stream(
-            [chunk("a", finish="stop"), b"data: [DONE]\n\n", b": closing\n\n"],
-            interval=0.5,
-            done=False,
-        )
-    )
+    a = Upstream(stream(pieces, interval=0.5, done=False))
     async with gateway(config(["a"], route("a/m")), {"a": a}) as gw:
         r = await post(gw, chat(stream=True))
         snapshot = gw.actors["a"].snapshot(trio.current_time())

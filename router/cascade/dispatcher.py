@@ -20,6 +20,7 @@ import trio
 from actors.machines import SlidingWindow
 from actors.messages import (
     Attempt,
+    Demand,
     Failed,
     Refused,
     Reply,
@@ -112,17 +113,20 @@ class _Live:
     target: Target
     scope: trio.CancelScope
     replies: trio.MemoryReceiveChannel[Reply]
+    demand: Demand  # the relaying task says when it wants more of a stream
     started: float
     hedge_token: list[float] | None  # set for a hedge: its share of the route's hedge budget
 
 
 @attrs.define
 class Winner:
-    """The attempt that answered. For a stream, `replies` carries the rest of it."""
+    """The attempt that answered. For a stream, `replies` carries the rest of it; its relaying
+    task calls `demand.want()` each time it waits for more (actors/messages.py)."""
 
     target: Target
     reply: Response | StreamStart
     replies: trio.MemoryReceiveChannel[Reply]
+    demand: Demand
     attempt_count: int  # upstream calls made (refusals are not calls)
     replied_at: float  # trio time the winning reply (the answer, or a stream's first events) came
     started: float  # trio time the winning attempt started
@@ -407,7 +411,8 @@ class _Run:
         is_retry = target in self.plan.retries
         self.plan.mark_tried(target)
         send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
-        live = _Live(target, trio.CancelScope(), receive, trio.current_time(), hedge_token)
+        demand = Demand()
+        live = _Live(target, trio.CancelScope(), receive, demand, trio.current_time(), hedge_token)
         request = UpstreamRequest(
             path=call.path,
             body=call.body,
@@ -419,7 +424,7 @@ class _Run:
             check_start=call.check_start,
         )
         self.live.append(live)
-        attempt = Attempt(request, send, live.scope, is_retry)
+        attempt = Attempt(request, send, live.scope, is_retry, demand)
         inbox = self.d.actors[target.provider].inbox
         try:
             try:  # no scheduling round unless the inbox is full: the reply wait yields anyway
@@ -535,7 +540,14 @@ class _Run:
         now = trio.current_time()
         skipped = _skipped(self.attempts) if self.ineligible else ()
         return Winner(
-            live.target, reply, live.replies, self.attempt_count, now, live.started, skipped
+            live.target,
+            reply,
+            live.replies,
+            live.demand,
+            self.attempt_count,
+            now,
+            live.started,
+            skipped,
         )
 
     def _record(self, target: Target, status: int | None, error_type: str, started: float) -> None:

@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 import attrs
 import trio
 
-from actors.messages import Failed, Reply, Response, StreamEnd, StreamEvents, StreamStart
+from actors.messages import Demand, Failed, Reply, Response, StreamEnd, StreamEvents, StreamStart
 from actors.outcome import INCOMPLETE_STREAM
 from actors.sse import SSEEvent
 from actors.wire import Usage
@@ -233,17 +233,24 @@ async def stream(
         {"type": "http.response.body", "body": b"".join([*tail, ending]), "more_body": False}
     )
     if not stop.upstream_done:
-        # The client has its end. Let the upstream finish its body, so the attempt ends as the
-        # success it was (the actor learns its latency, closes a probing circuit) instead of as a
-        # cancellation. Upstreams close right after their end; the bound covers those that do not.
-        with trio.move_on_after(_UPSTREAM_END_GRACE):
-            try:
-                while not isinstance(reply := await winner.replies.receive(), StreamEnd | Failed):
-                    pass
-            except trio.ClosedResourceError:  # a resume tried has cancelled the attempt
-                return
-            if isinstance(reply, StreamEnd):
-                delivery.usage = reply.usage
+        await _upstream_end(winner, delivery)
+
+
+async def _upstream_end(winner: Winner, delivery: Delivery) -> None:
+    """The client has its end. Let the upstream finish its body, so the attempt ends as the
+    success it was (the actor learns its latency, closes a probing circuit) instead of as a
+    cancellation. Upstreams close right after their end; the bound covers those that do not."""
+    with trio.move_on_after(_UPSTREAM_END_GRACE):
+        try:
+            while True:
+                winner.demand.want()
+                reply = await winner.replies.receive()
+                if isinstance(reply, StreamEnd | Failed):
+                    break
+        except trio.ClosedResourceError:  # a resume tried has cancelled the attempt
+            return
+        if isinstance(reply, StreamEnd):
+            delivery.usage = reply.usage
 
 
 def _first(
@@ -269,7 +276,7 @@ async def _rest(
     """Send what is written, then relay the rest of the winner's stream."""
     await send({"type": "http.response.body", "body": b"".join(tail), "more_body": True})
     tail.clear()
-    return await _relay(send, writer, winner.replies, delivery, tail)
+    return await _relay(send, writer, winner.replies, winner.demand, delivery, tail)
 
 
 def _broken(error: str, upstream_done: bool) -> _Stop:
@@ -287,6 +294,7 @@ async def _relay(
     send: Send,
     writer: StreamWriter,
     replies: trio.MemoryReceiveChannel[Reply],
+    demand: Demand,
     delivery: Delivery,
     tail: list[bytes],
 ) -> _Stop:
@@ -296,6 +304,7 @@ async def _relay(
     that belong with the ending are left in `tail`, to be written together with it.
     """
     while True:
+        demand.want()  # what it took is written: the actor may read the upstream again
         batch = [await replies.receive()]
         _drain(replies, batch)
         upstream_done = isinstance(batch[-1], StreamEnd | Failed)
