@@ -186,6 +186,31 @@ async def test_stream_relays_events_then_end(
     assert isinstance(replies[-1], StreamEnd)
 
 
+@pytest.mark.parametrize("relay", ["asks for more", "full reply channel"])
+async def test_a_slow_client_is_not_an_idle_upstream(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, relay: str
+) -> None:
+    """The idle timer measures the provider, not the client: while the actor waits for the
+    relaying side (to ask for more after a pile, or to take from a full reply channel), ten idle
+    timeouts pass and the stream still ends as a success."""
+    pieces = [chunk("a"), chunk("b") + chunk("c"), chunk("d", finish="stop")]
+    actor = await start(nursery, Upstream(stream(pieces, interval=0.1)), timeouts={"idle": "1s"})
+    demand = Demand() if relay == "asks for more" else None
+    send, receive = trio.open_memory_channel[Reply](16 if demand is not None else 0)
+    await actor.inbox.send(Attempt(request(stream=True), send, trio.CancelScope(), demand=demand))
+    assert isinstance(await receive.receive(), StreamStart)
+    if demand is not None:
+        demand.want()
+    assert len((pile := await receive.receive()).events) == 2 and isinstance(pile, StreamEvents)
+    await trio.sleep(10)  # the client takes nothing more for a while
+    replies: list[Reply] = []
+    while not replies or not isinstance(replies[-1], TERMINAL):
+        if demand is not None:
+            demand.want()
+        replies.append(await receive.receive())
+    assert isinstance(replies[-1], StreamEnd), replies[-1]
+
+
 async def test_idle_stream_fails_after_start(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
