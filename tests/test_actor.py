@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -392,15 +393,19 @@ def _texts(reply: Reply) -> list[str]:
     return [json.loads(e.data)["choices"][0]["delta"]["content"] for e in reply.events]
 
 
-async def test_the_actor_reads_again_when_the_relay_asks_after_a_start_or_a_pile(
-    nursery: trio.Nursery,
-) -> None:
-    """After a stream's start, and after a read that found several events (the upstream is
-    ahead of the gateway), the actor reads the upstream again only when the relaying side has
-    asked for more (`Demand.want`), as a relay with one task reads after its write: what arrived
-    meanwhile comes in one read and one message, not an event at a time. After a read that found
-    one event it reads again at once. Real sockets on 127.0.0.1; the test is the relaying side
-    and writes the upstream's answer itself, each event in a write of its own."""
+@attrs.define
+class _SocketStream:
+    """An actor's stream from a real upstream socket on 127.0.0.1 that the test writes itself."""
+
+    up: trio.SocketStream  # the upstream's end: the test writes the answer there
+    replies: trio.MemoryReceiveChannel[Reply]
+    scope: trio.CancelScope
+    actor: ProviderActor
+    metrics: Metrics
+
+
+async def _started_stream(nursery: trio.Nursery, demand: Demand | None) -> _SocketStream:
+    """A streamed attempt whose start (its first event, w0) has been handed on."""
     connections_in, connections = trio.open_memory_channel[trio.SocketStream](1)
 
     async def upstream(stream: trio.SocketStream) -> None:
@@ -419,21 +424,35 @@ async def test_the_actor_reads_again_when_the_relay_asks_after_a_start_or_a_pile
     actor = ProviderActor(config.providers["p"], metrics.provider("p"), wire=WIRE)
     await nursery.start(actor.run)
     reply, replies = trio.open_memory_channel[Reply](16)
-    demand = Demand()
     scope = trio.CancelScope()
+    await actor.inbox.send(Attempt(request(stream=True), reply, scope, demand=demand))
+    up = await connections.receive()
+    assert await read_request(up) is not None
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    await up.send_all(head + b"transfer-encoding: chunked\r\n\r\n" + _framed(chunk("w0")))
+    assert isinstance(await replies.receive(), StreamStart)
+    return _SocketStream(up, replies, scope, actor, metrics)
 
-    async def events(*texts: str) -> None:
-        for text in texts:
-            await up.send_all(_framed(chunk(text)))  # on loopback: in the actor's socket now
-        await trio.testing.wait_all_tasks_blocked()
 
+async def test_the_actor_reads_again_when_the_relay_asks_after_a_start_or_a_pile(
+    nursery: trio.Nursery,
+) -> None:
+    """After a stream's start, and after a read that found several events (the upstream is
+    ahead of the gateway), the actor reads the upstream again only when the relaying side has
+    asked for more (`Demand.want`), as a relay with one task reads after its write: what arrived
+    meanwhile comes in one read and one message, not an event at a time. After a read that found
+    one event it reads again at once. Real sockets on 127.0.0.1; the test is the relaying side
+    and writes the upstream's answer itself, each event in a write of its own."""
+    demand = Demand()
     with trio.fail_after(10):
-        await actor.inbox.send(Attempt(request(stream=True), reply, scope, demand=demand))
-        up = await connections.receive()
-        assert await read_request(up) is not None
-        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-        await up.send_all(head + b"transfer-encoding: chunked\r\n\r\n" + _framed(chunk("w0")))
-        assert isinstance(await replies.receive(), StreamStart)
+        s = await _started_stream(nursery, demand)
+        replies = s.replies
+
+        async def events(*texts: str) -> None:
+            for text in texts:
+                await s.up.send_all(_framed(chunk(text)))  # on loopback: in the actor's socket
+            await trio.testing.wait_all_tasks_blocked()
+
         await events("w1", "w2", "w3")  # the start is being written: the actor waits
         assert replies.statistics().current_buffer_used == 0
         demand.want()
@@ -447,15 +466,15 @@ async def test_the_actor_reads_again_when_the_relay_asks_after_a_start_or_a_pile
         assert _texts(await replies.receive()) == ["w6"]
         await events("w7")  # one event found: the actor reads again without being asked
         assert _texts(await replies.receive()) == ["w7"]
-        await up.send_all(_framed(chunk("w8") + chunk("w9")))  # a pile in one read
+        await s.up.send_all(_framed(chunk("w8") + chunk("w9")))  # a pile in one read
         assert _texts(await replies.receive()) == ["w8", "w9"]
         await events("w10")
         assert replies.statistics().current_buffer_used == 0  # it waits: cancellable there
-        assert actor.in_flight == 1
-        scope.cancel()
+        assert s.actor.in_flight == 1
+        s.scope.cancel()
         await trio.testing.wait_all_tasks_blocked()
-        assert actor.in_flight == 0
-        cancelled = metrics.registry.get_sample_value(
+        assert s.actor.in_flight == 0
+        cancelled = s.metrics.registry.get_sample_value(
             "cascade_upstream_cancelled_total", {"provider": "p", "phase": "streaming"}
         )
         assert cancelled == 1
@@ -463,36 +482,15 @@ async def test_the_actor_reads_again_when_the_relay_asks_after_a_start_or_a_pile
 
 async def test_without_a_demand_events_are_read_as_they_come(nursery: trio.Nursery) -> None:
     """An attempt whose relaying side does not say when it wants more (no `Demand`) is read as
-    fast as its events come."""
-    connections_in, connections = trio.open_memory_channel[trio.SocketStream](1)
-
-    async def upstream(stream: trio.SocketStream) -> None:
-        await connections_in.send(stream)
-        await trio.sleep_forever()
-
-    listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
-    port = listeners[0].socket.getsockname()[1]
-    config = Config.from_mapping(
-        {
-            "providers": {"p": {"base_url": f"http://127.0.0.1:{port}/v1"}},
-            "routes": [{"match": "m", "targets": ["p/m"]}],
-        }
-    )
-    actor = ProviderActor(config.providers["p"], Metrics().provider("p"), wire=WIRE)
-    await nursery.start(actor.run)
-    reply, replies = trio.open_memory_channel[Reply](16)
+    fast as its events come: after a pile too, nobody asking."""
     with trio.fail_after(10):
-        await actor.inbox.send(Attempt(request(stream=True), reply, trio.CancelScope()))
-        up = await connections.receive()
-        assert await read_request(up) is not None
-        head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-        await up.send_all(head + b"transfer-encoding: chunked\r\n\r\n" + _framed(chunk("w0")))
-        assert isinstance(await replies.receive(), StreamStart)
-        await up.send_all(_framed(chunk("w1") + chunk("w2")))
-        assert _texts(await replies.receive()) == ["w1", "w2"]
-        await up.send_all(_framed(chunk("w3") + chunk("w4")))
-        assert _texts(await replies.receive()) == ["w3", "w4"]
-        await up.send_all(_framed(chunk("", finish="stop") + b"data: [DONE]\n\n") + b"0\r\n\r\n")
-        last = await replies.receive()
+        s = await _started_stream(nursery, None)
+        await s.up.send_all(_framed(chunk("w1") + chunk("w2")))
+        assert _texts(await s.replies.receive()) == ["w1", "w2"]
+        await s.up.send_all(_framed(chunk("w3") + chunk("w4")))
+        assert _texts(await s.replies.receive()) == ["w3", "w4"]
+        end = _framed(chunk("", finish="stop") + b"data: [DONE]\n\n") + b"0\r\n\r\n"
+        await s.up.send_all(end)
+        last = await s.replies.receive()
         assert isinstance(last, StreamEvents) and last.events[-1].data == b"[DONE]"
-        assert isinstance(await replies.receive(), StreamEnd)
+        assert isinstance(await s.replies.receive(), StreamEnd)
