@@ -9,7 +9,9 @@ round when they can (a queue with room, a message waiting). Real TCP sockets on 
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -21,7 +23,7 @@ import trio
 import trio.testing
 
 from router.web.asgi import lifespan
-from router.web.server import _get, _H11Connection, _put, serve_asgi, write
+from router.web.server import DISCONNECT, _get, _H11Connection, _put, serve_asgi, write
 
 BIG = 32 * 1024 * 1024  # more than loopback's socket buffers hold: the write has to wait for room
 
@@ -306,6 +308,43 @@ async def test_an_app_that_fails_after_its_head_sends_the_head_then_closes() -> 
             whole = await read_to_end(client)
     assert whole.startswith(b"HTTP/1.1 200 ")
     assert whole.endswith(b"\r\n\r\n")
+
+
+async def test_a_finished_request_is_freed_without_the_cyclic_gc() -> None:
+    """A request's stream (and all it holds: its scope, its channel to the app) is freed as
+    soon as the connection is done with it, by reference counting: it is in no reference cycle
+    that the cyclic GC would have to find for every request. Its `cascade.disconnect` notice,
+    which refers back to it, stays usable, and says at once that the stream has closed."""
+    streams: list[weakref.ref[Any]] = []
+    extensions: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        notice = scope["extensions"][DISCONNECT]
+        streams.append(weakref.ref(notice["notify"].__self__))
+        extensions.append(scope["extensions"])
+        await send(START)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    gc.disable()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(partial(serve_asgi, app, "127.0.0.1", 0))
+                client = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+                for _ in range(2):  # the second request: the connection is done with the first
+                    await client.send_all(REQUEST)
+                    await read_until(client, b"ok\r\n0\r\n\r\n")
+                assert streams[0]() is None
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        gc.enable()
+    closed: list[str] = []
+    extensions[0][DISCONNECT]["notify"](lambda: closed.append("told"))
+    assert closed == ["told"]
 
 
 async def test_a_message_for_the_app_is_queued_without_a_round_when_there_is_room() -> None:

@@ -319,9 +319,13 @@ class _HTTPStream(HTTPStream):
             self._on_close = callback
 
     async def handle(self, event: StreamEvent) -> None:
-        if type(event) is StreamClosed and not self.closed and self._on_close is not None:
-            callback, self._on_close = self._on_close, None
-            callback()
+        if type(event) is StreamClosed and not self.closed:
+            # The scope's `notify` refers to this stream, which holds the scope: a cycle the
+            # GC would have to find for every request. Once closed, `notify` needs no stream.
+            self.scope["extensions"][DISCONNECT] = _CLOSED
+            if self._on_close is not None:
+                callback, self._on_close = self._on_close, None
+                callback()
         await super().handle(event)
 
     async def app_send(self, message: Any) -> None:
@@ -332,6 +336,13 @@ class _HTTPStream(HTTPStream):
                 await self.send(Body(stream_id=self.stream_id, data=b""))
                 return
         await super().app_send(message)
+
+
+def _call_now(callback: Callable[[], None]) -> None:
+    callback()
+
+
+_CLOSED = {"notify": _call_now}  # a closed stream's `cascade.disconnect`
 
 
 class _TaskGroup(hypercorn.trio.task_group.TaskGroup):
