@@ -560,29 +560,39 @@ def report(results: dict[str, Any]) -> str:
         [("failover/cascade-1w", "Cascade, 1 worker (primary, then backup)")],
     )
     if "stream_ceiling" in r:
-        from streams import table_lines
+        from streams import HOP, table_lines
 
         n = len(r["stream_ceiling"]["bare relay"])
+        hop = (
+            " The same relay with only the hop DESIGN §2 puts between a request and its upstream"
+            " call (`bare_relay.py --hop`: an actor task runs each call as a child task, its"
+            " chunks come back over a reply channel) shows what the actor contract alone costs."
+            if HOP in r["stream_ceiling"]
+            else ""
+        )
         lines += [
             "## Streaming against its ceiling",
             "",
             "`benchmarks/streams.py`: bare hypercorn-trio relaying the upstream's stream through"
             " Cascade's own pool (the ceiling) and Cascade, 64 streams of 20 events 1 ms apart,"
             f" servers in turn, medians of {n} rounds; per core = events per CPU-second of the"
-            " server.",
+            f" server.{hop}",
             "",
             *table_lines(r["stream_ceiling"]),
             "",
         ]
     if "stream_lengths" in r:
-        from streams import length_lines
+        from streams import HOP, length_lines
 
+        sweep = r["stream_lengths"]
+        hop = HOP in next(iter(sweep.values()))
+        who = "the bare relay, the same with the hop," if hop else "the bare relay"
         lines += [
             "### By answer length",
             "",
-            "`benchmarks/streams.py --lengths 20,100,400`: the bare relay and Cascade"
+            f"`benchmarks/streams.py --lengths 20,100,400`: {who} and Cascade"
             " same-dialect, 64 streams of 20, 100 and 400 events 1 ms apart, medians of 2 rounds:"
-            " CPU per stream (in brackets, the ceiling's over Cascade's), and a least-squares line"
+            " CPU per stream (in brackets, the ceiling's over the server's), and a least-squares line"
             " through each server's costs (what a stream costs once, and each event after that:"
             " a saturated server reads several events at once from a long stream, so the per-read"
             " cost shows mostly in the first part). A model's answer is often hundreds of events.",
@@ -721,9 +731,12 @@ def headline(r: dict[str, Any], median_ratio: Callable[[str, str, int], float | 
                 (f"Cascade / {name}, non-streamed, c=16 / c=64 (interleaved medians)", shown)
             )
     if "stream_ceiling" in r:
-        from streams import ratios
+        from streams import HOP, ratios
 
         share = ratios(r["stream_ceiling"])
+        if HOP in share:
+            label = "the ceiling with only the actor contract's hop (`bare_relay.py --hop`)"
+            rows.append((label + ", 20-event streams", f"{share[HOP]:.2f}x"))
         for server, who in (
             ("Cascade, OpenAI", "same dialect"),
             ("Cascade, OpenAI to Anthropic", "OpenAI clients, Anthropic provider"),

@@ -1,7 +1,9 @@
 """Streaming against its ceiling: events per second per core and the p99 gap between events, for
 bare hypercorn-trio relaying the upstream's stream through Cascade's own upstream pool (the
-ceiling, benchmarks/bare_relay.py) and for Cascade same-dialect, cross-dialect both ways, and
-the Responses face (`/v1/responses`, streamed from a chat completions provider).
+ceiling, benchmarks/bare_relay.py), for the same relay with only the hop DESIGN §2 puts between
+a request and its upstream call (`bare_relay.py --hop`: what the actor contract alone costs),
+and for Cascade same-dialect, cross-dialect both ways, and the Responses face (`/v1/responses`,
+streamed from a chat completions provider).
 
     python benchmarks/streams.py [--duration 8] [--rounds 3] [--concurrency 64] [--chunks 20]
         [--interval 1ms] [--lengths 20,100,400]
@@ -14,7 +16,7 @@ dialect gets a few more framing events, which are not counted), paced one every 
 the gap between the events a client receives shows what the relay adds. Loopback only; every
 run is bounded by --duration.
 
-`--lengths` measures instead the bare relay and Cascade same-dialect at several answer lengths
+`--lengths` measures instead the two bare relays and Cascade same-dialect at several answer lengths
 and splits each one's CPU per stream into a part per request and a part per event (a least-
 squares line through the lengths): what a stream costs Cascade above the ceiling once, and
 what it costs for every event after that.
@@ -33,8 +35,10 @@ from typing import Any
 
 from run import HERE, PYTHON, ROOT, cpu_seconds, family, free_port, pinned, process
 
+HOP = "bare relay, with the actor hop"
 SERVERS = (
     "bare relay",
+    HOP,
     "Cascade, OpenAI",
     "Cascade, OpenAI to Anthropic",
     "Cascade, Anthropic to OpenAI",
@@ -63,9 +67,10 @@ def cascade_config(tmp: Path, name: str, port: int, upstream: int, dialect: str)
 
 def server(name: str, tmp: Path, port: int, upstream: int) -> tuple[list[str], str]:
     """The command that serves `name` on `port`, and the path its clients post to."""
-    if name == "bare relay":
+    if name in ("bare relay", HOP):
         cmd = [PYTHON, str(HERE / "bare_relay.py"), "--port", str(port)]
-        return [*cmd, "--upstream", f"http://127.0.0.1:{upstream}"], "/v1/chat/completions"
+        cmd += ["--upstream", f"http://127.0.0.1:{upstream}"]
+        return [*cmd, "--hop"] if name == HOP else cmd, "/v1/chat/completions"
     if name == "Cascade, OpenAI":
         return cascade_config(tmp, "same", port, upstream, "openai"), "/v1/chat/completions"
     if name == "Cascade, OpenAI to Anthropic":
@@ -162,7 +167,7 @@ def table_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-LENGTH_SERVERS = ("bare relay", "Cascade, OpenAI")
+LENGTH_SERVERS = ("bare relay", HOP, "Cascade, OpenAI")
 
 
 def by_length(
@@ -203,7 +208,7 @@ def length_lines(per_stream: dict[str, dict[str, float]]) -> list[str]:
         + " | fitted: once per stream | fitted: per event |",
         "|---|" + "---|" * (len(lengths) + 2),
     ]  # fmt: skip
-    for name in LENGTH_SERVERS:
+    for name in (n for n in LENGTH_SERVERS if n in per_stream[lengths[0]]):  # (older runs: fewer)
         cells = []
         for n in lengths:
             cost = per_stream[n][name]
@@ -229,7 +234,7 @@ def main() -> int:
         lengths = tuple(int(n) for n in args.lengths.split(","))
         sweep = by_length(lengths, args.rounds, args.duration, args.concurrency, args.interval)
         print(f"{args.concurrency} concurrent streams, events {args.interval} apart; CPU per"
-              f" stream (the ceiling's over Cascade's), medians of {args.rounds} rounds:")  # fmt: skip
+              f" stream (the ceiling's over the server's), medians of {args.rounds} rounds:")  # fmt: skip
         print("\n".join(length_lines(sweep)))
         return 0
     results = compare(args.rounds, args.duration, args.concurrency, args.chunks, args.interval)

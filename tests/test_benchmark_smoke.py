@@ -127,3 +127,35 @@ def test_the_page_leads_with_the_ratios_and_rerenders_the_same(
     assert again == first[: len(again)]
     assert "(the same, 20-event answers)" not in again  # 20 events is the row above it
     assert "(the same, 100-event answers) | 0.80x | yes |" in again
+
+
+@pytest.mark.parametrize("hop", [False, True], ids=["ceiling", "with-the-hop"])
+def test_the_bare_relays_pass_the_upstreams_stream_on_whole(
+    hop: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/bare_relay.py, with and without the actor hop, answers what the upstream
+    answers, byte for byte: a relay that lost or held back events would measure as faster."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import http.client
+
+    from run import PYTHON, free_port, process
+
+    def post(port: int) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        body = b'{"model": "bench", "stream": true, "messages": []}'
+        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+        response = conn.getresponse()
+        answer = response.status, response.read()
+        conn.close()
+        return answer
+
+    up, relay = free_port(), free_port()
+    upstream = [PYTHON, str(ROOT / "benchmarks" / "fast_upstream.py"), "--port", str(up)]
+    cmd = [PYTHON, str(ROOT / "benchmarks" / "bare_relay.py"), "--port", str(relay)]
+    cmd += ["--upstream", f"http://127.0.0.1:{up}", *(["--hop"] if hop else [])]
+    with process([*upstream, "--chunks", "5", "--interval", "2ms"], up, None):
+        direct = post(up)
+        with process(cmd, relay, None):
+            relayed = [post(relay) for _ in range(3)]
+    assert direct[0] == 200 and direct[1].count(b"data: ") == 7  # 5 events, the end, [DONE]
+    assert relayed == [direct] * 3
