@@ -357,18 +357,21 @@ async def test_requests_leave_no_reference_cycles_behind() -> None:
             live_gateway(upstreams, routes, providers={"a": {"dialect": "anthropic"}}) as gw,
             httpx.AsyncClient(base_url=gw.url) as client,
         ):
-            for round_ in range(3):  # the first one fills what lives on (pools, caches)
-                if round_ == 1:
-                    gc.collect()
-                    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds goes to gc.garbage
-                try:
-                    for path, body in asks:
-                        r = await client.post(path, json=body)
-                        assert r.status_code == 200, (path, body, r.text)
-                finally:
-                    if round_ == 2:
-                        gc.collect()
-                        gc.set_debug(0)
-                        left = Counter(filter(None, map(_cascade_object, gc.garbage)))
-                        gc.garbage.clear()
+
+            async def ask_each() -> None:
+                for path, body in asks:
+                    r = await client.post(path, json=body)
+                    assert r.status_code == 200, (path, body, r.text)
+
+            await ask_each()  # the first round fills what lives on (pools, caches)
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds goes to gc.garbage
+            try:
+                for _ in range(2):
+                    await ask_each()
+                gc.collect()
+                left = Counter(filter(None, map(_cascade_object, gc.garbage)))
+            finally:
+                gc.set_debug(0)
+                gc.garbage.clear()
     assert left == Counter()
