@@ -138,7 +138,12 @@ def test_the_bare_relays_pass_the_upstreams_stream_on_whole(
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import http.client
 
+    import bare_relay
     from run import PYTHON, free_port, process
+
+    from router.cascade.dispatcher import REPLY_BUFFER
+
+    assert bare_relay.REPLY_BUFFER == REPLY_BUFFER  # the hop as Cascade's
 
     def post(port: int) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
