@@ -11,7 +11,10 @@ translation) is what its streaming numbers are read against.
 Cascade makes it: one long-lived task (the actor) takes each call from its inbox and runs it as a
 child task inside a cancel scope the request made, and the call's chunks come back to the
 request's task over a reply channel (16 deep, as Cascade's), which takes what is queued in one
-write. No admission, no state, no parsing: what the hop alone costs, measured against the ceiling.
+write. The actor hands chunks on without a scheduling round when the channel has room, and
+after the start and after a read of several events it reads again only once the request's
+task has asked for more (a `Demand`), as Cascade's actor does. No admission, no state, no
+parsing: what the hop alone costs, measured against the ceiling.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from actors.messages import Demand
 from actors.transport import Transport, TransportError
 from router.web.asgi import lifespan
 
@@ -67,7 +71,7 @@ async def app(transport: Transport, scope: dict[str, Any], receive: Any, send: A
 
 # --- with the actor contract's hop (--hop) ------------------------------------------------------
 
-Call = tuple[str, bytes, trio.MemorySendChannel[Any], trio.CancelScope]
+Call = tuple[str, bytes, trio.MemorySendChannel[Any], trio.CancelScope, Demand]
 END = b""  # the reply that ends a call's chunks
 
 
@@ -77,16 +81,31 @@ async def upstream_call(
     body: bytes,
     replies: trio.MemorySendChannel[Any],
     scope: trio.CancelScope,
+    demand: Demand,
 ) -> None:
-    """One call, as the actor runs it: inside the request's scope, chunks to its channel. A
-    call that fails closes the channel (the request's task fails, not the actor)."""
+    """One call, as the actor runs it: inside the request's scope, chunks to its channel, read
+    as Cascade's actor reads them (actors/provider.py, `_Call.pump`): after the start and after
+    a read that held several events, only once the request's task has asked for more. A call
+    that fails closes the channel (the request's task fails, not the actor)."""
     with scope, replies:
         try:
             async with transport.post(path, body, HEADERS, lambda phase: None) as response:
                 content_type = response.headers.get("content-type", "application/json").encode()
+                demand.sent()
                 await replies.send((response.status, content_type))
-                while chunk := await response.read_chunk():
-                    await replies.send(chunk)
+                wait = True
+                while True:
+                    if wait and not demand.asked:
+                        await demand.wait()
+                    chunk = await response.read_chunk()
+                    if not chunk:
+                        break
+                    wait = chunk.count(b"\n\n") > 1 and not response.at_end()
+                    demand.sent()
+                    try:
+                        replies.send_nowait(chunk)
+                    except trio.WouldBlock:
+                        await replies.send(chunk)
                 await replies.send(END)
         except TransportError:
             return
@@ -106,13 +125,14 @@ async def hop_app(
         return
     body = await request_body(receive)
     replies, received = trio.open_memory_channel[Any](REPLY_BUFFER)
-    cancel = trio.CancelScope()
-    inbox.send_nowait((scope["path"], body, replies, cancel))
+    cancel, demand = trio.CancelScope(), Demand()
+    inbox.send_nowait((scope["path"], body, replies, cancel, demand))
     try:
         status, content_type = await received.receive()
         headers = [(b"content-type", content_type)]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         while True:
+            demand.want()  # what it took is written: the actor may read again
             batch = [await received.receive()]
             while batch[-1] is not END:  # what is queued goes in the same write
                 try:
