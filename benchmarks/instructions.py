@@ -21,8 +21,9 @@ from the same chat completions provider: the request translated to chat, the ans
 
 `--stream` adds Cascade answering streamed requests (20 content events each), on a plain route
 and on a route with `resume: true` (each event's text kept, to continue from); with `--cross`,
-also a streamed request translated from an Anthropic provider; and the streaming ceiling
-(benchmarks/bare_relay.py: hypercorn-trio relaying the upstream's bytes through the same pool).
+also a streamed request translated from an Anthropic provider; the streaming ceiling
+(benchmarks/bare_relay.py: hypercorn-trio relaying the upstream's bytes through the same pool);
+and the same relay with only the actor contract's hop (`bare_relay.py --hop`).
 By default the upstream writes a stream's events at once, so they arrive in one read; with
 `--interval 20ms` each arrives alone (valgrind slows the server about fiftyfold, so the gap must
 be wide), which is what a real model's stream does and what benchmarks/streams.py measures:
@@ -35,7 +36,8 @@ time, each read finds what the upstream has sent since the last; with many at on
 reads and writes less often per stream, and how much less is what this counts. Use it with
 `--stream --interval 50ms` (1 ms apart at the server's native speed, as benchmarks/streams.py);
 the window's streams start and end inside it, but how a run batches moves the result a few
-percent, so compare a few runs.
+percent, so compare a few runs. `--keep DIR` keeps each window's profile there, to read by
+function with `callgrind_annotate`.
 
 `--clouds` adds Cascade with an Azure OpenAI target (its deployment path, `api-key` header) and
 with a Claude-on-Bedrock target (its body rewritten and SigV4-signed by botocore per request, from
@@ -149,7 +151,13 @@ def instructions(
 
 
 def saturated(
-    cmd: list[str], port: int, path: str, tmp: Path, streams: int, seconds: float
+    cmd: list[str],
+    port: int,
+    path: str,
+    tmp: Path,
+    streams: int,
+    seconds: float,
+    keep: Path | None = None,
 ) -> float:
     """Instructions per stream with `streams` at once, over a window of `seconds` (`--saturate`)."""
     out = tmp / "callgrind-saturated.out"
@@ -168,6 +176,8 @@ def saturated(
     m = re.search(r"^(?:summary|totals): (\d+)", dumps[0].read_text(errors="replace"), re.M)
     if not m:
         raise RuntimeError(f"no instruction count in {dumps[0]}")
+    if keep:  # for callgrind_annotate: where the window's instructions went, by function
+        shutil.copy(dumps[0], keep)
     for dump in [out, out.with_name(out.name + ".stderr"), *dumps]:
         dump.unlink(missing_ok=True)
     return int(m.group(1)) / (result["streams_per_s"] * result["seconds"])
@@ -189,6 +199,7 @@ def main() -> int:
     p.add_argument("--interval", default="0", help="between a stream's events (e.g. 20ms)")
     p.add_argument("--saturate", type=int, help="streams only: this many at once (see above)")
     p.add_argument("--seconds", type=float, default=30.0, help="--saturate's window")
+    p.add_argument("--keep", type=Path, help="--saturate: keep each window's profile in this dir")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -243,6 +254,10 @@ def main() -> int:
         if args.stream:  # the same, streamed (20 content events); and on a route that resumes
             servers["bare relay, streamed"] = [PYTHON, str(HERE / "bare_relay.py"), "--port",
                                                str(port), "--upstream", up["base_url"][:-3]]  # fmt: skip
+            servers["bare relay with the actor hop, streamed"] = [
+                *servers["bare relay, streamed"],
+                "--hop",
+            ]
             servers["Cascade, streamed"] = config("stream")
             servers["Cascade, streamed, route with resume"] = config(
                 "resume", route={"resume": True}
@@ -294,7 +309,13 @@ def main() -> int:
             if args.saturate:
                 if call is not STREAM:
                     continue
-                results[name] = saturated(cmd, port, call[0], tmp, args.saturate, args.seconds)
+                keep = None
+                if args.keep:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    keep = args.keep / (re.sub(r"[^a-z0-9]+", "-", name.lower()) + ".callgrind")
+                results[name] = saturated(
+                    cmd, port, call[0], tmp, args.saturate, args.seconds, keep
+                )
                 print(f"{name}, {args.saturate} at once: {results[name] / 1e6:.3f} M "
                       "instructions per stream", flush=True)  # fmt: skip
                 continue
@@ -309,6 +330,12 @@ def main() -> int:
         ("responses / chat", "Cascade, /v1/responses", "Cascade, 1 worker"),
         ("resume / streamed", "Cascade, streamed, route with resume", "Cascade, streamed"),
         ("streamed / bare relay", "Cascade, streamed", "bare relay, streamed"),
+        (
+            "hop relay / bare relay",
+            "bare relay with the actor hop, streamed",
+            "bare relay, streamed",
+        ),
+        ("streamed / hop relay", "Cascade, streamed", "bare relay with the actor hop, streamed"),
     )
     for label, a, b in pairs:
         if a in results and b in results:
