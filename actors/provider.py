@@ -212,7 +212,13 @@ class _Call:
         self.timer.deadline = math.inf  # waiting on the client is not upstream idleness
         if self.attempt.demand is not None:
             self.attempt.demand.sent()
-        await self.send(StreamStart(response.status, dict(response.headers), tuple(events), ttfb))
+        start = StreamStart(response.status, dict(response.headers), tuple(events), ttfb)
+        try:  # the first reply always fits the buffer: no scheduling round (the pump's wait
+            self.attempt.reply.send_nowait(start)  # for the relaying task's Demand is one)
+        except trio.WouldBlock:
+            await self.send(start)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _DispatcherGone() from None
         return None
 
     async def pump(

@@ -58,6 +58,23 @@ def chunk(content: str, model: str = "m", finish: str | None = None) -> bytes:
     return b"data: " + json.dumps(event).encode() + b"\n\n"
 
 
+class TaskSteps(trio.abc.Instrument):
+    """Counts the scheduling rounds the tasks `counts(task)` picks go through."""
+
+    def __init__(self, counts: Callable[[trio.lowlevel.Task], bool]) -> None:
+        self.counts = counts
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.counts(task):
+            self.steps += 1
+
+    @classmethod
+    def of_this_task(cls) -> TaskSteps:
+        this = trio.lowlevel.current_task()
+        return cls(lambda task: task is this)
+
+
 def ok(content: str = "hello", delay: float = 0.0) -> Step:
     async def step(request: httpx.Request) -> httpx.Response:
         await trio.sleep(delay)

@@ -27,7 +27,7 @@ from actors.provider import ProviderActor
 from router.config import Config
 from router.dialects.openai import WIRE
 from router.telemetry.metrics import Metrics
-from tests.helpers import Upstream, chunk, ok, read_request, stall, status, stream
+from tests.helpers import TaskSteps, Upstream, chunk, ok, read_request, stall, status, stream
 
 TERMINAL = (Refused, Response, Failed, StreamEnd)
 
@@ -404,8 +404,11 @@ class _SocketStream:
     metrics: Metrics
 
 
-async def _started_stream(nursery: trio.Nursery, demand: Demand | None) -> _SocketStream:
-    """A streamed attempt whose start (its first event, w0) has been handed on."""
+async def _started_stream(
+    nursery: trio.Nursery, demand: Demand | None, steps: TaskSteps | None = None
+) -> _SocketStream:
+    """A streamed attempt whose start (its first event, w0) has been handed on; `steps`, if
+    given, counts the attempt's scheduling rounds from the moment its head and w0 are sent."""
     connections_in, connections = trio.open_memory_channel[trio.SocketStream](1)
 
     async def upstream(stream: trio.SocketStream) -> None:
@@ -429,9 +432,40 @@ async def _started_stream(nursery: trio.Nursery, demand: Demand | None) -> _Sock
     up = await connections.receive()
     assert await read_request(up) is not None
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    if steps is not None:
+        await trio.testing.wait_all_tasks_blocked()  # the attempt waits for the head
+        trio.lowlevel.add_instrument(steps)
     await up.send_all(head + b"transfer-encoding: chunked\r\n\r\n" + _framed(chunk("w0")))
     assert isinstance(await replies.receive(), StreamStart)
     return _SocketStream(up, replies, scope, actor, metrics)
+
+
+async def test_a_streams_start_is_handed_on_in_no_more_rounds_than_a_later_read(
+    nursery: trio.Nursery,
+) -> None:
+    """The start is the attempt's first reply: it always fits the reply channel, so handing it
+    on costs no scheduling round of its own (the wait for the relaying side's `Demand` that
+    follows is one). From the upstream's head and first event to that wait, the attempt takes
+    as many rounds as it takes for a later read that is handed on (a pile, then the same
+    wait): one each, the wake by the socket. Real sockets on 127.0.0.1."""
+    demand = Demand()
+    steps = TaskSteps(lambda task: task.name.endswith("ProviderActor._attempt"))  # attempts
+    try:
+        with trio.fail_after(10):
+            s = await _started_stream(nursery, demand, steps)
+            await trio.testing.wait_all_tasks_blocked()
+            start = steps.steps
+            demand.want()  # it reads again: nothing there yet, it waits on the socket
+            await trio.testing.wait_all_tasks_blocked()
+            steps.steps = 0
+            await s.up.send_all(_framed(chunk("w1") + chunk("w2")))  # a pile: then it waits
+            await trio.testing.wait_all_tasks_blocked()
+            later = steps.steps
+            assert _texts(await s.replies.receive()) == ["w1", "w2"]
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert later > 0
+    assert start == later
 
 
 async def test_the_actor_reads_again_when_the_relay_asks_after_a_start_or_a_pile(

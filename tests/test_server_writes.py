@@ -24,6 +24,7 @@ import trio.testing
 
 from router.web.asgi import lifespan
 from router.web.server import DISCONNECT, _get, _H11Connection, _put, serve_asgi, write
+from tests.helpers import TaskSteps
 
 BIG = 32 * 1024 * 1024  # more than loopback's socket buffers hold: the write has to wait for room
 
@@ -50,23 +51,11 @@ async def read_to_end(stream: trio.SocketStream) -> bytes:
     return b"".join(parts)
 
 
-class _Steps(trio.abc.Instrument):
-    """Counts the scheduling rounds one task goes through."""
-
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task = task
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self.steps += 1
-
-
 async def test_a_write_the_socket_takes_at_once_arrives_and_yields_once() -> None:
     """Once: other connections' I/O is not held up between a response's writes, and no more
     than send_all's own round is paid (hypercorn's lock added a second)."""
     async with connected() as (server, client):
-        counter = _Steps(trio.lowlevel.current_task())
+        counter = TaskSteps.of_this_task()
         trio.lowlevel.add_instrument(counter)
         try:
             await write(server, b"data: {}\n\n")
@@ -210,7 +199,7 @@ async def test_a_response_head_leaves_with_its_first_body_part_in_one_write() ->
 
     async def respond(receive: Any, send: Any) -> None:
         await go.wait()
-        counter = _Steps(trio.lowlevel.current_task())
+        counter = TaskSteps.of_this_task()
         trio.lowlevel.add_instrument(counter)
         try:
             await send(START)
@@ -241,7 +230,7 @@ async def test_an_answers_last_part_leaves_with_the_end_of_its_body() -> None:
     async def respond(receive: Any, send: Any) -> None:
         await send(START)
         await send({"type": "http.response.body", "body": b"a", "more_body": True})
-        counter = _Steps(trio.lowlevel.current_task())
+        counter = TaskSteps.of_this_task()
         trio.lowlevel.add_instrument(counter)
         try:
             await send({"type": "http.response.body", "body": b"bc"})

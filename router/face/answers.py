@@ -305,7 +305,10 @@ async def _relay(
     """
     while True:
         demand.want()  # what it took is written: the actor may read the upstream again
-        batch = [await replies.receive()]
+        try:  # (what is queued needs no scheduling round: the write below is one)
+            batch = [replies.receive_nowait()]
+        except trio.WouldBlock:
+            batch = [await replies.receive()]
         _drain(replies, batch)
         upstream_done = isinstance(batch[-1], StreamEnd | Failed)
         out: list[bytes] = []
