@@ -22,6 +22,7 @@ iterator (not an async generator), so a cancelled read leaves nothing for the ga
 from __future__ import annotations
 
 import base64
+import os
 import re
 import select
 import ssl
@@ -315,7 +316,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
             await trace("http11.send_request_headers.started", {"request": request})
         conn.reset()
         try:
-            await conn.stream.send_all(head + _body(request))
+            await _send(conn.stream, head + _body(request))
             while not conn.head_done:
                 if not await conn.receive():
                     if conn.received == 0:
@@ -369,6 +370,25 @@ def _readable(stream: trio.abc.Stream) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI)
     return bool(poller.poll(0))
+
+
+async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send a request. Cancellation is checked first, as `send_all` does: a cancelled attempt
+    never reaches the upstream. What a plain socket takes at once then goes without the
+    scheduling round `send_all` yields after a write that did not wait: the read that waits
+    for the answer follows at once, and is a round of its own. The rest of a request the
+    socket did not take, and any TLS stream, go through `send_all`."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if type(stream) is trio.SocketStream:
+        try:
+            sent = os.write(stream.socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        await stream.send_all(memoryview(data)[sent:])
+        return
+    await stream.send_all(data)
 
 
 def _body(request: httpx.Request) -> bytes:

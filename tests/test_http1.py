@@ -16,7 +16,7 @@ import trio
 import trio.lowlevel
 
 from actors.http1 import HTTP1Transport, _readable
-from tests.helpers import eventually, read_request
+from tests.helpers import TaskSteps, eventually, read_request
 
 # An answer: the bytes to send, then whether to close the connection afterwards.
 Script = Callable[[int], tuple[bytes, bool]]
@@ -244,3 +244,42 @@ async def test_an_unfinished_body_closes_its_connection() -> None:
         assert (await post(pool, server.port))[0] == 200
         await pool.aclose()
     assert server.connections == 2
+
+
+async def test_a_request_on_a_kept_connection_waits_only_for_its_answer() -> None:
+    """Sending a request on a kept-alive connection costs no scheduling round of its own: the
+    read that waits for the answer follows at once and is one (trio's `send_all` yields another
+    after a write that did not wait). One round from the call to the answer's head."""
+    async with raw_server(lambda n: (ok(), False)) as server:
+        pool = HTTP1Transport()
+        assert (await post(pool, server.port))[0] == 200  # the connection, kept
+        counter = TaskSteps.of_this_task()
+        request = httpx.Request("POST", f"http://127.0.0.1:{server.port}/", content=b"{}")
+        trio.lowlevel.add_instrument(counter)
+        try:
+            with trio.fail_after(5):
+                response = await pool.handle_async_request(request)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert response.status_code == 200
+        await response.aclose()
+        await pool.aclose()
+    assert server.connections == 1
+    assert counter.steps == 1
+
+
+async def test_a_cancelled_call_sends_nothing_on_a_kept_connection() -> None:
+    """Cancellation is checked before the request is written, as `send_all` does: an attempt
+    cancelled before its call (a hedge lost, a client gone) never reaches the upstream, even on
+    a connection that needs no connect."""
+    async with raw_server(lambda n: (ok(), False)) as server:
+        pool = HTTP1Transport()
+        assert (await post(pool, server.port))[0] == 200
+        request = httpx.Request("POST", f"http://127.0.0.1:{server.port}/", content=b"{}")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await pool.handle_async_request(request)
+        assert scope.cancelled_caught
+        assert (await post(pool, server.port))[0] == 200  # the pool still serves
+        await pool.aclose()
+    assert len(server.requests) == 2
