@@ -372,7 +372,7 @@ def _readable(stream: trio.abc.Stream) -> bool:
     return bool(poller.poll(0))
 
 
-async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+async def _send(stream: trio.abc.Stream, data: bytes | memoryview) -> None:
     """Send a request. Cancellation is checked first, as `send_all` does: a cancelled attempt
     never reaches the upstream. What a plain socket takes at once then goes without the
     scheduling round `send_all` yields after a write that did not wait: the read that waits
@@ -386,8 +386,7 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
             sent = 0
         if sent == len(data):
             return
-        await stream.send_all(memoryview(data)[sent:])
-        return
+        data = memoryview(data)[sent:]
     await stream.send_all(data)
 
 
