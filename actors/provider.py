@@ -408,8 +408,19 @@ class ProviderActor:
             async with self._inbox_receive, trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                async for message in self._inbox_receive:
+                inbox = self._inbox_receive
+                async for message in inbox:
                     self._handle(message)
+                    # What queued meanwhile, in the same scheduling round: `receive` takes a
+                    # round even when it need not wait, and one message per round capped a busy
+                    # provider's new attempts at one per pass of trio's run loop. It ends: while
+                    # this task runs no other sends, so it is at most the inbox's capacity.
+                    while True:
+                        try:
+                            queued = inbox.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        self._handle(queued)
         finally:
             await self._transport.aclose()
 

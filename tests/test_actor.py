@@ -18,12 +18,14 @@ from actors.messages import (
     Refused,
     Reply,
     Response,
+    Snapshot,
+    SnapshotRequest,
     StreamEnd,
     StreamEvents,
     StreamStart,
     UpstreamRequest,
 )
-from actors.provider import ProviderActor
+from actors.provider import INBOX_SIZE, ProviderActor
 from router.config import Config
 from router.dialects.openai import WIRE
 from router.telemetry.metrics import Metrics
@@ -149,6 +151,28 @@ async def test_cancelled_attempt_releases_its_slot(
     await trio.sleep(0.001)
     assert actor.in_flight == 0 and upstream.active == 0 and upstream.cancelled == 1
     receive.close()
+
+
+@pytest.mark.parametrize("queued", [2, 3, INBOX_SIZE])
+async def test_messages_queued_at_once_are_handled_in_one_round(
+    nursery: trio.Nursery, queued: int
+) -> None:
+    """An actor woken for one message handles what queued behind it in the same scheduling
+    round. A channel's `receive` takes a round even when it need not wait: a round per message
+    capped a busy provider's new attempts at one per pass of trio's run loop."""
+    actor = await start(nursery, Upstream(stall()))
+    answers, answered = trio.open_memory_channel[Snapshot](queued)
+    steps = TaskSteps(lambda task: task.name.endswith("ProviderActor.run"))
+    await trio.testing.wait_all_tasks_blocked()  # the actor waits on its inbox
+    trio.lowlevel.add_instrument(steps)
+    try:
+        for _ in range(queued):  # (no scheduling round between them)
+            actor.inbox.send_nowait(SnapshotRequest(answers))
+        await trio.testing.wait_all_tasks_blocked()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert len([answered.receive_nowait() for _ in range(queued)]) == queued
+    assert steps.steps == 1
 
 
 async def test_first_byte_timeout(
