@@ -5,7 +5,8 @@ server-sent events as it arrives.
     python benchmarks/stream_load.py --port 8080 [--path /v1/messages] [-c 64] [-d 10]
 
 It prints one JSON object: streams and events per second, the p50/p99 gap between consecutive
-events of a stream (events that arrive in the same read have a gap of 0), and errors. Raw asyncio
+events of a stream (events that arrive in the same read have a gap of 0), the p50/p99 time from
+a request's write to its first event, and errors. Raw asyncio
 sockets and a minimal chunked-body parser, so the generator stays cheap beside the server under
 test. Loopback only; bounded by --duration.
 """
@@ -31,9 +32,10 @@ class Stats:
         self.events = 0
         self.errors = 0
         self.gaps: list[float] = []
+        self.firsts: list[float] = []  # from a request's write to its first event's arrival
 
 
-async def _read_chunked(reader: asyncio.StreamReader, stats: Stats) -> bool:
+async def _read_chunked(reader: asyncio.StreamReader, stats: Stats, sent: float) -> bool:
     """Read one chunked body, timing its events; True when it ended cleanly."""
     last = None
     while True:
@@ -49,6 +51,7 @@ async def _read_chunked(reader: asyncio.StreamReader, stats: Stats) -> bool:
                 stats.gaps.append(now - last)
                 stats.gaps.extend([0.0] * (events - 1))
             else:
+                stats.firsts.append(now - sent)
                 stats.gaps.extend([0.0] * (events - 1))
             stats.events += events
             last = now
@@ -58,6 +61,7 @@ async def _client(port: int, request: bytes, until: float, stats: Stats) -> None
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while time.perf_counter() < until:
+            sent = time.perf_counter()
             writer.write(request)
             status = await reader.readline()
             chunked = False
@@ -67,7 +71,7 @@ async def _client(port: int, request: bytes, until: float, stats: Stats) -> None
             if b" 200 " not in status or not chunked:
                 stats.errors += 1
                 return
-            if await _read_chunked(reader, stats):
+            if await _read_chunked(reader, stats, sent):
                 stats.streams += 1
     except (OSError, asyncio.IncompleteReadError, ValueError):
         stats.errors += 1
@@ -93,12 +97,15 @@ async def run(port: int, path: str, concurrency: int, duration: float) -> dict[s
     await asyncio.gather(*(_client(port, request, until, stats) for _ in range(concurrency)))
     seconds = time.perf_counter() - started
     gaps = sorted(stats.gaps) or [float("nan")]
+    firsts = sorted(stats.firsts) or [float("nan")]
     return {
         "streams_per_s": round(stats.streams / seconds, 1),
         "events_per_s": round(stats.events / seconds, 1),
         "events": stats.events,
         "gap_p50_ms": round(gaps[len(gaps) // 2] * 1000, 3),
         "gap_p99_ms": round(gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] * 1000, 3),
+        "first_p50_ms": round(firsts[len(firsts) // 2] * 1000, 3),
+        "first_p99_ms": round(firsts[min(len(firsts) - 1, int(len(firsts) * 0.99))] * 1000, 3),
         "errors": stats.errors,
         "seconds": round(seconds, 2),
     }
