@@ -8,8 +8,8 @@ What Cascade relays on top of this (the actor hop, the dispatcher, SSE decoding 
 translation) is what its streaming numbers are read against.
 
 `--hop` adds only the hop that DESIGN §2 puts between a request and its upstream call, as
-Cascade makes it: one long-lived task (the actor) takes each call from its inbox and runs it as a
-child task inside a cancel scope the request made, and the call's chunks come back to the
+Cascade makes it: one long-lived task (the actor) takes each call from its inbox (with the calls
+queued behind it, in one scheduling round) and runs it as a child task inside a cancel scope the request made, and the call's chunks come back to the
 request's task over a reply channel (16 deep, as Cascade's), which takes what is queued in one
 write. The actor hands chunks on without a scheduling round when the channel has room, and
 after the start and after a read of several events it reads again only once the request's
@@ -115,6 +115,12 @@ async def actor(transport: Transport, inbox: trio.MemoryReceiveChannel[Call]) ->
     async with trio.open_nursery() as nursery:
         async for call in inbox:
             nursery.start_soon(upstream_call, transport, *call)
+            while True:  # what queued meanwhile, in the same scheduling round (as Cascade's)
+                try:
+                    queued = inbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                nursery.start_soon(upstream_call, transport, *queued)
 
 
 async def hop_app(
