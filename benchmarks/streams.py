@@ -151,8 +151,9 @@ def table_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The medians as a Markdown table, each server against the ceiling."""
     ceiling = statistics.median(r["events_per_core_s"] for r in results["bare relay"])
     lines = [
-        "| server | content events/s | per core | vs the ceiling | p50 gap | p99 gap | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| server | content events/s | per core | vs the ceiling | p50 gap | p99 gap"
+        " | first event, p50 / p99 | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in (n for n in SERVERS if n in results):  # (a stored run may have fewer)
         rows = results[name]
@@ -162,9 +163,17 @@ def table_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
             f" | {per_core:,.0f} | {per_core / ceiling:.2f}x"
             f" | {statistics.median(r['gap_p50_ms'] for r in rows):.3f} ms"
             f" | {statistics.median(r['gap_p99_ms'] for r in rows):.3f} ms"
-            f" | {sum(r['errors'] for r in rows)} |"
+            f" | {_first_event(rows)} | {sum(r['errors'] for r in rows)} |"
         )
     return lines
+
+
+def _first_event(rows: list[dict[str, Any]]) -> str:
+    """The medians of the time to a stream's first event (runs stored before it: a dash)."""
+    if any("first_p50_ms" not in r for r in rows):
+        return "—"
+    p50 = statistics.median(r["first_p50_ms"] for r in rows)
+    return f"{p50:.1f} / {statistics.median(r['first_p99_ms'] for r in rows):.1f} ms"
 
 
 LENGTH_SERVERS = ("bare relay", HOP, "Cascade, OpenAI")
