@@ -408,7 +408,6 @@ class _Listener(trio.abc.Listener[trio.SocketStream]):
 
     def __init__(self, listener: trio.SocketListener) -> None:
         self.listener = listener
-        self.socket = listener.socket
         self._backlog = socket.socket(fileno=os.dup(listener.socket.fileno()))
         self._backlog.setblocking(False)
         self._accepted: deque[trio.SocketStream] = deque()
