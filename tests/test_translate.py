@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from actors.sse import SSEEvent
@@ -44,6 +44,7 @@ def to_openai(stream: bool = False, **obj: Any) -> dict[str, Any]:
 
 
 @given(st.text(min_size=1, max_size=40))
+@example("0\n")  # ($ in a pattern also matches before a final newline)
 def test_tool_ids_map_deterministically_and_back(openai_id: str) -> None:
     mapped = anthropic_tool_id(openai_id)
     assert mapped == anthropic_tool_id(openai_id)

@@ -44,7 +44,7 @@ class Crossing:
             raise Untranslatable(message, param=param)
 
 
-_ANTHROPIC_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+_ANTHROPIC_ID = re.compile(r"^[A-Za-z0-9_-]+\Z")
 
 # --- tool-call ids --------------------------------------------------------------------------------
 

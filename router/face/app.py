@@ -33,7 +33,7 @@ from router.web.asgi import ClientGone, Message, Receive, Scope, Send, header, l
 
 log = logging.getLogger("cascade.request")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 # A draining gateway's answer to new work: the client retries elsewhere, on a new connection
 _DRAINING = [(b"retry-after", b"1"), (b"connection", b"close")]
 

@@ -181,7 +181,7 @@ class MockUpstream:
         await send({"type": "http.response.body", "body": b""})
 
 
-_BEDROCK = re.compile(r"^/model/([^/]+)/(invoke|invoke-with-response-stream)$")
+_BEDROCK = re.compile(r"^/model/([^/]+)/(invoke|invoke-with-response-stream)\Z")
 _EVENT_STREAM = "application/vnd.amazon.eventstream"
 
 
