@@ -160,23 +160,24 @@ async def test_connection_reset_before_headers_fails_over(stream: bool) -> None:
 
 
 async def test_connection_refused_fails_over() -> None:
-    # A port that was bound and released: nothing listens there, so connecting is refused.
+    # A port held bound and never listening: connecting is refused, and no server the test
+    # starts can be given it meanwhile (a port bound and released was, once, b's own).
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    b = FakeUpstream(healthy)
-    with trio.fail_after(15):
-        async with live_gateway(
-            {"b": b},
-            routes=[{"match": "gpt", "targets": ["dead/m", "b/m"]}],
-            providers={"b": HEALTHY},
-            retry=RETRY,
-            extra_providers={
-                "dead": {"base_url": f"http://127.0.0.1:{dead_port}/v1", "max_retries": 0}
-            },
-        ) as gw:
-            async with httpx.AsyncClient(base_url=gw.url) as client:
-                r = await client.post("/v1/chat/completions", json=chat())
+        b = FakeUpstream(healthy)
+        with trio.fail_after(15):
+            async with live_gateway(
+                {"b": b},
+                routes=[{"match": "gpt", "targets": ["dead/m", "b/m"]}],
+                providers={"b": HEALTHY},
+                retry=RETRY,
+                extra_providers={
+                    "dead": {"base_url": f"http://127.0.0.1:{dead_port}/v1", "max_retries": 0}
+                },
+            ) as gw:
+                async with httpx.AsyncClient(base_url=gw.url) as client:
+                    r = await client.post("/v1/chat/completions", json=chat())
     assert r.status_code == 200 and r.headers["x-cascade-provider"] == "b"
 
 
