@@ -9,12 +9,13 @@ translation) is what its streaming numbers are read against.
 
 `--hop` adds only the hop that DESIGN §2 puts between a request and its upstream call, as
 Cascade makes it: one long-lived task (the actor) takes each call from its inbox (with the calls
-queued behind it, in one scheduling round) and runs it as a child task inside a cancel scope the request made, and the call's chunks come back to the
-request's task over a reply channel (16 deep, as Cascade's), which takes what is queued in one
-write. The actor hands chunks on without a scheduling round when the channel has room, and
-after the start and after a read of several events it reads again only once the request's
-task has asked for more (a `Demand`), as Cascade's actor does. No admission, no state, no
-parsing: what the hop alone costs, measured against the ceiling.
+queued behind it, in one scheduling round) and runs it as a child task inside a cancel scope the
+request made, and the call's chunks come back to the request's task over a reply channel (16
+deep, as Cascade's), which takes what is queued in one write. The actor hands chunks on without
+a scheduling round when the channel has room, and after the start and after a read of several
+events it reads again only once the request's task has asked for more (a `Demand`), as Cascade's
+actor does. No admission, no state, no parsing: what the hop alone costs, measured against the
+ceiling.
 """
 
 from __future__ import annotations
